@@ -1,0 +1,340 @@
+"""Benchmark ``scripts/convert_h5_to_nifti.py`` against a plain dense reference pipeline.
+
+Run from the bundle root::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_convert.py [--quick]
+
+The reference is what a prototype would do per cloud: ``np.histogramdd`` over the same box, ``scipy.ndimage.
+gaussian_filter`` (constant mode, truncate 4), divide by the maximum, ``astype(float32)``, ``nib.save`` to
+``.nii.gz``. It reads the input with the same reader as the converter. Ours is ``convert()`` end to end (reading,
+voxelizing, NIfTI, points files and ``dataset_info.json``).
+
+Cases: (1) many medium clouds, throughput with 1 and 2 workers; (2) one large cloud, time and peak memory, each
+pipeline in a fresh subprocess; (3) the largest absolute difference between our grid and the reference grid.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TQDM_DISABLE", "1")  # the converter's progress bars would only clutter the table
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import h5py  # noqa: E402
+import isal  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+from scipy.ndimage import gaussian_filter  # noqa: E402
+
+from scripts.convert_h5_to_nifti import convert  # noqa: E402
+from scripts.geometry import GridGeometry  # noqa: E402
+from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
+
+BOX_NM = (20000.0, 20000.0, 1200.0)  # a 20 x 20 um field of view, 1.2 um deep: a typical 3D SMLM acquisition
+SIGMA_VOXELS = 1.0
+TRUNCATE = 4.0
+SEED = 0
+TRAIN_RATIO = 0.8
+
+FULL = {
+    "n_clouds": 32,
+    "points": 50_000,
+    "shape": (256, 256, 64),
+    "big_points": 500_000,
+    "big_shape": (1024, 1024, 128),
+}
+QUICK = {
+    "n_clouds": 4,
+    "points": 5_000,
+    "shape": (64, 64, 32),
+    "big_points": 50_000,
+    "big_shape": (128, 128, 32),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two pipelines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def split_indices(n_clouds, train_ratio, seed):
+    """The converter's train/val split, so the reference writes the same files under the same names."""
+    order = np.random.default_rng(seed).permutation(n_clouds)
+    n_train = max(1, int(round(n_clouds * float(train_ratio))))
+    return {"train": sorted(order[:n_train].tolist()), "val": sorted(order[n_train:].tolist())}
+
+
+def reference_convert(h5_file, output_dir, shape, sigma=SIGMA_VOXELS, train_ratio=TRAIN_RATIO, seed=SEED):
+    """Plain dense pipeline: histogramdd -> gaussian_filter -> / max -> float32 -> nib.save(.nii.gz)."""
+    clouds, _ = read_point_clouds(h5_file)
+    geometry = GridGeometry.around(clouds, shape)
+    ranges = list(zip(geometry.box_min_nm, geometry.box_max_nm))
+    affine = geometry.affine()
+    width = max(4, len(str(len(clouds) - 1)))
+    for split, members in split_indices(len(clouds), train_ratio, seed).items():
+        folder = Path(output_dir) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in members:
+            hist, _ = np.histogramdd(clouds[i], bins=shape, range=ranges)
+            vol = gaussian_filter(hist, sigma=sigma, mode="constant", truncate=TRUNCATE)
+            vol = vol / vol.max()
+            vol = vol.astype(np.float32)
+            nib.save(nib.Nifti1Image(vol, affine), str(folder / f"{split}_{i:0{width}d}.nii.gz"))
+
+
+def ours_convert(h5_file, output_dir, shape, num_workers=1, train_ratio=TRAIN_RATIO):
+    """The bundle's converter end to end; its summary line is swallowed to keep the output a table."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(
+            h5_file=str(h5_file),
+            output_dir=str(output_dir),
+            voxel_size=list(shape),
+            method="gaussian",
+            sigma=SIGMA_VOXELS,
+            num_workers=num_workers,
+            train_ratio=train_ratio,
+            seed=SEED,
+        )
+
+
+def run_pipeline(which, h5_file, output_dir, shape, num_workers=1, train_ratio=TRAIN_RATIO):
+    if which == "reference":
+        reference_convert(h5_file, output_dir, shape, train_ratio=train_ratio)
+    else:
+        ours_convert(h5_file, output_dir, shape, num_workers=num_workers, train_ratio=train_ratio)
+
+
+def timed(func, *args, **kwargs):
+    start = time.perf_counter()
+    func(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak memory, measured in a fresh interpreter per pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss():
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); False where that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_main(which, h5_file, output_dir, shape):
+    """Run one pipeline once in this (fresh) process; print its time and peak-memory increase as JSON."""
+    clouds, _ = read_point_clouds(h5_file)  # warm-up read: page cache, h5py and numpy internals all loaded
+    del clouds
+    gc.collect()
+    reset = _reset_peak_rss()
+    base_rss_kib = _status_kib("VmRSS") if reset else None
+    base_maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    baseline_kib = base_rss_kib if reset else base_maxrss_kib
+    seconds = timed(run_pipeline, which, h5_file, output_dir, shape, num_workers=1, train_ratio=1.0)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "baseline_kib": baseline_kib,
+                "peak_kib": peak_kib,
+                "increase_bytes": (peak_kib - baseline_kib) * 1024,
+                "peak_was_reset": reset,
+            }
+        )
+    )
+
+
+def run_child(which, h5_file, output_dir, shape):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, str(h5_file), str(output_dir)]
+    cmd += [str(v) for v in shape]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {which} failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def machine_header(cfg, quick):
+    processor = platform.processor()
+    if not processor and Path("/proc/cpuinfo").is_file():
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        processor = match.group(1).strip() if match else ""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return [
+        f"# Converter benchmark{' (--quick)' if quick else ''}",
+        "",
+        f"- Machine: {processor or platform.machine()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, "
+        f"usable cores = {usable}, load average before the run = {load}",
+        f"- {platform.system()} {platform.release()}; Python {platform.python_version()}, numpy {np.__version__}, "
+        f"scipy {scipy.__version__}, nibabel {nib.__version__}, h5py {h5py.__version__}, isal {isal.__version__}",
+        f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; box {list(BOX_NM)} nm; sigma {SIGMA_VOXELS} voxel, "
+        f"truncate {TRUNCATE}; per-volume max normalisation; .nii.gz output",
+        "",
+    ]
+
+
+def fmt_shape(shape):
+    return "×".join(str(v) for v in shape)
+
+
+def mib(n_bytes):
+    return f"{n_bytes / 2**20:,.0f} MiB"
+
+
+def print_report(cfg, quick, case1, case2, case3):
+    n, shape = cfg["n_clouds"], cfg["shape"]
+    ref, o1, o2 = case1["reference"], case1["ours1"], case1["ours2"]
+    grid_bytes = int(np.prod(cfg["big_shape"])) * 4
+    c1 = f"1: {n} × {cfg['points']:,} pts → {fmt_shape(shape)}"
+    c2 = f"2: 1 × {cfg['big_points']:,} pts → {fmt_shape(cfg['big_shape'])}"
+    lines = machine_header(cfg, quick)
+    lines += [
+        "| Case | Pipeline | Workers | Seconds | Clouds/s | Speed-up | Peak memory increase | × float32 grid |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+        f"| {c1} | reference | 1 | {ref:.2f} | {n / ref:.2f} | 1.00× (baseline) | – | – |",
+        f"| {c1} | ours | 1 | {o1:.2f} | {n / o1:.2f} | **{ref / o1:.2f}×** ours(1)/reference | – | – |",
+        f"| {c1} | ours | 2 | {o2:.2f} | {n / o2:.2f} | **{o1 / o2:.2f}×** ours(2)/ours(1); "
+        f"{ref / o2:.2f}× vs reference | – | – |",
+    ]
+    for label, key in (("reference", "reference"), ("ours", "ours")):
+        r = case2[key]
+        speed = "1.00× (baseline)" if key == "reference" else f"**{case2['reference']['seconds'] / r['seconds']:.2f}×**"
+        lines.append(
+            f"| {c2} | {label} | 1 | {r['seconds']:.2f} | {1 / r['seconds']:.3f} | {speed} | "
+            f"{mib(r['increase_bytes'])} | {r['increase_bytes'] / grid_bytes:.2f}× |"
+        )
+    verdict = "OK" if case3["max_abs_diff"] <= 1e-3 else "ABOVE TARGET"
+    lines += [
+        f"| 3: values, cloud {case3['index']} of case 1 | max \\|ours − reference\\| | – | – | – | "
+        f"{case3['max_abs_diff']:.2e} ({verdict}, target ≤ 1e-3; affines equal: {case3['affine_equal']}) | – | – |",
+        "",
+        f"- Timings: `time.perf_counter`, best of 1 run each (one run per pipeline, no warm-up run). Case 1 runs in "
+        f"this process, each into a fresh temporary folder; reference and ours both read the input with "
+        f"`read_point_clouds`. Ours also writes train/val points files and `dataset_info.json`, the reference does "
+        f"not. Speed-up = time ratio (> 1: faster). Case 1 splits {TRAIN_RATIO:.0%} train / rest val; case 2 puts "
+        f"the one cloud in train.",
+        f"- Peak memory (case 2): each pipeline runs once in a fresh `python {Path(__file__).name} --child` "
+        f"process. After imports and one warm-up read of the input (then freed), the kernel's RSS high-water mark is "
+        f"reset via `/proc/self/clear_refs` and the current RSS (VmRSS) is the baseline; the figure is "
+        f"`getrusage(RUSAGE_SELF).ru_maxrss` after the pipeline minus that baseline, i.e. the peak extra resident "
+        f"memory of reading + voxelizing + writing. (Without clear_refs the baseline would be ru_maxrss before the "
+        f"run, a lower bound; reset used: reference {case2['reference']['peak_was_reset']}, ours "
+        f"{case2['ours']['peak_was_reset']}.) One float32 grid of {fmt_shape(cfg['big_shape'])} = "
+        f"{mib(grid_bytes)}; clouds/s in case 2 is 1/seconds.",
+        "- Values: both NIfTI files loaded with nibabel as float32; both are normalised to a maximum of 1.",
+    ]
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_input(path, n_clouds, points):
+    clouds = simulate_microtubules(
+        n_clouds, seed=SEED, mean_points=points, points_spread=0.0, box_min_nm=(0.0, 0.0, 0.0), box_size_nm=BOX_NM
+    )
+    write_point_clouds_h5(path, clouds)
+    return path
+
+
+def find_volume(folder, index):
+    matches = sorted(Path(folder).glob(f"*/*_{index:04d}.nii.gz"))
+    if len(matches) != 1:
+        raise RuntimeError(f"{folder}: expected one volume for cloud {index}, found {matches}")
+    return matches[0]
+
+
+def compare_values(ours_dir, reference_dir, index):
+    ours_img, ref_img = nib.load(str(find_volume(ours_dir, index))), nib.load(str(find_volume(reference_dir, index)))
+    ours, ref = ours_img.get_fdata(dtype=np.float32), ref_img.get_fdata(dtype=np.float32)
+    if ours.shape != ref.shape:
+        raise RuntimeError(f"shape mismatch: ours {ours.shape}, reference {ref.shape}")
+    return {
+        "index": index,
+        "max_abs_diff": float(np.max(np.abs(ours - ref))),
+        "affine_equal": bool(np.allclose(ours_img.affine, ref_img.affine, rtol=0, atol=1e-9)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that runs in seconds")
+    parser.add_argument("--tmpdir", default=None, help="where the temporary inputs and outputs go (default: system)")
+    parser.add_argument("--child", nargs=6, metavar=("WHICH", "H5", "OUT", "X", "Y", "Z"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        which, h5_file, output_dir, *shape = args.child
+        child_main(which, h5_file, output_dir, tuple(int(v) for v in shape))
+        return
+
+    cfg = QUICK if args.quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="benchmark_convert-", dir=args.tmpdir))
+    try:
+        print(f"simulating inputs in {work} ...", file=sys.stderr)
+        small = make_input(work / "case1.h5", cfg["n_clouds"], cfg["points"])
+        big = make_input(work / "case2.h5", 1, cfg["big_points"])
+
+        print("case 1 ...", file=sys.stderr)
+        case1 = {
+            "reference": timed(run_pipeline, "reference", small, work / "c1_reference", cfg["shape"]),
+            "ours1": timed(run_pipeline, "ours", small, work / "c1_ours1", cfg["shape"], num_workers=1),
+        }
+        shutil.rmtree(work / "c1_ours2", ignore_errors=True)
+        case1["ours2"] = timed(run_pipeline, "ours", small, work / "c1_ours2", cfg["shape"], num_workers=2)
+        shutil.rmtree(work / "c1_ours2", ignore_errors=True)
+
+        print("case 3 ...", file=sys.stderr)
+        first_train = split_indices(cfg["n_clouds"], TRAIN_RATIO, SEED)["train"][0]
+        case3 = compare_values(work / "c1_ours1", work / "c1_reference", first_train)
+        shutil.rmtree(work / "c1_ours1", ignore_errors=True)
+        shutil.rmtree(work / "c1_reference", ignore_errors=True)
+
+        print("case 2 ...", file=sys.stderr)
+        case2 = {}
+        for which in ("reference", "ours"):
+            case2[which] = run_child(which, big, work / f"c2_{which}", cfg["big_shape"])
+            shutil.rmtree(work / f"c2_{which}", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_report(cfg, args.quick, case1, case2, case3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Makes pytest put the bundle root on sys.path, so tests can import ``scripts.*``."""

@@ -1,0 +1,1 @@
+"""Python parts of the point-cloud latent diffusion bundle (importable as ``scripts.*`` from the bundle root)."""

@@ -1,0 +1,147 @@
+"""Points to grids and grids back to points, through :class:`scripts.geometry.GridGeometry`.
+
+Pure functions over arrays. Grids are float32 arrays indexed (X, Y, Z).
+"""
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from scripts.errors import UserError
+from scripts.geometry import as_triple
+
+METHODS = ("occupancy", "density", "gaussian")
+NORMALIZATIONS = ("max", "percentile", "none")
+EXPORT_METHODS = ("probabilistic", "weighted", "center", "random")
+GAUSSIAN_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage
+
+
+def sigma_in_voxels(sigma, unit, geometry):
+    """σ per axis in voxels, from a number or a list of three in ``unit`` ('voxel' or 'nm')."""
+    values = as_triple(sigma, "sigma")
+    if np.any(values <= 0):
+        raise UserError(f"sigma: must be positive, got {sigma!r}")
+    if unit in ("voxel", "voxels"):
+        return values
+    if unit == "nm":
+        return values / geometry.spacing_nm
+    raise UserError(f"sigma_unit: expected 'voxel' or 'nm', got {unit!r}")
+
+
+def voxelize(points, geometry, method="gaussian", sigma_voxels=1.0):
+    """Grid of the points in ``geometry``'s box.
+
+    Args:
+        points: (M, 3) coordinates in nanometres.
+        geometry: the box and grid shape.
+        method: 'occupancy' (1 where any point falls), 'density' (points per voxel) or 'gaussian' (density
+            blurred by a normalised Gaussian of ``sigma_voxels`` per axis, zero outside the box).
+        sigma_voxels: Gaussian width in voxels, a number or one per axis.
+
+    Returns:
+        ``(grid, n_outside)``: the float32 grid and the number of points outside the box, which are dropped.
+    """
+    if method not in METHODS:
+        raise UserError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    points = np.asarray(points)
+    inside = geometry.inside(points)
+    idx = geometry.voxel_index(points[inside])
+    flat = np.ravel_multi_index(tuple(idx.T), geometry.shape)
+    grid = np.zeros(int(np.prod(geometry.shape)), dtype=np.float32)
+    if method == "occupancy":
+        grid[flat] = 1.0
+    else:
+        np.add.at(grid, flat, np.float32(1.0))
+    grid = grid.reshape(geometry.shape)
+    if method == "gaussian":
+        gaussian_blur_(grid, sigma_voxels)
+    return grid, int(len(points) - inside.sum())
+
+
+def gaussian_blur_(grid, sigma_voxels):
+    """Blur ``grid`` in place with a normalised separable Gaussian (zero outside the grid, truncated at 4σ)."""
+    for axis, s in enumerate(as_triple(sigma_voxels, "sigma")):
+        if s > 0:
+            gaussian_filter1d(grid, s, axis=axis, mode="constant", truncate=GAUSSIAN_TRUNCATE, output=grid)
+    return grid
+
+
+def normalize_(grid, rule="max", constant=None):
+    """Scale ``grid`` in place by a named rule; returns the divisor used (recorded so density can be recovered).
+
+    'max' divides by the volume's maximum; 'percentile' divides by ``constant`` (a dataset-wide percentile, see
+    :func:`dataset_percentile`) and clips to [0, 1]; 'none' leaves values as they are (divisor 1).
+    """
+    if rule == "none":
+        return 1.0
+    if rule == "max":
+        divisor = float(grid.max())
+    elif rule == "percentile":
+        divisor = float(constant)
+    else:
+        raise UserError(f"normalize: expected one of {', '.join(NORMALIZATIONS)}, got {rule!r}")
+    if divisor > 0:
+        grid /= np.float32(divisor)
+    if rule == "percentile":
+        np.clip(grid, 0.0, 1.0, out=grid)
+    return divisor
+
+
+def dataset_percentile(samples, q):
+    """The ``q``-th percentile of the non-zero voxel values in ``samples`` (arrays drawn from every grid)."""
+    values = np.concatenate([np.asarray(s).ravel() for s in samples]) if len(samples) else np.zeros(0)
+    values = values[values > 0]
+    if len(values) == 0:
+        raise UserError("normalize: every grid is empty, there is no percentile to scale by")
+    return float(np.percentile(values, q))
+
+
+def grid_mass_um3(grid, geometry):
+    """Integral of the grid over its box, in (intensity · µm³): invariant under resizing the grid."""
+    return float(np.asarray(grid, np.float64).sum() * np.prod(geometry.spacing_nm / 1000.0))
+
+
+def grid_to_points(
+    grid, geometry, method="probabilistic", threshold=0.1, num_points=None, points_per_mass=None, rng=None
+):
+    """Points in nanometres drawn from a grid, inside ``geometry``'s box.
+
+    Args:
+        grid: (X, Y, Z) array of values in [0, 1] (a leading channel axis of 1 is accepted).
+        geometry: the box the grid covers (its shape may differ from the grid's: the box is what counts).
+        method: 'probabilistic' draws ``num_points`` voxels with probability proportional to their value;
+            'weighted' gives each voxel a number of points proportional to its value (rounded, ``num_points`` in
+            total); 'center' puts one point at each voxel centre; 'random' one point uniformly inside each voxel.
+            Only voxels above ``threshold`` take part; all but 'center' jitter points uniformly inside the voxel.
+        num_points: how many points for 'probabilistic' and 'weighted'; defaults to
+            ``points_per_mass * grid_mass_um3(grid)`` (the training data's density).
+        rng: a ``numpy.random.Generator`` or a seed.
+    """
+    if method not in EXPORT_METHODS:
+        raise UserError(f"method: expected one of {', '.join(EXPORT_METHODS)}, got {method!r}")
+    grid = np.asarray(grid, np.float64)
+    if grid.ndim == 4 and grid.shape[0] == 1:
+        grid = grid[0]
+    geometry = geometry.with_shape(grid.shape)
+    rng = np.random.default_rng(rng)
+    values = np.where(grid > threshold, grid, 0.0).ravel()
+    candidates = np.flatnonzero(values)
+    if len(candidates) == 0:
+        return np.zeros((0, 3))
+    if method in ("center", "random"):
+        chosen = candidates
+    else:
+        if num_points is None:
+            if points_per_mass is None:
+                raise UserError("num_points: give num_points or the training data's points_per_mass")
+            num_points = int(round(points_per_mass * grid_mass_um3(grid, geometry)))
+        if num_points < 0:
+            raise UserError(f"num_points: must not be negative, got {num_points}")
+        weights = values[candidates]
+        if method == "probabilistic":
+            chosen = rng.choice(candidates, size=num_points, p=weights / weights.sum())
+        else:
+            counts = np.round(weights * (num_points / weights.sum())).astype(np.int64)
+            chosen = np.repeat(candidates, counts)
+    idx = np.stack(np.unravel_index(chosen, grid.shape), axis=1).astype(np.float64)
+    offset = 0.5 if method == "center" else rng.random(idx.shape)
+    return geometry.to_nm(idx + offset)
