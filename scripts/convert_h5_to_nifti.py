@@ -207,10 +207,10 @@ def convert(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.convert-", dir=output_dir.parent))
     try:
-        records = {}
+        jobs = []
         for split, members in splits.items():
             (tmp / split).mkdir()
-            jobs = [
+            jobs += [
                 (
                     clouds[i],
                     tmp / split / f"{split}_{i:0{width}d}{suffix}",
@@ -222,10 +222,12 @@ def convert(
                 )
                 for i in members
             ]
-            records[split] = _map(_convert_one, jobs, num_workers, f"convert {split}")
-            empty = [r["name"] for r in records[split] if r["points"] == 0]
-            if empty:
-                raise UserError(f"{source}: no points inside the box for {', '.join(empty[:5])}")
+        results = _map(_convert_one, jobs, num_workers, "convert")
+        empty = [r["name"] for r in results if r["points"] == 0]
+        if empty:
+            raise UserError(f"{source}: no points inside the box for {', '.join(empty[:5])}")
+        records = {"train": results[: len(splits["train"])], "val": results[len(splits["train"]) :]}
+        for split, members in splits.items():
             if members:
                 write_point_clouds_h5(tmp / f"{split}_points.h5", [clouds[i] for i in members], members)
         ppm = np.array([r["points"] / r["mass_um3"] for r in records["train"] if r["mass_um3"] > 0])

@@ -45,24 +45,67 @@ def voxelize(points, geometry, method="gaussian", sigma_voxels=1.0):
     points = np.asarray(points)
     inside = geometry.inside(points)
     idx = geometry.voxel_index(points[inside])
-    flat = np.ravel_multi_index(tuple(idx.T), geometry.shape)
+    # Fortran order, as NIfTI stores voxels: writing then needs no reordered copy of the grid
+    flat = np.ravel_multi_index(tuple(idx.T), geometry.shape, order="F")
     grid = np.zeros(int(np.prod(geometry.shape)), dtype=np.float32)
     if method == "occupancy":
         grid[flat] = 1.0
     else:
         np.add.at(grid, flat, np.float32(1.0))
-    grid = grid.reshape(geometry.shape)
+    grid = grid.reshape(geometry.shape, order="F")
     if method == "gaussian":
         gaussian_blur_(grid, sigma_voxels)
     return grid, int(len(points) - inside.sum())
 
 
+def gaussian_kernel(sigma, truncate=GAUSSIAN_TRUNCATE):
+    """The normalised 1D Gaussian that ``scipy.ndimage.gaussian_filter1d`` uses (radius ``truncate``·σ)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 / float(sigma) ** 2 * x**2)
+    return (k / k.sum()).astype(np.float32)
+
+
 def gaussian_blur_(grid, sigma_voxels):
-    """Blur ``grid`` in place with a normalised separable Gaussian (zero outside the grid, truncated at 4σ)."""
+    """Blur ``grid`` in place with a normalised separable Gaussian (zero outside the grid, truncated at 4σ).
+
+    Along the contiguous axis scipy's filter is fastest; along strided axes a blocked stencil (shifted slices
+    accumulated in cache-sized blocks) is about twice as fast and needs no grid-sized temporary.
+    """
     for axis, s in enumerate(as_triple(sigma_voxels, "sigma")):
-        if s > 0:
+        if s <= 0:
+            continue
+        if grid.strides[axis] == grid.itemsize:
             gaussian_filter1d(grid, s, axis=axis, mode="constant", truncate=GAUSSIAN_TRUNCATE, output=grid)
+        else:
+            _stencil_(grid, gaussian_kernel(s), axis)
     return grid
+
+
+def _stencil_(grid, kernel, axis, block_elements=1 << 16):
+    """Correlate ``grid`` with ``kernel`` along ``axis`` in place, block by block along the slowest other axis."""
+    r, n = len(kernel) // 2, grid.shape[axis]
+    other = max((a for a in range(grid.ndim) if a != axis), key=lambda a: grid.strides[a])
+    step = max(1, block_elements * grid.shape[other] // grid.size)
+
+    def along(i, j):
+        index = [slice(None)] * grid.ndim
+        index[axis] = slice(i, j)
+        return tuple(index)
+
+    for start in range(0, grid.shape[other], step):
+        index = [slice(None)] * grid.ndim
+        index[other] = slice(start, start + step)
+        block = grid[tuple(index)]
+        padded_shape = list(block.shape)
+        padded_shape[axis] += 2 * r
+        padded = np.zeros(padded_shape, np.float32, order="F" if grid.flags.f_contiguous else "C")
+        padded[along(r, r + n)] = block
+        term = np.empty_like(block)
+        np.multiply(padded[along(0, n)], kernel[0], out=block)
+        for i in range(1, len(kernel)):
+            np.multiply(padded[along(i, i + n)], kernel[i], out=term)
+            block += term
 
 
 def normalize_(grid, rule="max", constant=None):
@@ -97,7 +140,7 @@ def dataset_percentile(samples, q):
 
 def grid_mass_um3(grid, geometry):
     """Integral of the grid over its box, in (intensity · µm³): invariant under resizing the grid."""
-    return float(np.asarray(grid, np.float64).sum() * np.prod(geometry.spacing_nm / 1000.0))
+    return float(np.asarray(grid).sum(dtype=np.float64) * np.prod(geometry.spacing_nm / 1000.0))
 
 
 def grid_to_points(
