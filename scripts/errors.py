@@ -28,3 +28,18 @@ def exit_on_user_error(func):
             sys.exit(2)
 
     return wrapper
+
+
+def _one_line_excepthook(exc_type, exc, tb):
+    """Print a :class:`UserError` (also when a framework wrapped it in another exception) as one line."""
+    cause = exc
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return sys.__excepthook__(exc_type, exc, tb)
+    print(f"error: {cause}", file=sys.stderr)
+
+
+def install_excepthook():
+    """Make uncaught user errors print one line (used by ``python -m monai.bundle run``, whose CLI we do not own)."""
+    sys.excepthook = _one_line_excepthook

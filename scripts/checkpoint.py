@@ -1,0 +1,113 @@
+"""Checkpoints as plain dicts: saved atomically, loaded with ``weights_only=True`` only, refused with one line."""
+
+import hashlib
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.atomic import atomic_path
+from scripts.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path, payload):
+    """Write ``payload`` (a dict of tensors, numbers, strings, lists and dicts) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(dict(payload, format_version=FORMAT_VERSION), tmp)
+    except OSError as e:  # disk full, permissions: the previous file at ``path`` is untouched
+        raise UserError(
+            f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is kept"
+        ) from None
+    return path
+
+
+def load_checkpoint(path, stage=None, hint=""):
+    """Load a checkpoint written by :func:`save_checkpoint` without running any pickled code.
+
+    Args:
+        path: the checkpoint file.
+        stage: the expected ``stage`` entry ('autoencoder' or 'diffusion'), checked when given.
+        hint: what to do when the file is missing (e.g. 'train stage 1 first').
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint" + (f"; {hint}" if hint else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused, it holds objects that are not plain weights ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this bundle (no format_version entry)")
+    if stage is not None and ckpt.get("stage") != stage:
+        raise UserError(f"{path}: is a {ckpt.get('stage')!r} checkpoint, expected {stage!r}")
+    return ckpt
+
+
+def _first_line(e):
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file, to tie a stage-2 checkpoint to the autoencoder it was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state(module, state, path, name):
+    """``module.load_state_dict(state)`` with a one-line error naming the file when the shapes do not match."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(
+            f"{path}: the {name} weights do not fit the network built from the config ({_first_line(e)})"
+        ) from None
+
+
+def rng_state():
+    """The states of every random generator a training run draws from, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore the generators saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

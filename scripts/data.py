@@ -1,0 +1,63 @@
+"""Training data: the converter's NIfTI folders, checked up front, and the geometry they were made with."""
+
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+
+from scripts.errors import UserError
+from scripts.geometry import GridGeometry, as_shape
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".nii", ".nii.gz")
+
+
+def list_volumes(data_dir, name="data folder"):
+    """``[{"image": path}, ...]`` for every NIfTI volume in ``data_dir``, sorted; each header is checked.
+
+    Raises a :class:`UserError` naming the folder when it is missing or empty, and naming the file when one is
+    not a readable 3D (or single-channel 4D) NIfTI volume.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such {name}; convert point clouds with scripts/convert_h5_to_nifti.py first")
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIXES) and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"{folder}: the {name} holds no .nii or .nii.gz volumes")
+    for path in files:
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception as e:  # nibabel raises many types for a bad file
+            raise UserError(f"{path}: not a readable NIfTI volume ({e.__class__.__name__})") from None
+        if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+            raise UserError(f"{path}: expected a 3D volume, got shape {shape}")
+    return [{"image": str(p)} for p in files]
+
+
+def load_dataset_info(data_dir):
+    """The conversion's ``dataset_info.json`` (beside the ``train``/``val`` folders), with the geometry checked.
+
+    Without the file (volumes from elsewhere) the geometry is taken from the first volume's affine and there is
+    no points-per-mass: sampling then needs an explicit ``num_points``.
+    """
+    folder = Path(data_dir)
+    info_path = folder.parent / "dataset_info.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+            GridGeometry.from_dict(info["geometry"])
+        except (json.JSONDecodeError, KeyError, TypeError, UserError) as e:
+            raise UserError(f"{info_path}: not a valid dataset_info.json ({e})") from None
+        return info
+    first = list_volumes(folder)[0]["image"]
+    img = nib.load(first)
+    geometry = GridGeometry.from_affine(img.affine, img.shape[:3])
+    logger.warning(f"{info_path} not found: geometry taken from {first}; no points-per-mass for sampling")
+    return {"geometry": geometry.to_dict(), "points_per_mass": None, "source": {"file": None}}
+
+
+def training_geometry(dataset_info, voxel_size):
+    """The data's box on the training grid: ``voxel_size`` changes the spacing, not the box."""
+    return GridGeometry.from_dict(dataset_info["geometry"]).with_shape(as_shape(voxel_size))

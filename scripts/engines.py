@@ -1,0 +1,197 @@
+"""Thin MONAI trainers: each differs from ``monai.engines.Trainer`` only in its ``_iteration``.
+
+Mixed precision follows the device: fp16 autocast with a grad scaler on CUDA, bf16 autocast (no scaler needed)
+on CPUs with native bf16, full precision elsewhere. MONAI's own ``amp=True`` only knows CUDA.
+"""
+
+import contextlib
+import logging
+
+import torch
+from ignite.engine import Events
+from monai.engines import Trainer
+from monai.utils import CommonKeys
+
+from scripts.errors import UserError
+from scripts.losses import kl_loss
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(device, amp):
+    """The autocast dtype for ``device``, or ``None`` when mixed precision is off or not worth it there."""
+    device = torch.device(device)
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _reraise(engine, e):
+    raise e
+
+
+def image_as_target(batchdata, device=None, non_blocking=False, **kwargs):
+    """``prepare_batch`` for autoencoders: the image is both the input and the target."""
+    images = batchdata[CommonKeys.IMAGE]
+    images = images.as_tensor() if hasattr(images, "as_tensor") else images
+    images = images.to(device, non_blocking=non_blocking)
+    return images, images
+
+
+def metric_cmp_fn(key_metric):
+    """Best-model comparison: lower is better for losses and errors, higher for everything else."""
+    lower = any(word in key_metric for word in ("loss", "l1", "mse", "error"))
+    return (lambda current, best: current < best) if lower else (lambda current, best: current > best)
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN or Inf; training stops before the bad weights are saved."""
+
+
+class MixedPrecisionTrainer(Trainer):
+    """A ``monai.engines.Trainer`` with device-aware autocast and one grad scaler per optimizer.
+
+    Args:
+        device: where to train.
+        max_epochs: epochs in total (a resumed run continues up to it).
+        train_data_loader: batches of ``{"image": (B, 1, X, Y, Z)}``.
+        epoch_length: iterations per epoch; ``None`` is the loader's length (``fast_dev_run`` sets it smaller).
+        amp: mixed precision where the device supports it.
+        train_handlers: handlers attached to the trainer (checkpoints, logging, validation).
+        scaler_names: one grad scaler per optimizer, saved and restored with the checkpoint.
+    """
+
+    def __init__(
+        self,
+        device,
+        max_epochs,
+        train_data_loader,
+        epoch_length=None,
+        amp=True,
+        train_handlers=None,
+        scaler_names=("g",),
+    ):
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=None,
+            amp=False,
+            decollate=False,
+        )
+        self.amp_dtype = autocast_dtype(device, amp)
+        use_scaler = self.amp_dtype == torch.float16
+        self.scalers = {name: torch.amp.GradScaler("cuda", enabled=use_scaler) for name in scaler_names}
+        logger.info(f"mixed precision: {self.amp_dtype or 'off'} on {torch.device(device).type}")
+        # registered before any handler: a user error ends the run at once, without handlers logging a traceback
+        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
+        if train_handlers:
+            self._register_handlers(train_handlers)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
+
+    def step(self, loss, optimizer, scaler_name, name):
+        """Backpropagate ``loss`` and step ``optimizer``; a NaN/Inf loss stops training with a message."""
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training: {name} is {loss.item()} at epoch {self.state.epoch}, iteration {self.state.iteration}; "
+                "stopped before saving (lower the learning rate or the loss weights)"
+            )
+        scaler = self.scalers[scaler_name]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def images(self, batchdata):
+        images = batchdata[CommonKeys.IMAGE]
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        return images.to(self.state.device, non_blocking=self.non_blocking)
+
+
+class VaeGanTrainer(MixedPrecisionTrainer):
+    """Stage 1: one generator (AutoencoderKL) step, then one discriminator step, per iteration.
+
+    Generator loss = reconstruction + ``kl_weight``·KL (+ ``perceptual_weight``·perceptual) and, after
+    ``warm_up_epochs`` epochs, + ``adv_weight``·least-squares adversarial. The discriminator trains only while the
+    adversarial term is on.
+    """
+
+    def __init__(
+        self,
+        device,
+        max_epochs,
+        train_data_loader,
+        autoencoder,
+        discriminator,
+        g_optimizer,
+        d_optimizer,
+        recon_loss,
+        adv_loss,
+        kl_weight=1e-6,
+        adv_weight=0.01,
+        warm_up_epochs=5,
+        perceptual_loss=None,
+        perceptual_weight=0.0,
+        epoch_length=None,
+        amp=True,
+        train_handlers=None,
+    ):
+        self.autoencoder, self.discriminator = autoencoder, discriminator
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        self.recon_loss, self.adv_loss, self.perceptual_loss = recon_loss, adv_loss, perceptual_loss
+        self.kl_weight, self.adv_weight, self.perceptual_weight = kl_weight, adv_weight, perceptual_weight
+        self.warm_up_epochs = warm_up_epochs
+        super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g", "d"))
+
+    def adversarial_on(self):
+        return self.adv_weight > 0 and self.state.epoch > self.warm_up_epochs
+
+    def _iteration(self, engine, batchdata):
+        images = self.images(batchdata)
+        adversarial = self.adversarial_on()
+        self.autoencoder.train()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            recon, z_mu, z_sigma = self.autoencoder(images)
+        recon = recon.float()
+        out = {"recon_loss": self.recon_loss(recon, images), "kl_loss": kl_loss(z_mu.float(), z_sigma.float())}
+        g_loss = out["recon_loss"] + self.kl_weight * out["kl_loss"]
+        if self.perceptual_loss is not None and self.perceptual_weight > 0:
+            out["perceptual_loss"] = self.perceptual_loss(recon, images)
+            g_loss = g_loss + self.perceptual_weight * out["perceptual_loss"]
+        out["gen_adv_loss"] = out["disc_loss"] = g_loss.new_zeros(())
+        if adversarial:
+            with self.autocast():
+                logits = self.discriminator(recon.contiguous())[-1]
+            out["gen_adv_loss"] = self.adv_loss(logits.float(), target_is_real=True, for_discriminator=False)
+            g_loss = g_loss + self.adv_weight * out["gen_adv_loss"]
+        self.step(g_loss, self.g_optimizer, "g", "generator loss")
+        if adversarial:
+            self.discriminator.train()
+            self.d_optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                fake = self.discriminator(recon.detach().contiguous())[-1].float()
+                real = self.discriminator(images.contiguous())[-1].float()
+            out["disc_loss"] = 0.5 * (
+                self.adv_loss(fake, target_is_real=False, for_discriminator=True)
+                + self.adv_loss(real, target_is_real=True, for_discriminator=True)
+            )
+            self.step(self.adv_weight * out["disc_loss"], self.d_optimizer, "d", "discriminator loss")
+        out = {k: v.detach().item() for k, v in out.items()}
+        out[CommonKeys.LOSS] = g_loss.detach().item()
+        out[CommonKeys.IMAGE], out[CommonKeys.PRED] = images, recon.detach()
+        return out

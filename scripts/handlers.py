@@ -1,0 +1,182 @@
+"""Handlers wired in the configs: checkpoint save and resume, projection pictures in TensorBoard."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.utils import CommonKeys
+
+from scripts.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from scripts.errors import UserError
+from scripts.pictures import projection_grid
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(obj):
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+
+
+def _state(engine):
+    """What a checkpoint holds about the trainer besides the objects: epoch, iteration, scalers, RNG states."""
+    return {
+        "epoch": engine.state.epoch,
+        "iteration": engine.state.iteration,
+        "scalers": {name: s.state_dict() for name, s in getattr(engine, "scalers", {}).items()},
+        "rng": rng_state(),
+    }
+
+
+class CheckpointSaver:
+    """Writes ``latest_checkpoint.pt`` after every epoch and ``best_model.pt`` when the evaluator's key metric
+    improves, both atomically, as plain dicts (see :mod:`scripts.checkpoint`).
+
+    Args:
+        save_dir: output folder (created; never emptied).
+        stage: 'autoencoder' or 'diffusion', stored so the wrong kind of checkpoint is refused later.
+        objects: name → network or optimizer whose ``state_dict`` is saved.
+        metadata: plain values saved as they are (network hyper-parameters, dataset geometry, ...).
+        evaluator: the validation evaluator; without it no ``best_model.pt`` is written.
+        extra: a callable returning more plain values at save time (e.g. the scale factor).
+    """
+
+    def __init__(self, save_dir, stage, objects, metadata=None, evaluator=None, extra=None):
+        self.save_dir, self.stage, self.objects = Path(save_dir), stage, objects
+        self.metadata, self.evaluator, self.extra = metadata or {}, evaluator, extra
+        self.trainer = None
+
+    def attach(self, engine):
+        self.trainer = engine
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_latest)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save_best)
+
+    def payload(self):
+        ev = self.evaluator.state if self.evaluator is not None else None
+        return {
+            "stage": self.stage,
+            **_state(self.trainer),
+            "state_dicts": {name: _unwrap(obj).state_dict() for name, obj in self.objects.items()},
+            "best_metric": None if ev is None else float(ev.best_metric),
+            "best_metric_epoch": None if ev is None else int(ev.best_metric_epoch),
+            "key_metric_name": None if ev is None else ev.key_metric_name,
+            **self.metadata,
+            **(self.extra() if self.extra else {}),
+        }
+
+    def save_latest(self, engine):
+        path = save_checkpoint(self.save_dir / "latest_checkpoint.pt", self.payload())
+        logger.info(f"epoch {engine.state.epoch}: saved {path}")
+
+    def save_best(self, evaluator):
+        if evaluator.state.best_metric_epoch != self.trainer.state.epoch:
+            return
+        path = save_checkpoint(self.save_dir / "best_model.pt", self.payload())
+        logger.info(
+            f"epoch {self.trainer.state.epoch}: {evaluator.state.key_metric_name} = "
+            f"{evaluator.state.best_metric:.4f} is the best so far, saved {path}"
+        )
+
+
+class CheckpointLoader:
+    """Resumes training from ``resume_from`` (``None``: start fresh) when the trainer starts: weights, optimizers,
+    grad scalers, epoch and iteration, best metric and RNG states. Training continues at the next epoch.
+
+    Args:
+        resume_from: a ``latest_checkpoint.pt`` (or ``best_model.pt``) written by :class:`CheckpointSaver`.
+        stage: the expected stage of the checkpoint.
+        objects: name → network or optimizer to restore (the same names the saver used).
+        network_config: the hyper-parameters the config builds; a checkpoint with others is refused.
+        evaluator: its best metric is restored so ``best_model.pt`` is not overwritten by a worse epoch.
+    """
+
+    def __init__(self, resume_from, stage, objects, network_config=None, evaluator=None):
+        self.resume_from, self.stage, self.objects = resume_from, stage, objects
+        self.network_config, self.evaluator = network_config, evaluator
+        self.checkpoint = None
+
+    def attach(self, engine):
+        if self.resume_from:
+            engine.add_event_handler(Events.STARTED, self.resume)
+
+    def resume(self, engine):
+        path = self.resume_from
+        ckpt = self.checkpoint = load_checkpoint(path, self.stage, hint="check --resume_from")
+        if self.network_config is not None and ckpt.get("network_config") != self.network_config:
+            raise UserError(
+                f"{path}: was trained with network settings {ckpt.get('network_config')}, "
+                f"but the config builds {self.network_config}"
+            )
+        for name, obj in self.objects.items():
+            if name not in ckpt["state_dicts"]:
+                raise UserError(f"{path}: holds no {name!r} state")
+            load_state(_unwrap(obj), ckpt["state_dicts"][name], path, name)
+        for name, scaler in getattr(engine, "scalers", {}).items():
+            if ckpt["scalers"].get(name):
+                scaler.load_state_dict(ckpt["scalers"][name])
+        engine.state.epoch, engine.state.iteration = ckpt["epoch"], ckpt["iteration"]
+        if self.evaluator is not None and ckpt.get("best_metric") is not None:
+            self.evaluator.state.best_metric = ckpt["best_metric"]
+            self.evaluator.state.best_metric_epoch = ckpt["best_metric_epoch"]
+        set_rng_state(ckpt["rng"])
+        if ckpt["epoch"] >= engine.state.max_epochs:
+            logger.warning(f"{path}: already trained for {ckpt['epoch']} epochs; raise n_epochs to train on")
+        logger.info(f"resumed from {path} at epoch {ckpt['epoch']}; continuing with epoch {ckpt['epoch'] + 1}")
+
+
+class ProjectionImageHandler:
+    """Logs maximum-intensity projections of inputs beside outputs to TensorBoard every ``interval`` epochs.
+
+    Attach it to an evaluator (its last batch is drawn) with ``epoch`` telling the trainer's epoch.
+
+    Args:
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter``.
+        interval: epochs between pictures.
+        tag: TensorBoard image tag.
+        max_volumes: how many volumes of the batch to show (one row each: input | output).
+        epoch: callable returning the global epoch (defaults to the engine's own).
+    """
+
+    def __init__(self, summary_writer, interval=1, tag="val/input_vs_reconstruction", max_volumes=2, epoch=None):
+        self.writer, self.interval, self.tag, self.max_volumes = summary_writer, interval, tag, max_volumes
+        self.epoch = epoch
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine):
+        epoch = self.epoch() if self.epoch else engine.state.epoch
+        if epoch % self.interval:
+            return
+        output = engine.state.output
+        items = (
+            output
+            if isinstance(output, list)
+            else [
+                {k: output[k][i] for k in (CommonKeys.IMAGE, CommonKeys.PRED)}
+                for i in range(len(output[CommonKeys.PRED]))
+            ]
+        )
+        rows = [[_numpy(it[CommonKeys.IMAGE]), _numpy(it[CommonKeys.PRED])] for it in items[: self.max_volumes]]
+        self.writer.add_image(self.tag, projection_grid(rows), global_step=epoch, dataformats="HW")
+        self.writer.flush()
+
+
+def _numpy(x):
+    return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+class ProgressBar:
+    """A console progress bar over the iterations of each epoch, showing the named outputs (e.g. the loss)."""
+
+    def __init__(self, output_keys=("loss",)):
+        self.output_keys = output_keys
+
+    def attach(self, engine):
+        from ignite.handlers import ProgressBar as IgniteProgressBar
+
+        IgniteProgressBar(persist=True).attach(
+            engine, output_transform=lambda out: {k: out[k] for k in self.output_keys if k in out}
+        )
