@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import nibabel as nib
+import torch
 
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry, as_shape
@@ -61,3 +62,19 @@ def load_dataset_info(data_dir):
 def training_geometry(dataset_info, voxel_size):
     """The data's box on the training grid: ``voxel_size`` changes the spacing, not the box."""
     return GridGeometry.from_dict(dataset_info["geometry"]).with_shape(as_shape(voxel_size))
+
+
+def volume_transforms(spatial_size):
+    """Load a NIfTI volume channel-first as float32 and resize it to ``spatial_size`` (anti-aliased when shrinking).
+
+    Both training stages and the evaluation use this, so the autoencoder always sees the same preprocessing.
+    """
+    from monai.transforms import Compose, EnsureTyped, LoadImaged, Resized
+
+    return Compose(
+        [
+            LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
+            Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        ]
+    )

@@ -9,10 +9,11 @@ import logging
 
 import torch
 from ignite.engine import Events
-from monai.engines import Trainer
+from monai.engines import Evaluator, Trainer
 from monai.utils import CommonKeys
 
 from scripts.errors import UserError
+from scripts.latents import sample_latents
 from scripts.losses import kl_loss
 
 logger = logging.getLogger(__name__)
@@ -195,3 +196,72 @@ class VaeGanTrainer(MixedPrecisionTrainer):
         out[CommonKeys.LOSS] = g_loss.detach().item()
         out[CommonKeys.IMAGE], out[CommonKeys.PRED] = images, recon.detach()
         return out
+
+
+def diffusion_loss(unet, scheduler, latents, autocast, generator=None):
+    """MSE between the noise added at random timesteps and the UNet's prediction of it."""
+    device = latents.device
+    cpu_or = "cpu" if generator is not None else device
+    noise = torch.randn(latents.shape, generator=generator, device=cpu_or).to(device)
+    t = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), generator=generator, device=cpu_or)
+    t = t.to(device)
+    noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=t)
+    with autocast:
+        prediction = unet(noisy, timesteps=t)
+    return torch.nn.functional.mse_loss(prediction.float(), noise)
+
+
+class LatentDiffusionTrainer(MixedPrecisionTrainer):
+    """Stage 2: noise prediction on the frozen autoencoder's latents, scaled by ``scale_factor``.
+
+    Batches hold cached ``z_mu``/``z_sigma`` (a latent is drawn from them each step) or ``image`` (encoded on the
+    fly by ``autoencoder``).
+    """
+
+    def __init__(self, device, max_epochs, train_data_loader, unet, optimizer, scheduler, autoencoder, scale_factor,
+                 epoch_length=None, amp=True, train_handlers=None):
+        self.unet, self.optimizer, self.scheduler = unet, optimizer, scheduler
+        self.autoencoder, self.scale_factor = autoencoder, scale_factor
+        super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g",))
+
+    def _iteration(self, engine, batchdata):
+        latents = sample_latents(batchdata, self.autoencoder, self.state.device) * self.scale_factor
+        self.unet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = diffusion_loss(self.unet, self.scheduler, latents, self.autocast())
+        self.step(loss, self.optimizer, "g", "diffusion loss")
+        return {CommonKeys.LOSS: loss.detach().item()}
+
+
+class LatentDiffusionEvaluator(Evaluator):
+    """Validation loss of stage 2 with the same noise and timesteps at every validation (a seeded generator), so
+    epochs compare fairly. The key metric is ``val_loss``."""
+
+    def __init__(self, device, val_data_loader, unet, scheduler, autoencoder, scale_factor, epoch_length=None,
+                 seed=0, val_handlers=None, amp=True):
+        from ignite.metrics import Average
+
+        super().__init__(
+            device=device, val_data_loader=val_data_loader, epoch_length=epoch_length, decollate=False,
+            key_val_metric={"val_loss": Average(output_transform=lambda out: out[CommonKeys.LOSS])},
+            metric_cmp_fn=metric_cmp_fn("val_loss"), val_handlers=None,
+        )
+        self.unet, self.scheduler, self.autoencoder, self.scale_factor = unet, scheduler, autoencoder, scale_factor
+        self.seed, self.amp_dtype = seed, autocast_dtype(device, amp)
+        self.generator = torch.Generator()
+        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
+        if val_handlers:
+            self._register_handlers(val_handlers)
+
+    def run(self, global_epoch=1):
+        self.generator.manual_seed(self.seed)
+        super().run(global_epoch)
+
+    def _iteration(self, engine, batchdata):
+        self.unet.eval()
+        autocast = torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype) if self.amp_dtype else (
+            contextlib.nullcontext())
+        with torch.no_grad():
+            latents = sample_latents(batchdata, self.autoencoder, self.state.device, self.generator)
+            loss = diffusion_loss(self.unet, self.scheduler, latents * self.scale_factor, autocast, self.generator)
+        return {CommonKeys.LOSS: loss}

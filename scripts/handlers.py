@@ -180,3 +180,42 @@ class ProgressBar:
         IgniteProgressBar(persist=True).attach(
             engine, output_transform=lambda out: {k: out[k] for k in self.output_keys if k in out}
         )
+
+
+class SampleImageHandler:
+    """Every ``interval`` epochs, samples ``num_samples`` grids with DDIM and logs their projections to TensorBoard
+    beside real validation volumes; also logs the scale factor once at the start.
+
+    DDIM with eta 0 is deterministic and the start noise comes from a private seeded generator, so monitoring
+    neither changes the training's random stream nor varies between epochs except through the weights.
+    """
+
+    def __init__(self, summary_writer, autoencoder, unet, scheduler_settings, scale_factor, latent_shape,
+                 real_datalist, transform, interval=10, num_samples=2, num_inference_steps=50, seed=0,
+                 tag="samples/real_vs_generated"):
+        self.writer, self.autoencoder, self.unet = summary_writer, autoencoder, unet
+        self.scheduler_settings, self.scale_factor, self.latent_shape = scheduler_settings, scale_factor, latent_shape
+        self.real = [transform(d)["image"] for d in real_datalist[:num_samples]]
+        self.interval, self.num_samples, self.steps, self.seed, self.tag = (
+            interval, num_samples, num_inference_steps, seed, tag)
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.STARTED, lambda e: self.writer.add_scalar("scale_factor", self.scale_factor,
+                                                                                   e.state.epoch))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine):
+        from scripts.sampling import make_scheduler, sample_grids
+
+        epoch = engine.state.epoch
+        if epoch % self.interval:
+            return
+        scheduler = make_scheduler(self.scheduler_settings, "DDIM", self.steps)
+        was_training = self.unet.training
+        self.unet.eval()
+        grids = sample_grids(self.autoencoder, _unwrap(self.unet), scheduler, self.scale_factor, self.latent_shape,
+                             self.num_samples, engine.state.device, torch.Generator().manual_seed(self.seed))
+        self.unet.train(was_training)
+        rows = [[_numpy(r), _numpy(g)] for r, g in zip(self.real, grids)]
+        self.writer.add_image(self.tag, projection_grid(rows), global_step=epoch, dataformats="HW")
+        self.writer.flush()

@@ -89,3 +89,40 @@ def user_error(exc):
     while exc is not None and not isinstance(exc, UserError):
         exc = exc.__cause__ or exc.__context__
     return exc
+
+
+TINY_DIFFUSION = {
+    "num_channels": [8, 16],
+    "attention_levels": [False, True],
+    "num_head_channels": [0, 8],
+    "norm_num_groups": 8,
+    "num_train_timesteps": 100,
+    "batch_size": 2,
+    "fast_dev_run": True,
+    "fast_dev_run_batches": 2,
+    "n_epochs": 1,
+    "scale_factor_batches": 2,
+    "generate_samples_interval": 1,
+    "num_monitor_samples": 1,
+    "num_inference_steps": 3,
+}
+
+
+@pytest.fixture(scope="session")
+def autoencoder_ckpt(dataset_dir, tmp_path_factory):
+    """A stage-1 checkpoint of the tiny autoencoder, trained for one fast epoch."""
+    out = tmp_path_factory.mktemp("stage1")
+    run_workflow("train_autoencoder.json", **overrides(dataset_dir, out))
+    return out / "outputs" / "autoencoder" / "best_model.pt"
+
+
+def diffusion_overrides(dataset_dir, autoencoder_ckpt, out_dir, **extra):
+    """Config overrides for a tiny stage-2 run on the tiny stage-1 checkpoint, writing into ``out_dir``."""
+    return {
+        **TINY_DIFFUSION,
+        "dataset_dir": str(dataset_dir),
+        "autoencoder_path": str(autoencoder_ckpt),
+        "ckpt_dir": str(out_dir / "outputs" / "diffusion"),
+        "log_dir": str(out_dir / "logs" / "diffusion"),
+        **extra,
+    }

@@ -1,0 +1,119 @@
+"""The frozen autoencoder of stage 2, its latents cached per volume, and the latent scale factor."""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, DataLoader, Dataset
+
+from scripts.checkpoint import load_checkpoint, load_state, save_checkpoint
+from scripts.errors import UserError
+from scripts.networks import build_autoencoder
+
+logger = logging.getLogger(__name__)
+STAGE1_HINT = "train stage 1 first: python -m monai.bundle run --config_file configs/train_autoencoder.json"
+CACHE_MODES = ("memory", "disk", "none")
+
+
+def load_autoencoder_checkpoint(path):
+    """The stage-1 checkpoint, refused with one line when missing, corrupt or of another stage."""
+    ckpt = load_checkpoint(path, "autoencoder", hint=STAGE1_HINT)
+    for key in ("network_config", "state_dicts", "voxel_size"):
+        if key not in ckpt:
+            raise UserError(f"{path}: has no {key!r}; {STAGE1_HINT}")
+    return ckpt
+
+
+def frozen_autoencoder(checkpoint, path, device):
+    """The AutoencoderKL built from the hyper-parameters stored in its checkpoint, in eval mode, without grads."""
+    network = build_autoencoder(checkpoint["network_config"]["autoencoder"])
+    load_state(network, checkpoint["state_dicts"]["autoencoder"], path, "autoencoder")
+    network.to(device).eval().requires_grad_(False)
+    return network
+
+
+def encode_volumes(autoencoder, datalist, transform, device, batch_size=2, cache_dir=None, key=""):
+    """Encode every volume once: ``[{"z_mu": (C, x, y, z), "z_sigma": ...}]`` on the CPU, in datalist order.
+
+    With ``cache_dir``, each volume's latents are also kept on disk under a name made from ``key`` (the
+    autoencoder checkpoint's hash), the file path, its size and its modification time, and read back next time.
+    """
+    items, todo = [None] * len(datalist), []
+    paths = [_cache_path(cache_dir, key, d["image"]) if cache_dir else None for d in datalist]
+    for i, path in enumerate(paths):
+        if path is not None and path.is_file():
+            items[i] = load_checkpoint(path)["latents"]
+        else:
+            todo.append(i)
+    if todo:
+        loader = DataLoader(Dataset([datalist[i] for i in todo], transform), batch_size=batch_size, shuffle=False)
+        done = iter(todo)
+        with torch.no_grad():
+            for batch in loader:
+                z_mu, z_sigma = autoencoder.encode(batch["image"].to(device))
+                for mu, sigma in zip(z_mu.float().cpu(), z_sigma.float().cpu()):
+                    i = next(done)
+                    items[i] = {"z_mu": mu, "z_sigma": sigma}
+                    if paths[i] is not None:
+                        save_checkpoint(paths[i], {"latents": items[i]})
+    logger.info(f"latents of {len(datalist)} volumes: {len(datalist) - len(todo)} from the cache, {len(todo)} encoded")
+    return items
+
+
+def _cache_path(cache_dir, key, image):
+    stat = Path(image).stat()
+    name = hashlib.sha256(f"{Path(image).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    return Path(cache_dir) / key[:16] / f"{name}.pt"
+
+
+def latent_items(mode, autoencoder, datalist, transform, device, batch_size, cache_dir, key):
+    """What the stage-2 data loader iterates: cached latents ('memory', 'disk') or the volumes ('none')."""
+    if mode not in CACHE_MODES:
+        raise UserError(f"latent_cache: expected one of {', '.join(CACHE_MODES)}, got {mode!r}")
+    if mode == "none":  # volumes held in memory, encoded at every step (the baseline the cache is measured against)
+        return CacheDataset(datalist, transform, cache_rate=1.0, progress=False)
+    cache_dir = cache_dir if mode == "disk" else None
+    return Dataset(encode_volumes(autoencoder, datalist, transform, device, batch_size, cache_dir, key))
+
+
+def sample_latents(batch, autoencoder, device, generator=None):
+    """Latents of a batch: drawn from cached ``z_mu``/``z_sigma``, or encoded from ``image`` on the fly."""
+    if "z_mu" in batch:
+        z_mu, z_sigma = batch["z_mu"].to(device), batch["z_sigma"].to(device)
+    else:
+        with torch.no_grad():
+            z_mu, z_sigma = autoencoder.encode(batch["image"].to(device))
+    noise = torch.randn(z_mu.shape, generator=generator, device="cpu" if generator is not None else z_mu.device)
+    return z_mu.float() + z_sigma.float() * noise.to(z_mu.device)
+
+
+def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size):
+    """1 / std of the encoder's latents over ``n_batches`` batches; averaged over ranks under DDP."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    latents = []
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        latents.append(sample_latents(batch, autoencoder, device))
+    factor = torch.tensor(1.0 / torch.cat(latents).std().item(), dtype=torch.float64, device=device)
+    local = factor.item()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(factor)
+        factor /= dist.get_world_size()
+    logger.info(f"scale_factor = {factor.item():.6f} (this rank: {local:.6f}, from {len(latents)} batches)")
+    return factor.item()
+
+
+def resolve_scale_factor(scale_factor, resume_from, dataset, autoencoder, device, n_batches, batch_size):
+    """A number from the config wins; a resumed run keeps the value stored in its checkpoint; else compute it."""
+    if scale_factor is not None:
+        logger.info(f"scale_factor = {float(scale_factor)} (from the config)")
+        return float(scale_factor)
+    if resume_from:
+        stored = load_checkpoint(resume_from, "diffusion", hint="check --resume_from").get("scale_factor")
+        if stored is not None:
+            logger.info(f"scale_factor = {stored} (from {resume_from})")
+            return float(stored)
+    return compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size)

@@ -1,0 +1,154 @@
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, diffusion_overrides, run_cli, run_workflow, user_error
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import Dataset
+from monai.networks.nets import DiffusionModelUNet
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from scripts.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from scripts.data import list_volumes, volume_transforms
+from scripts.latents import compute_scale_factor, encode_volumes, frozen_autoencoder
+
+
+def test_config_defaults_build(dataset_dir, autoencoder_ckpt):
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs" / "train_diffusion.json")
+    for key, value in {
+        "num_channels": [32, 64, 64],
+        "attention_levels": [False, True, True],
+        "num_head_channels": [0, 64, 64],
+        "num_train_timesteps": 1000,
+        "scale_factor": None,
+        "n_epochs": 500,
+        "batch_size": 2,
+    }.items():
+        assert parser[key] == value, key
+    assert parser["autoencoder_path"] == "$@bundle_root + '/outputs/autoencoder/best_model.pt'"
+    parser.update({"autoencoder_path": str(autoencoder_ckpt), "device": "$torch.device('cpu')"})
+    unet = parser.get_parsed_content("unet")
+    assert isinstance(unet, DiffusionModelUNet)
+    assert parser.get_parsed_content("latent_shape") == (3, 8, 8, 8)  # the tiny autoencoder halves 16³ once
+    assert parser.get_parsed_content("voxel_size") == (16, 16, 16)  # taken from the stage-1 checkpoint
+
+
+def test_fast_dev_run_checkpoints_samples_and_resume(dataset_dir, autoencoder_ckpt, tmp_path):
+    result = run_cli("train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt_dir = tmp_path / "outputs" / "diffusion"
+    latest = load_checkpoint(ckpt_dir / "latest_checkpoint.pt", "diffusion")
+    best = load_checkpoint(ckpt_dir / "best_model.pt", "diffusion")
+    assert latest["epoch"] == 1 and best["epoch"] == 1
+    assert latest["scale_factor"] > 0 and latest["scheduler"]["num_train_timesteps"] == 100
+    assert latest["autoencoder_sha256"] == file_sha256(autoencoder_ckpt)
+    assert latest["network_config"]["unet"]["channels"] == [8, 16]
+    assert latest["network_config"]["autoencoder"]["channels"] == [8, 16]
+    assert latest["dataset_info"]["geometry"]["shape"] == [16, 16, 16]
+    events = EventAccumulator(str(tmp_path / "logs" / "diffusion")).Reload()
+    assert "samples/real_vs_generated" in events.Tags()["images"]
+    assert {"train/diffusion_loss", "val_loss", "scale_factor"} <= set(events.Tags()["scalars"])
+
+    # resume at the next epoch, keeping the stored scale factor even when asked to compute it differently
+    seen = []
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "train_diffusion.json"),
+        workflow_type="train",
+        **diffusion_overrides(
+            dataset_dir,
+            autoencoder_ckpt,
+            tmp_path,
+            n_epochs=2,
+            scale_factor_batches=1,
+            resume_from=str(ckpt_dir / "latest_checkpoint.pt"),
+        ),
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(e.state.epoch))
+    workflow.run()
+    workflow.finalize()
+    assert seen == [2]
+    resumed = load_checkpoint(ckpt_dir / "latest_checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["scale_factor"] == latest["scale_factor"]
+    assert trainer.scale_factor == latest["scale_factor"]
+
+
+def test_scale_factor_override(dataset_dir, autoencoder_ckpt, tmp_path):
+    run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, scale_factor=0.5, generate_samples_interval=5),
+    )
+    assert load_checkpoint(tmp_path / "outputs" / "diffusion" / "latest_checkpoint.pt")["scale_factor"] == 0.5
+
+
+def test_scale_factor_uses_the_configured_number_of_batches():
+    # sigma 0: every latent equals its mean, so the factor is exactly 1/std of the first n_batches·batch_size means
+    items = [{"z_mu": torch.full((1, 2, 2, 2), float(i) ** 2), "z_sigma": torch.zeros(1, 2, 2, 2)} for i in range(8)]
+    for n_batches in (1, 2, 4):
+        expected = 1 / torch.cat([it["z_mu"] for it in items[: 2 * n_batches]]).std().item()
+        assert compute_scale_factor(Dataset(items), None, "cpu", n_batches, 2) == pytest.approx(expected)
+
+
+def test_latent_cache_matches_on_the_fly_encoding(dataset_dir, autoencoder_ckpt, tmp_path):
+    ckpt = load_checkpoint(autoencoder_ckpt)
+    autoencoder = frozen_autoencoder(ckpt, autoencoder_ckpt, "cpu")
+    datalist = list_volumes(dataset_dir / "train")[:3]
+    transform = volume_transforms((16, 16, 16))
+    cached = encode_volumes(autoencoder, datalist, transform, "cpu", batch_size=2, cache_dir=tmp_path, key="abc")
+    files = sorted(tmp_path.rglob("*.pt"))
+    assert len(files) == 3
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = encode_volumes(autoencoder, datalist, transform, "cpu", batch_size=2, cache_dir=tmp_path, key="abc")
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # read back, not re-encoded
+    with torch.no_grad():
+        for item, repeat, d in zip(cached, again, datalist):
+            z_mu, z_sigma = autoencoder.encode(transform(d)["image"][None])
+            torch.testing.assert_close(item["z_mu"], z_mu[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(item["z_sigma"], z_sigma[0], rtol=1e-4, atol=1e-5)
+            assert torch.equal(item["z_mu"], repeat["z_mu"])
+    # another autoencoder (another key) does not reuse these latents
+    encode_volumes(autoencoder, datalist[:1], transform, "cpu", cache_dir=tmp_path, key="xyz")
+    assert len(sorted(tmp_path.rglob("*.pt"))) == 4
+
+
+def test_disk_cache_and_on_the_fly_modes_train(dataset_dir, autoencoder_ckpt, tmp_path):
+    for mode in ("disk", "none"):
+        run_workflow(
+            "train_diffusion.json",
+            **diffusion_overrides(
+                dataset_dir, autoencoder_ckpt, tmp_path / mode, latent_cache=mode, generate_samples_interval=5
+            ),
+        )
+        assert (tmp_path / mode / "outputs" / "diffusion" / "best_model.pt").is_file()
+    assert list((tmp_path / "disk" / "outputs" / "diffusion" / "latent_cache").rglob("*.pt"))
+
+
+def test_missing_and_mismatched_autoencoder(dataset_dir, autoencoder_ckpt, tmp_path):
+    result = run_cli("train_diffusion.json", **diffusion_overrides(dataset_dir, tmp_path / "none.pt", tmp_path))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}/none.pt: no such checkpoint; train stage 1 first: "
+        "python -m monai.bundle run --config_file configs/train_autoencoder.json"
+    )
+    ckpt = load_checkpoint(autoencoder_ckpt)
+    ckpt["network_config"]["autoencoder"]["channels"] = [16, 32]
+    save_checkpoint(tmp_path / "other.pt", ckpt)
+    with pytest.raises(Exception) as info:
+        run_workflow("train_diffusion.json", **diffusion_overrides(dataset_dir, tmp_path / "other.pt", tmp_path))
+    assert "other.pt: the autoencoder weights do not fit the network" in str(user_error(info.value))
+    shutil.copy(autoencoder_ckpt, tmp_path / "ae.pt")
+    run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(dataset_dir, tmp_path / "ae.pt", tmp_path, generate_samples_interval=5),
+    )
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train_diffusion.json",
+            **diffusion_overrides(
+                dataset_dir, tmp_path / "outputs" / "diffusion" / "best_model.pt", tmp_path / "again"
+            ),
+        )
+    assert "is a 'diffusion' checkpoint, expected 'autoencoder'" in str(user_error(info.value))
