@@ -58,12 +58,46 @@ def _first_line(e):
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file, to tie a stage-2 checkpoint to the autoencoder it was trained on."""
+    """Hex SHA-256 of a file (the hashes in ``large_files.yml``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weights_sha256(state_dict):
+    """Hex SHA-256 of a network's weights (names, shapes, values): ties a stage-2 checkpoint to the autoencoder
+    it was trained on, whichever file those weights are copied into."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+SAMPLING_KEYS = (
+    "stage",
+    "epoch",
+    "network_config",
+    "dataset_info",
+    "voxel_size",
+    "latent_shape",
+    "scheduler",
+    "scale_factor",
+    "autoencoder_weights_sha256",
+    "best_metric",
+    "key_metric_name",
+    "autoencoder",
+    "unet",
+)
+
+
+def slim_checkpoint(src, dst):
+    """Copy what sampling needs from a best_model.pt (no optimizer, discriminator or RNG state) to ``dst``."""
+    ckpt = load_checkpoint(src)
+    return save_checkpoint(dst, {k: v for k, v in ckpt.items() if k in SAMPLING_KEYS})
 
 
 def load_state(module, state, path, name):

@@ -218,8 +218,20 @@ class LatentDiffusionTrainer(MixedPrecisionTrainer):
     fly by ``autoencoder``).
     """
 
-    def __init__(self, device, max_epochs, train_data_loader, unet, optimizer, scheduler, autoencoder, scale_factor,
-                 epoch_length=None, amp=True, train_handlers=None):
+    def __init__(
+        self,
+        device,
+        max_epochs,
+        train_data_loader,
+        unet,
+        optimizer,
+        scheduler,
+        autoencoder,
+        scale_factor,
+        epoch_length=None,
+        amp=True,
+        train_handlers=None,
+    ):
         self.unet, self.optimizer, self.scheduler = unet, optimizer, scheduler
         self.autoencoder, self.scale_factor = autoencoder, scale_factor
         super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g",))
@@ -237,14 +249,29 @@ class LatentDiffusionEvaluator(Evaluator):
     """Validation loss of stage 2 with the same noise and timesteps at every validation (a seeded generator), so
     epochs compare fairly. The key metric is ``val_loss``."""
 
-    def __init__(self, device, val_data_loader, unet, scheduler, autoencoder, scale_factor, epoch_length=None,
-                 seed=0, val_handlers=None, amp=True):
+    def __init__(
+        self,
+        device,
+        val_data_loader,
+        unet,
+        scheduler,
+        autoencoder,
+        scale_factor,
+        epoch_length=None,
+        seed=0,
+        val_handlers=None,
+        amp=True,
+    ):
         from ignite.metrics import Average
 
         super().__init__(
-            device=device, val_data_loader=val_data_loader, epoch_length=epoch_length, decollate=False,
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            decollate=False,
             key_val_metric={"val_loss": Average(output_transform=lambda out: out[CommonKeys.LOSS])},
-            metric_cmp_fn=metric_cmp_fn("val_loss"), val_handlers=None,
+            metric_cmp_fn=metric_cmp_fn("val_loss"),
+            val_handlers=None,
         )
         self.unet, self.scheduler, self.autoencoder, self.scale_factor = unet, scheduler, autoencoder, scale_factor
         self.seed, self.amp_dtype = seed, autocast_dtype(device, amp)
@@ -259,8 +286,11 @@ class LatentDiffusionEvaluator(Evaluator):
 
     def _iteration(self, engine, batchdata):
         self.unet.eval()
-        autocast = torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype) if self.amp_dtype else (
-            contextlib.nullcontext())
+        autocast = (
+            torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else (contextlib.nullcontext())
+        )
         with torch.no_grad():
             latents = sample_latents(batchdata, self.autoencoder, self.state.device, self.generator)
             loss = diffusion_loss(self.unet, self.scheduler, latents * self.scale_factor, autocast, self.generator)

@@ -31,7 +31,8 @@ def _state(engine):
 
 class CheckpointSaver:
     """Writes ``latest_checkpoint.pt`` after every epoch and ``best_model.pt`` when the evaluator's key metric
-    improves, both atomically, as plain dicts (see :mod:`scripts.checkpoint`).
+    improves, both atomically, as plain dicts (see :mod:`scripts.checkpoint`). Each object's state dict is a
+    top-level entry under its name, so ``ckpt_export --key_in_ckpt autoencoder`` (or ``unet``) reads it directly.
 
     Args:
         save_dir: output folder (created; never emptied).
@@ -58,7 +59,7 @@ class CheckpointSaver:
         return {
             "stage": self.stage,
             **_state(self.trainer),
-            "state_dicts": {name: _unwrap(obj).state_dict() for name, obj in self.objects.items()},
+            **{name: _unwrap(obj).state_dict() for name, obj in self.objects.items()},
             "best_metric": None if ev is None else float(ev.best_metric),
             "best_metric_epoch": None if ev is None else int(ev.best_metric_epoch),
             "key_metric_name": None if ev is None else ev.key_metric_name,
@@ -110,9 +111,9 @@ class CheckpointLoader:
                 f"but the config builds {self.network_config}"
             )
         for name, obj in self.objects.items():
-            if name not in ckpt["state_dicts"]:
+            if name not in ckpt:
                 raise UserError(f"{path}: holds no {name!r} state")
-            load_state(_unwrap(obj), ckpt["state_dicts"][name], path, name)
+            load_state(_unwrap(obj), ckpt[name], path, name)
         for name, scaler in getattr(engine, "scalers", {}).items():
             if ckpt["scalers"].get(name):
                 scaler.load_state_dict(ckpt["scalers"][name])
@@ -190,18 +191,37 @@ class SampleImageHandler:
     neither changes the training's random stream nor varies between epochs except through the weights.
     """
 
-    def __init__(self, summary_writer, autoencoder, unet, scheduler_settings, scale_factor, latent_shape,
-                 real_datalist, transform, interval=10, num_samples=2, num_inference_steps=50, seed=0,
-                 tag="samples/real_vs_generated"):
+    def __init__(
+        self,
+        summary_writer,
+        autoencoder,
+        unet,
+        scheduler_settings,
+        scale_factor,
+        latent_shape,
+        real_datalist,
+        transform,
+        interval=10,
+        num_samples=2,
+        num_inference_steps=50,
+        seed=0,
+        tag="samples/real_vs_generated",
+    ):
         self.writer, self.autoencoder, self.unet = summary_writer, autoencoder, unet
         self.scheduler_settings, self.scale_factor, self.latent_shape = scheduler_settings, scale_factor, latent_shape
         self.real = [transform(d)["image"] for d in real_datalist[:num_samples]]
         self.interval, self.num_samples, self.steps, self.seed, self.tag = (
-            interval, num_samples, num_inference_steps, seed, tag)
+            interval,
+            num_samples,
+            num_inference_steps,
+            seed,
+            tag,
+        )
 
     def attach(self, engine):
-        engine.add_event_handler(Events.STARTED, lambda e: self.writer.add_scalar("scale_factor", self.scale_factor,
-                                                                                   e.state.epoch))
+        engine.add_event_handler(
+            Events.STARTED, lambda e: self.writer.add_scalar("scale_factor", self.scale_factor, e.state.epoch)
+        )
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine):
@@ -213,8 +233,16 @@ class SampleImageHandler:
         scheduler = make_scheduler(self.scheduler_settings, "DDIM", self.steps)
         was_training = self.unet.training
         self.unet.eval()
-        grids = sample_grids(self.autoencoder, _unwrap(self.unet), scheduler, self.scale_factor, self.latent_shape,
-                             self.num_samples, engine.state.device, torch.Generator().manual_seed(self.seed))
+        grids = sample_grids(
+            self.autoencoder,
+            _unwrap(self.unet),
+            scheduler,
+            self.scale_factor,
+            self.latent_shape,
+            self.num_samples,
+            engine.state.device,
+            torch.Generator().manual_seed(self.seed),
+        )
         self.unet.train(was_training)
         rows = [[_numpy(r), _numpy(g)] for r, g in zip(self.real, grids)]
         self.writer.add_image(self.tag, projection_grid(rows), global_step=epoch, dataformats="HW")

@@ -20,7 +20,7 @@ CACHE_MODES = ("memory", "disk", "none")
 def load_autoencoder_checkpoint(path):
     """The stage-1 checkpoint, refused with one line when missing, corrupt or of another stage."""
     ckpt = load_checkpoint(path, "autoencoder", hint=STAGE1_HINT)
-    for key in ("network_config", "state_dicts", "voxel_size"):
+    for key in ("network_config", "autoencoder", "voxel_size"):
         if key not in ckpt:
             raise UserError(f"{path}: has no {key!r}; {STAGE1_HINT}")
     return ckpt
@@ -29,7 +29,7 @@ def load_autoencoder_checkpoint(path):
 def frozen_autoencoder(checkpoint, path, device):
     """The AutoencoderKL built from the hyper-parameters stored in its checkpoint, in eval mode, without grads."""
     network = build_autoencoder(checkpoint["network_config"]["autoencoder"])
-    load_state(network, checkpoint["state_dicts"]["autoencoder"], path, "autoencoder")
+    load_state(network, checkpoint["autoencoder"], path, "autoencoder")
     network.to(device).eval().requires_grad_(False)
     return network
 

@@ -1,5 +1,6 @@
 """Checks of network settings against the data, done at start-up so a bad config gets a message, not a trace."""
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,3 +106,32 @@ def perceptual_loss(weight, weights_path, network_type="resnet50"):
     return PerceptualLoss(
         spatial_dims=3, network_type="resnet50", is_fake_3d=True, pretrained=True, pretrained_path=str(weights_path)
     )
+
+
+class ReconstructingAutoencoderKL(AutoencoderKL):
+    """An AutoencoderKL whose ``forward`` is the deterministic reconstruction (decode of the encoder mean).
+
+    Same parameters as AutoencoderKL, so its checkpoint loads as is; this is what the TorchScript export traces
+    (the plain forward draws a random latent, which a traced module would not reproduce).
+    """
+
+    def forward(self, x):
+        return self.reconstruct(x)
+
+
+def traced_autoencoder(args, voxel_size):
+    """A TorchScript trace of :class:`ReconstructingAutoencoderKL` for ``voxel_size`` grids (weights load after)."""
+    net = ReconstructingAutoencoderKL(**args).eval()
+    example = torch.rand(1, args.get("in_channels", 1), *as_shape(voxel_size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(net, example)
+
+
+def traced_unet(args, latent_shape):
+    """A TorchScript trace of the diffusion UNet taking ``(latents, timesteps)`` (weights load after)."""
+    net = build_unet(args).eval()
+    example = (torch.rand(1, *latent_shape), torch.tensor([1], dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(net, example)

@@ -25,15 +25,19 @@ def make_scheduler(settings, kind="DDPM", num_inference_steps=None):
     return scheduler
 
 
-def sample_grids(autoencoder, unet, scheduler, scale_factor, latent_shape, n, device, generator=None,
-                 amp_dtype=None, verbose=False):
+def sample_grids(
+    autoencoder, unet, scheduler, scale_factor, latent_shape, n, device, generator=None, amp_dtype=None, verbose=False
+):
     """``n`` decoded grids (n, 1, X, Y, Z) on the CPU, from noise drawn with ``generator`` (reproducible)."""
     noise = torch.randn((n, *latent_shape), generator=generator).to(device)
     inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=scale_factor)
     context = torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else torch.no_grad()
     with torch.no_grad(), context:
         grids = inferer.sample(
-            input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet, scheduler=scheduler,
+            input_noise=noise,
+            autoencoder_model=autoencoder,
+            diffusion_model=unet,
+            scheduler=scheduler,
             verbose=verbose,
         )
     return grids.float().cpu()

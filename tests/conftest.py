@@ -126,3 +126,18 @@ def diffusion_overrides(dataset_dir, autoencoder_ckpt, out_dir, **extra):
         "log_dir": str(out_dir / "logs" / "diffusion"),
         **extra,
     }
+
+
+@pytest.fixture(scope="session")
+def model_dir(dataset_dir, autoencoder_ckpt, tmp_path_factory):
+    """``<dir>/autoencoder/best_model.pt`` and ``<dir>/diffusion/best_model.pt`` of the tiny stage 1 and 2."""
+    out = tmp_path_factory.mktemp("stage2")
+    run_workflow(
+        "train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, out, generate_samples_interval=5)
+    )
+    models = out / "models"
+    (models / "autoencoder").mkdir(parents=True)
+    (models / "autoencoder" / "best_model.pt").write_bytes(autoencoder_ckpt.read_bytes())
+    (models / "diffusion").mkdir()
+    (models / "diffusion" / "best_model.pt").write_bytes((out / "outputs" / "diffusion" / "best_model.pt").read_bytes())
+    return models

@@ -55,7 +55,7 @@ def test_fast_dev_run_writes_checkpoints_and_events_then_resumes(dataset_dir, tm
     assert latest["dataset_info"]["geometry"] == info["geometry"]
     assert latest["dataset_info"]["points_per_mass"] == info["points_per_mass"]
     assert latest["network_config"]["autoencoder"]["channels"] == [8, 16]
-    assert latest["state_dicts"]["g_optimizer"]["state"][0]["step"] == 2
+    assert latest["g_optimizer"]["state"][0]["step"] == 2
 
     workflow = run_workflow(
         "train_autoencoder.json",
@@ -66,7 +66,7 @@ def test_fast_dev_run_writes_checkpoints_and_events_then_resumes(dataset_dir, tm
     resumed = load_checkpoint(ckpt_dir / "latest_checkpoint.pt")
     assert resumed["epoch"] == 2 and resumed["iteration"] == 4
     # Adam's step count continues from the checkpoint: 2 steps before, 2 after
-    assert resumed["state_dicts"]["g_optimizer"]["state"][0]["step"] == 4
+    assert resumed["g_optimizer"]["state"][0]["step"] == 4
 
 
 def test_resume_runs_only_the_remaining_epochs(dataset_dir, tmp_path):

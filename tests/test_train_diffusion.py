@@ -9,7 +9,7 @@ from monai.data import Dataset
 from monai.networks.nets import DiffusionModelUNet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scripts.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from scripts.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from scripts.data import list_volumes, volume_transforms
 from scripts.latents import compute_scale_factor, encode_volumes, frozen_autoencoder
 
@@ -43,7 +43,7 @@ def test_fast_dev_run_checkpoints_samples_and_resume(dataset_dir, autoencoder_ck
     best = load_checkpoint(ckpt_dir / "best_model.pt", "diffusion")
     assert latest["epoch"] == 1 and best["epoch"] == 1
     assert latest["scale_factor"] > 0 and latest["scheduler"]["num_train_timesteps"] == 100
-    assert latest["autoencoder_sha256"] == file_sha256(autoencoder_ckpt)
+    assert latest["autoencoder_weights_sha256"] == weights_sha256(load_checkpoint(autoencoder_ckpt)["autoencoder"])
     assert latest["network_config"]["unet"]["channels"] == [8, 16]
     assert latest["network_config"]["autoencoder"]["channels"] == [8, 16]
     assert latest["dataset_info"]["geometry"]["shape"] == [16, 16, 16]

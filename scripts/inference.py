@@ -1,0 +1,188 @@
+"""Sampling new point clouds: the two checkpoints → grids (NIfTI, with the training box in the affine) → points
+(CSV in nm, inside the training box) → a PNG preview. Used by ``configs/inference.json``."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scripts.atomic import atomic_path
+from scripts.checkpoint import load_checkpoint, load_state, weights_sha256
+from scripts.engines import autocast_dtype
+from scripts.errors import UserError
+from scripts.geometry import GridGeometry
+from scripts.networks import build_unet
+from scripts.pictures import projections
+from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
+from scripts.render import render_points
+from scripts.sampling import make_scheduler, sample_grids
+from scripts.volume_io import save_nifti
+from scripts.voxelize import EXPORT_METHODS, grid_to_points
+
+logger = logging.getLogger(__name__)
+STAGE2_HINT = "train stage 2 first: python -m monai.bundle run --config_file configs/train_diffusion.json"
+FORMATS = ("nifti", "csv", "h5")
+
+
+def load_diffusion_checkpoint(diffusion_path, autoencoder_checkpoint, autoencoder_path):
+    """The stage-2 checkpoint, refused when it was trained on another autoencoder or lacks the data geometry."""
+    ckpt = load_checkpoint(diffusion_path, "diffusion", hint=STAGE2_HINT)
+    sha = weights_sha256(autoencoder_checkpoint["autoencoder"])
+    if ckpt.get("autoencoder_weights_sha256") != sha:
+        raise UserError(
+            f"{diffusion_path}: was trained on other autoencoder weights ({ckpt.get('autoencoder_path')}, sha256 "
+            f"{str(ckpt.get('autoencoder_weights_sha256'))[:12]}) than those in {autoencoder_path} (sha256 "
+            f"{sha[:12]}); sample with that autoencoder or retrain stage 2"
+        )
+    geometry = (ckpt.get("dataset_info") or {}).get("geometry")
+    if not geometry:
+        raise UserError(f"{diffusion_path}: holds no data geometry (dataset_info); retrain on converted data")
+    return ckpt
+
+
+def trained_unet(checkpoint, path, device):
+    """The diffusion UNet built from the hyper-parameters in its checkpoint, with its weights, in eval mode."""
+    unet = build_unet(checkpoint["network_config"]["unet"])
+    load_state(unet, checkpoint["unet"], path, "unet")
+    return unet.to(device).eval()
+
+
+class Sampler:
+    """Writes ``num_samples`` generated grids and point clouds under ``output_dir``.
+
+    Files: ``nifti/sample_0000.nii.gz`` (training box in the affine), ``pointcloud/sample_0000.csv`` (x, y, z in
+    nm under ThunderSTORM headers), optionally ``pointcloud/samples.h5``, and ``preview.png``.
+
+    Args:
+        autoencoder, unet: the trained networks (frozen).
+        diffusion_checkpoint: the stage-2 checkpoint (scale factor, noise schedule, latent shape, data geometry).
+        output_dir: output folder (created; existing samples of the same names are replaced file by file).
+        num_samples, batch_size: how many grids, and how many are denoised at once.
+        scheduler: 'DDPM' or 'DDIM'; num_inference_steps: its steps (``None``: all training timesteps).
+        seed: the same seed writes the same files.
+        method, threshold, num_points: point export (see :func:`scripts.voxelize.grid_to_points`); ``num_points``
+            ``None`` takes the training data's points per unit of grid mass.
+        output_formats: any of 'nifti', 'csv', 'h5'.
+        preview: write ``preview.png``; pixel_nm: its rendering pixel size.
+    """
+
+    def __init__(
+        self,
+        autoencoder,
+        unet,
+        diffusion_checkpoint,
+        output_dir,
+        num_samples=8,
+        batch_size=2,
+        scheduler="DDIM",
+        num_inference_steps=50,
+        seed=0,
+        method="probabilistic",
+        threshold=0.1,
+        num_points=None,
+        output_formats=("nifti", "csv"),
+        preview=True,
+        pixel_nm=15.0,
+        device="cpu",
+        amp=True,
+    ):
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise UserError(f"num_samples: must be a positive integer, got {num_samples!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        if method not in EXPORT_METHODS:
+            raise UserError(f"method: expected one of {', '.join(EXPORT_METHODS)}, got {method!r}")
+        unknown = set(output_formats) - set(FORMATS)
+        if unknown:
+            raise UserError(f"output_formats: unknown {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+        self.output_dir = Path(output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UserError(f"{self.output_dir}: output_dir exists and is not a folder")
+        ckpt = diffusion_checkpoint
+        info = ckpt["dataset_info"]
+        self.geometry = GridGeometry.from_dict(info["geometry"])
+        self.points_per_mass = (info.get("points_per_mass") or {}).get("mean")
+        if num_points is None and self.points_per_mass is None and method in ("probabilistic", "weighted"):
+            raise UserError("num_points: the checkpoints hold no points-per-mass of the training data; set num_points")
+        steps = num_inference_steps or ckpt["scheduler"]["num_train_timesteps"]
+        self.scheduler = make_scheduler(ckpt["scheduler"], scheduler, steps)
+        self.autoencoder, self.unet, self.scale_factor = autoencoder, unet, ckpt["scale_factor"]
+        self.latent_shape = tuple(ckpt["latent_shape"])
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.method, self.threshold, self.num_points = method, threshold, num_points
+        self.formats, self.preview, self.pixel_nm = tuple(output_formats), preview, pixel_nm
+        self.device, self.amp_dtype = device, autocast_dtype(device, amp)
+
+    def run(self):
+        torch.manual_seed(self.seed)  # DDPM steps draw from the global generator
+        generator = torch.Generator().manual_seed(self.seed)
+        grids, clouds = [], []
+        for start in tqdm(range(0, self.num_samples, self.batch_size), desc="sampling", unit="batch"):
+            n = min(self.batch_size, self.num_samples - start)
+            batch = sample_grids(
+                self.autoencoder,
+                self.unet,
+                self.scheduler,
+                self.scale_factor,
+                self.latent_shape,
+                n,
+                self.device,
+                generator,
+                self.amp_dtype,
+                verbose=True,
+            )
+            for i, grid in enumerate(batch[:, 0].numpy().clip(0, 1), start=start):
+                grids.append(grid)
+                clouds.append(self._write(i, grid))
+        if "h5" in self.formats:
+            write_point_clouds_h5(self.output_dir / "pointcloud" / "samples.h5", clouds)
+        if self.preview:
+            self._write_preview(grids, clouds)
+        logger.info(f"wrote {self.num_samples} samples to {self.output_dir}")
+        return clouds
+
+    def _write(self, i, grid):
+        geometry = self.geometry.with_shape(grid.shape)
+        if "nifti" in self.formats:
+            (self.output_dir / "nifti").mkdir(parents=True, exist_ok=True)
+            save_nifti(self.output_dir / "nifti" / f"sample_{i:04d}.nii.gz", grid, geometry)
+        points = grid_to_points(
+            grid,
+            geometry,
+            self.method,
+            self.threshold,
+            self.num_points,
+            self.points_per_mass,
+            rng=np.random.default_rng([self.seed, i]),
+        )
+        if "csv" in self.formats:
+            (self.output_dir / "pointcloud").mkdir(parents=True, exist_ok=True)
+            write_points_csv(self.output_dir / "pointcloud" / f"sample_{i:04d}.csv", points)
+        return points
+
+    def _write_preview(self, grids, clouds, max_rows=8):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = min(max_rows, len(grids))
+        box = [(self.geometry.box_min_nm[a], self.geometry.box_max_nm[a]) for a in range(3)]
+        fig, axes = plt.subplots(rows, 2, figsize=(9, 3 * rows), squeeze=False)
+        for r in range(rows):
+            axes[r, 0].imshow(projections(grids[r]), cmap="magma", vmin=0, vmax=1)
+            axes[r, 0].set_title(f"sample {r}: projections along z | y | x", fontsize=8)
+            image, meta = render_points(clouds[r], self.pixel_nm, xy_range=box[:2], z_range=box[2])
+            axes[r, 1].imshow(image)
+            axes[r, 1].set_title(
+                f"{len(clouds[r])} points, {self.pixel_nm:g} nm pixels, bar {meta['bar_nm']} nm", fontsize=8
+            )
+            for ax in axes[r]:
+                ax.axis("off")
+        fig.tight_layout()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.output_dir / "preview.png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)

@@ -1,0 +1,158 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli, run_workflow, user_error
+
+from scripts.checkpoint import load_checkpoint, save_checkpoint
+from scripts.geometry import GridGeometry
+from scripts.networks import ReconstructingAutoencoderKL, build_unet
+from scripts.pointcloud_io import read_point_clouds
+from scripts.volume_io import load_nifti
+
+SMALL = {"num_samples": 3, "batch_size": 2, "num_inference_steps": 4}
+
+
+def _sample(model_dir, out, **extra):
+    return run_workflow("inference.json", model_dir=str(model_dir), output_dir=str(out), **{**SMALL, **extra})
+
+
+def test_inference_writes_nifti_csv_preview_inside_the_training_box(model_dir, dataset_dir, tmp_path):
+    result = run_cli("inference.json", model_dir=model_dir, output_dir=tmp_path / "s", **SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "s"
+    names = [f"sample_{i:04d}" for i in range(3)]
+    assert sorted(p.name for p in (out / "nifti").iterdir()) == [n + ".nii.gz" for n in names]
+    assert sorted(p.name for p in (out / "pointcloud").iterdir()) == [n + ".csv" for n in names]
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    box = GridGeometry.from_dict(json.loads((dataset_dir / "dataset_info.json").read_text())["geometry"])
+    for name in names:
+        assert (out / "pointcloud" / f"{name}.csv").read_text().splitlines()[0] == '"x [nm]","y [nm]","z [nm]"'
+        points, _ = read_point_clouds(out / "pointcloud" / f"{name}.csv")
+        assert len(points[0]) > 0 and box.inside(points[0]).all()
+        grid, geometry = load_nifti(out / "nifti" / f"{name}.nii.gz")
+        assert grid.shape == (16, 16, 16) and grid.min() >= 0 and grid.max() <= 1
+        np.testing.assert_allclose(geometry.box_min_nm, box.box_min_nm, atol=1e-2)
+        np.testing.assert_allclose(geometry.box_max_nm, box.box_max_nm, atol=1e-2)
+
+
+def test_same_seed_same_files_other_seed_other_files(model_dir, tmp_path):
+    for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
+        _sample(model_dir, tmp_path / name, seed=seed, scheduler="DDPM", output_formats=["nifti", "csv", "h5"])
+    csv = "pointcloud/sample_0001.csv"
+    assert (tmp_path / "a" / csv).read_bytes() == (tmp_path / "b" / csv).read_bytes()
+    assert (tmp_path / "a" / csv).read_bytes() != (tmp_path / "c" / csv).read_bytes()
+    a = nib.load(tmp_path / "a" / "nifti" / "sample_0002.nii.gz").get_fdata()
+    assert np.array_equal(a, nib.load(tmp_path / "b" / "nifti" / "sample_0002.nii.gz").get_fdata())
+    clouds, _ = read_point_clouds(tmp_path / "a" / "pointcloud" / "samples.h5")
+    assert len(clouds) == 3
+
+
+def test_num_points_and_export_method(model_dir, tmp_path):
+    _sample(model_dir, tmp_path / "p", num_points=500, method="probabilistic", threshold=0.0, num_samples=1)
+    assert len(read_point_clouds(tmp_path / "p" / "pointcloud" / "sample_0000.csv")[0][0]) == 500
+    _sample(model_dir, tmp_path / "c", method="center", threshold=0.0, num_samples=1)
+    points = read_point_clouds(tmp_path / "c" / "pointcloud" / "sample_0000.csv")[0][0]
+    grid, _ = load_nifti(tmp_path / "c" / "nifti" / "sample_0000.nii.gz")
+    assert len(points) == np.count_nonzero(grid > 0)  # one point per voxel above the threshold
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_autoencoder", "autoencoder/best_model.pt: no such checkpoint; train stage 1 first"),
+        ("missing_diffusion", "diffusion/best_model.pt: no such checkpoint; train stage 2 first"),
+        ("other_autoencoder", "was trained on other autoencoder weights"),
+        ("no_geometry", "holds no data geometry"),
+        ("num_samples", "num_samples: must be a positive integer, got 0"),
+        ("output_is_file", "output_dir exists and is not a folder"),
+    ],
+)
+def test_inference_errors(model_dir, tmp_path, case, message):
+    models, out, extra = tmp_path / "models", tmp_path / "out", {}
+    for stage in ("autoencoder", "diffusion"):
+        (models / stage).mkdir(parents=True)
+        if case != f"missing_{stage}":
+            (models / stage / "best_model.pt").write_bytes((model_dir / stage / "best_model.pt").read_bytes())
+    if case == "other_autoencoder":
+        ckpt = load_checkpoint(models / "autoencoder" / "best_model.pt")
+        ckpt["autoencoder"] = {k: v + 0.01 for k, v in ckpt["autoencoder"].items()}
+        save_checkpoint(models / "autoencoder" / "best_model.pt", ckpt)
+    if case == "no_geometry":
+        ckpt = load_checkpoint(models / "diffusion" / "best_model.pt")
+        ckpt.pop("dataset_info")
+        save_checkpoint(models / "diffusion" / "best_model.pt", ckpt)
+    if case == "num_samples":
+        extra["num_samples"] = 0
+    if case == "output_is_file":
+        out.write_text("a file")
+    with pytest.raises(Exception) as info:
+        run_workflow("inference.json", model_dir=str(models), output_dir=str(out), **{**SMALL, **extra})
+    assert message in str(user_error(info.value)), info.value
+    assert not (out / "nifti").exists()
+    assert sorted(p.name for p in (models / "diffusion").iterdir()) in ([], ["best_model.pt"])
+
+
+def _export(net_id, model_dir, stage, key, path):
+    result = run_cli_export(net_id, model_dir / stage / "best_model.pt", key, path, model_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.jit.load(str(path))
+
+
+def run_cli_export(net_id, ckpt_file, key, filepath, model_dir):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "--net_id",
+            net_id,
+            "--filepath",
+            str(filepath),
+            "--ckpt_file",
+            str(ckpt_file),
+            "--key_in_ckpt",
+            key,
+            "--config_file",
+            "configs/inference.json",
+            "--meta_file",
+            "configs/metadata.json",
+            "--model_dir",
+            str(model_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_torchscript_export_matches_eager(model_dir, tmp_path):
+    ae_ckpt = load_checkpoint(model_dir / "autoencoder" / "best_model.pt")
+    df_ckpt = load_checkpoint(model_dir / "diffusion" / "best_model.pt")
+    autoencoder = ReconstructingAutoencoderKL(**ae_ckpt["network_config"]["autoencoder"]).eval()
+    autoencoder.load_state_dict(ae_ckpt["autoencoder"])
+    unet = build_unet(df_ckpt["network_config"]["unet"]).eval()
+    unet.load_state_dict(df_ckpt["unet"])
+    ts_autoencoder = _export("autoencoder_def", model_dir, "autoencoder", "autoencoder", tmp_path / "autoencoder.ts")
+    ts_unet = _export("network_def", model_dir, "diffusion", "unet", tmp_path / "unet.ts")
+    x = torch.rand(2, 1, 16, 16, 16)
+    z, t = torch.randn(2, *df_ckpt["latent_shape"]), torch.tensor([3, 70])
+    with torch.no_grad():
+        torch.testing.assert_close(ts_autoencoder(x), autoencoder(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ts_unet(z, t), unet(z, timesteps=t), rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_is_valid_against_the_schema():
+    schema = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip(f"{schema} is not beside the repository")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), filepath=str(schema))
