@@ -19,13 +19,8 @@ def save_checkpoint(path, payload):
     """Write ``payload`` (a dict of tensors, numbers, strings, lists and dicts) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(dict(payload, format_version=FORMAT_VERSION), tmp)
-    except OSError as e:  # disk full, permissions: the previous file at ``path`` is untouched
-        raise UserError(
-            f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is kept"
-        ) from None
+    with atomic_path(path) as tmp:  # a full disk or a kill leaves the previous file at ``path`` untouched
+        torch.save(dict(payload, format_version=FORMAT_VERSION), tmp)
     return path
 
 
