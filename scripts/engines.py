@@ -25,16 +25,26 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def autocast_dtype(device, amp):
-    """The autocast dtype for ``device``, or ``None`` when mixed precision is off or not worth it there."""
+def autocast_dtype(device, amp, cpu_bf16=True):
+    """The autocast dtype for ``device``, or ``None`` when mixed precision is off or not worth it there.
+
+    ``cpu_bf16=False`` keeps a CPU in fp32: the diffusion UNet's deepest levels (2×2×1 voxels) got NaN weight
+    gradients from the bf16 conv3d backward of torch 2.13's CPU kernels within 5–20 steps, while the same
+    gradient recomputed by ``torch.nn.grad.conv3d_weight`` was finite (see docs/README.md).
+    """
     device = torch.device(device)
     if not amp:
         return None
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
+    if device.type == "cpu" and cpu_bf16 and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def autocast_context(device, dtype):
+    """Autocast to ``dtype`` on ``device``'s type, or a no-op context when ``dtype`` is ``None``."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _reraise(engine, e):
@@ -47,6 +57,12 @@ def image_as_target(batchdata, device=None, non_blocking=False, **kwargs):
     images = images.as_tensor() if hasattr(images, "as_tensor") else images
     images = images.to(device, non_blocking=non_blocking)
     return images, images
+
+
+def reconstruct(images, network):
+    """Inferer of the stage-1 evaluator: the deterministic reconstruction (decode of the encoder mean)."""
+    network = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    return network.reconstruct(images)
 
 
 def metric_cmp_fn(key_metric):
@@ -81,6 +97,7 @@ class MixedPrecisionTrainer(Trainer):
         amp=True,
         train_handlers=None,
         scaler_names=("g",),
+        cpu_bf16=True,
     ):
         super().__init__(
             device=device,
@@ -91,7 +108,7 @@ class MixedPrecisionTrainer(Trainer):
             amp=False,
             decollate=False,
         )
-        self.amp_dtype = autocast_dtype(device, amp)
+        self.amp_dtype = autocast_dtype(device, amp, cpu_bf16)
         use_scaler = self.amp_dtype == torch.float16
         self.scalers = {name: torch.amp.GradScaler("cuda", enabled=use_scaler) for name in scaler_names}
         logger.info(f"mixed precision: {self.amp_dtype or 'off'} on {torch.device(device).type}")
@@ -101,9 +118,7 @@ class MixedPrecisionTrainer(Trainer):
             self._register_handlers(train_handlers)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
+        return autocast_context(self.state.device, self.amp_dtype)
 
     def step(self, loss, optimizer, scaler_name, name):
         """Backpropagate ``loss`` and step ``optimizer``; a NaN/Inf loss stops training with a message."""
@@ -158,6 +173,11 @@ class VaeGanTrainer(MixedPrecisionTrainer):
         self.warm_up_epochs = warm_up_epochs
         super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g", "d"))
 
+    def discriminator_autocast(self):
+        """fp16 autocast for the discriminator on CUDA; fp32 on CPU, where its bf16 kernels were not reproducible
+        (two identically seeded runs ended with different weights) and it is a small share of the step."""
+        return self.autocast() if self.amp_dtype == torch.float16 else contextlib.nullcontext()
+
     def adversarial_on(self):
         return self.adv_weight > 0 and self.state.epoch > self.warm_up_epochs
 
@@ -176,7 +196,7 @@ class VaeGanTrainer(MixedPrecisionTrainer):
             g_loss = g_loss + self.perceptual_weight * out["perceptual_loss"]
         out["gen_adv_loss"] = out["disc_loss"] = g_loss.new_zeros(())
         if adversarial:
-            with self.autocast():
+            with self.discriminator_autocast():
                 logits = self.discriminator(recon.contiguous())[-1]
             out["gen_adv_loss"] = self.adv_loss(logits.float(), target_is_real=True, for_discriminator=False)
             g_loss = g_loss + self.adv_weight * out["gen_adv_loss"]
@@ -184,7 +204,7 @@ class VaeGanTrainer(MixedPrecisionTrainer):
         if adversarial:
             self.discriminator.train()
             self.d_optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
+            with self.discriminator_autocast():
                 fake = self.discriminator(recon.detach().contiguous())[-1].float()
                 real = self.discriminator(images.contiguous())[-1].float()
             out["disc_loss"] = 0.5 * (
@@ -231,10 +251,11 @@ class LatentDiffusionTrainer(MixedPrecisionTrainer):
         epoch_length=None,
         amp=True,
         train_handlers=None,
+        cpu_bf16=False,
     ):
         self.unet, self.optimizer, self.scheduler = unet, optimizer, scheduler
         self.autoencoder, self.scale_factor = autoencoder, scale_factor
-        super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g",))
+        super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g",), cpu_bf16)
 
     def _iteration(self, engine, batchdata):
         latents = sample_latents(batchdata, self.autoencoder, self.state.device) * self.scale_factor
@@ -261,6 +282,7 @@ class LatentDiffusionEvaluator(Evaluator):
         seed=0,
         val_handlers=None,
         amp=True,
+        cpu_bf16=False,
     ):
         from ignite.metrics import Average
 
@@ -274,7 +296,7 @@ class LatentDiffusionEvaluator(Evaluator):
             val_handlers=None,
         )
         self.unet, self.scheduler, self.autoencoder, self.scale_factor = unet, scheduler, autoencoder, scale_factor
-        self.seed, self.amp_dtype = seed, autocast_dtype(device, amp)
+        self.seed, self.amp_dtype = seed, autocast_dtype(device, amp, cpu_bf16)
         self.generator = torch.Generator()
         self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
         if val_handlers:
@@ -286,11 +308,7 @@ class LatentDiffusionEvaluator(Evaluator):
 
     def _iteration(self, engine, batchdata):
         self.unet.eval()
-        autocast = (
-            torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
-            if self.amp_dtype
-            else (contextlib.nullcontext())
-        )
+        autocast = autocast_context(self.state.device, self.amp_dtype)
         with torch.no_grad():
             latents = sample_latents(batchdata, self.autoencoder, self.state.device, self.generator)
             loss = diffusion_loss(self.unet, self.scheduler, latents * self.scale_factor, autocast, self.generator)

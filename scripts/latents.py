@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler
 
 from scripts.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scripts.errors import UserError
@@ -90,8 +90,11 @@ def sample_latents(batch, autoencoder, device, generator=None):
 
 
 def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size):
-    """1 / std of the encoder's latents over ``n_batches`` batches; averaged over ranks under DDP."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    """1 / std of the encoder's latents over ``n_batches`` batches; under DDP each rank takes its own shard and the
+    ranks' factors are averaged."""
+    distributed = dist.is_available() and dist.is_initialized()
+    sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False) if distributed else None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler)
     latents = []
     for i, batch in enumerate(loader):
         if i >= n_batches:
@@ -99,7 +102,7 @@ def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size):
         latents.append(sample_latents(batch, autoencoder, device))
     factor = torch.tensor(1.0 / torch.cat(latents).std().item(), dtype=torch.float64, device=device)
     local = factor.item()
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         dist.all_reduce(factor)
         factor /= dist.get_world_size()
     logger.info(f"scale_factor = {factor.item():.6f} (this rank: {local:.6f}, from {len(latents)} batches)")

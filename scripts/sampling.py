@@ -4,6 +4,7 @@ import torch
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from scripts.engines import autocast_context
 from scripts.errors import UserError
 
 SCHEDULERS = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}
@@ -31,8 +32,7 @@ def sample_grids(
     """``n`` decoded grids (n, 1, X, Y, Z) on the CPU, from noise drawn with ``generator`` (reproducible)."""
     noise = torch.randn((n, *latent_shape), generator=generator).to(device)
     inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=scale_factor)
-    context = torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else torch.no_grad()
-    with torch.no_grad(), context:
+    with torch.no_grad(), autocast_context(device, amp_dtype):
         grids = inferer.sample(
             input_noise=noise,
             autoencoder_model=autoencoder,
