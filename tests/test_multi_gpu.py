@@ -1,0 +1,94 @@
+"""torchrun with two CPU processes (gloo): the multi-GPU overlays run on a laptop, which is how CI tests them."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, diffusion_overrides, overrides, run_workflow
+
+from scripts.checkpoint import load_checkpoint
+
+HOOKS = "$__import__('tests.bundle_hooks').bundle_hooks"  # its own id: MONAI parses any "import" text before refs
+SEEN = "$@hooks.record_files(@train#trainer, @train#sampler, @train#datalist, @seen_file)"
+
+
+def _torchrun(stage, settings, tmp_path):
+    """Run ``configs/<stage>.json`` + its multi-GPU overlay + a test overlay that records each rank's files."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    overlay = tmp_path / "record_files.json"
+    overlay.write_text(
+        json.dumps(
+            {"hooks": HOOKS, "seen_file": str(tmp_path / "seen_rank{}.txt"), "run": [SEEN, "$@train#trainer.run()"]}
+        )
+    )
+    configs = [f"configs/{stage}.json", f"configs/multi_gpu_{stage}.json", str(overlay)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--log-dir",
+        str(tmp_path / "ranks"),
+        "--redirects",
+        "3",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(configs),
+    ]
+    for key, value in settings.items():
+        args += [f"--{key}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _rank_logs(tmp_path):
+    logs = {}
+    for path in (tmp_path / "ranks").rglob("stdout.log"):
+        logs[int(path.parent.name)] = path.read_text()
+    return logs
+
+
+def _seen(tmp_path):
+    return [set((tmp_path / f"seen_rank{r}.txt").read_text().split()) for r in (0, 1)]
+
+
+def test_two_processes_train_both_stages(dataset_dir, tmp_path):
+    stage1 = tmp_path / "s1"
+    result = _torchrun("train_autoencoder", overrides(dataset_dir, stage1), stage1)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ckpt_dir, log_dir = stage1 / "outputs" / "autoencoder", stage1 / "logs" / "autoencoder"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pt", "latest_checkpoint.pt"]
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    rank0, rank1 = _seen(stage1)
+    train_files = {str(p) for p in (dataset_dir / "train").iterdir()}
+    assert rank0 and rank1 and not rank0 & rank1 and rank0 | rank1 == train_files
+    assert len(rank0) == len(rank1) == len(train_files) // 2
+
+    # the DDP checkpoint resumes in a single process
+    workflow = run_workflow(
+        "train_autoencoder.json",
+        **overrides(dataset_dir, stage1, n_epochs=2, resume_from=str(ckpt_dir / "latest_checkpoint.pt")),
+    )
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+
+    stage2 = tmp_path / "s2"
+    result = _torchrun(
+        "train_diffusion",
+        diffusion_overrides(dataset_dir, ckpt_dir / "best_model.pt", stage2, generate_samples_interval=1),
+        stage2,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ckpt = load_checkpoint(stage2 / "outputs" / "diffusion" / "latest_checkpoint.pt", "diffusion")
+    per_rank = [
+        float(re.search(r"this rank: ([0-9.]+)", log).group(1)) for _, log in sorted(_rank_logs(stage2).items())
+    ]
+    assert len(per_rank) == 2 and per_rank[0] != per_rank[1]  # each rank computed on its own shard
+    assert ckpt["scale_factor"] == pytest.approx(sum(per_rank) / 2, abs=2e-6)
+    assert len(list((stage2 / "logs" / "diffusion").glob("events.out.tfevents.*"))) == 1
+    rank0, rank1 = _seen(stage2)
+    assert rank0 and rank1 and not rank0 & rank1
