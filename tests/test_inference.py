@@ -156,3 +156,16 @@ def test_metadata_is_valid_against_the_schema():
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), filepath=str(schema))
+
+
+def test_network_shapes_match_the_metadata(model_dir, tmp_path):
+    from scripts.errors import UserError
+    from scripts.verify_networks import verify_networks
+
+    lines = verify_networks(model_dir, ROOT / "configs" / "metadata.json")
+    assert len(lines) == 5 and all(line.endswith("ok") for line in lines)
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["latent"]["num_channels"] = 4
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="diffusion input has 3 channels, the metadata says 4"):
+        verify_networks(model_dir, tmp_path / "meta.json")
