@@ -21,6 +21,9 @@ def atomic_path(path):
     except OSError as e:
         raise UserError(f"{path}: could not write ({e.strerror or e})") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; written files get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
