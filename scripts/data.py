@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import torch
 
 from scripts.errors import UserError
@@ -27,14 +28,30 @@ def list_volumes(data_dir, name="data folder"):
     files = sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIXES) and not p.name.startswith("."))
     if not files:
         raise UserError(f"{folder}: the {name} holds no .nii or .nii.gz volumes")
+    first = None
     for path in files:
         try:
-            shape = nib.load(str(path)).shape
+            img = nib.load(str(path))
         except Exception as e:  # nibabel raises many types for a bad file
             raise UserError(f"{path}: not a readable NIfTI volume ({e.__class__.__name__})") from None
-        if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
-            raise UserError(f"{path}: expected a 3D volume, got shape {shape}")
+        if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
+            raise UserError(f"{path}: expected a 3D volume, got shape {img.shape}")
+        box = GridGeometry.from_affine(img.affine, img.shape[:3])
+        first = first or (path, box)
+        if not np.allclose(
+            [box.box_min_nm, box.box_max_nm],
+            [first[1].box_min_nm, first[1].box_max_nm],
+            atol=1e-3 * float(first[1].size_nm.max()),
+        ):
+            raise UserError(
+                f"{path}: covers the box {_box(box)} nm but {first[0].name} covers {_box(first[1])} nm; volumes of "
+                "different conversions cannot be mixed (grid sizes may differ, the box may not)"
+            )
     return [{"image": str(p)} for p in files]
+
+
+def _box(geometry):
+    return f"{[round(v, 1) for v in geometry.box_min_nm]}–{[round(v, 1) for v in geometry.box_max_nm]}"
 
 
 def load_dataset_info(data_dir):

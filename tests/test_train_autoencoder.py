@@ -2,6 +2,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, overrides, run_cli, run_workflow, user_error
@@ -197,3 +198,22 @@ def test_empty_folder_and_non_volume_file_from_the_command_line(tmp_path):
         run_workflow("train_autoencoder.json", **overrides(tmp_path / "data", tmp_path))
     assert isinstance(user_error(info.value), UserError)
     assert "a.nii.gz: not a readable NIfTI volume" in str(user_error(info.value))
+
+
+def test_volumes_of_different_boxes_are_refused_but_other_grid_sizes_are_resized(dataset_dir, tmp_path):
+    import shutil
+
+    from scripts.geometry import GridGeometry
+    from scripts.volume_io import load_nifti, save_nifti
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset_dir, data)
+    grid, geometry = load_nifti(next((data / "train").iterdir()))
+    save_nifti(data / "train" / "zz_coarse.nii.gz", grid[::2, ::2, ::2], geometry.with_shape((8, 8, 8)))
+    run_workflow("train_autoencoder.json", **overrides(data, tmp_path / "ok"))  # same box, other grid: resized
+    shifted = GridGeometry(tuple(geometry.lo + 500.0), tuple(np.asarray(geometry.box_max_nm) + 500.0), geometry.shape)
+    save_nifti(data / "train" / "zz_other.nii.gz", grid, shifted)
+    with pytest.raises(Exception) as info:
+        run_workflow("train_autoencoder.json", **overrides(data, tmp_path / "bad"))
+    assert "zz_other.nii.gz: covers the box" in str(user_error(info.value))
+    assert "different conversions cannot be mixed" in str(user_error(info.value))
