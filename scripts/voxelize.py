@@ -161,13 +161,12 @@ def grid_to_points(
     """
     if method not in EXPORT_METHODS:
         raise UserError(f"method: expected one of {', '.join(EXPORT_METHODS)}, got {method!r}")
-    grid = np.asarray(grid, np.float64)
+    grid = np.asarray(grid)
     if grid.ndim == 4 and grid.shape[0] == 1:
         grid = grid[0]
     geometry = geometry.with_shape(grid.shape)
     rng = np.random.default_rng(rng)
-    values = np.where(grid > threshold, grid, 0.0).ravel()
-    candidates = np.flatnonzero(values)
+    candidates = np.flatnonzero(grid > threshold)  # C-order flat indices, as np.unravel_index expects
     if len(candidates) == 0:
         return np.zeros((0, 3))
     if method in ("center", "random"):
@@ -179,7 +178,7 @@ def grid_to_points(
             num_points = int(round(points_per_mass * grid_mass_um3(grid, geometry)))
         if num_points < 0:
             raise UserError(f"num_points: must not be negative, got {num_points}")
-        weights = values[candidates]
+        weights = grid.ravel()[candidates].astype(np.float64)
         if method == "probabilistic":
             chosen = rng.choice(candidates, size=num_points, p=weights / weights.sum())
         else:
