@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_workflow, user_error
 
+from conftest import ROOT, run_cli, run_workflow, user_error
 from scripts.checkpoint import load_checkpoint, save_checkpoint
 from scripts.geometry import GridGeometry
 from scripts.networks import ReconstructingAutoencoderKL, build_unet

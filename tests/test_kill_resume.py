@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, diffusion_overrides, overrides
 
+from conftest import ROOT, diffusion_overrides, overrides
 from scripts.checkpoint import load_checkpoint
 
 # an overlay that pauses training after iteration ``pause_at`` (announcing it on stdout) so the test can kill there

@@ -5,12 +5,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, overrides, run_cli, run_workflow, user_error
 from ignite.engine import Events
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import ROOT, overrides, run_cli, run_workflow, user_error
 from scripts.checkpoint import load_checkpoint
 from scripts.errors import UserError
 

@@ -2,13 +2,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, diffusion_overrides, run_cli, run_workflow, user_error
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import Dataset
 from monai.networks.nets import DiffusionModelUNet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import ROOT, diffusion_overrides, run_cli, run_workflow, user_error
 from scripts.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from scripts.data import list_volumes, volume_transforms
 from scripts.latents import compute_scale_factor, encode_volumes, frozen_autoencoder

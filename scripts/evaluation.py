@@ -1,0 +1,515 @@
+"""Evaluation of generated samples against the held-out real set. Used by ``configs/evaluate.json``.
+
+Four sets are each compared with the held-out clouds (``val_points.h5``) and grids (``val/``), so that the
+model's numbers sit between a ceiling and a floor:
+
+- ``train_vs_heldout``: training clouds, as many as held out (seeded): what a perfect model scores;
+- ``reconstruction``: the autoencoder's reconstructions of the held-out grids, exported to points: the best that
+  stage 2 can reach through this autoencoder;
+- ``mean_grid_baseline``: points drawn from the mean training grid, as many clouds as held out: a trivial model;
+- ``samples``: the model's samples (``pointcloud/*.csv`` and ``nifti/*.nii.gz`` of ``configs/inference.json``).
+
+Writes ``metrics.json``, ``metrics.md`` and four PNG figures to ``output_dir``; metric definitions are in
+:mod:`scripts.metrics`.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.atomic import atomic_path
+from scripts.data import list_volumes, load_dataset_info, volume_transforms
+from scripts.errors import UserError
+from scripts.geometry import GridGeometry
+from scripts.metrics import (
+    box_normalize,
+    chamfer_matrix,
+    compare_distributions,
+    dice_iou,
+    emd_set_blocks,
+    nn_distances_nm,
+    psnr,
+    set_metrics,
+    subsample,
+)
+from scripts.pictures import projection_grid
+from scripts.pointcloud_io import read_point_clouds
+from scripts.render import render_points
+from scripts.volume_io import load_nifti
+from scripts.voxelize import EXPORT_METHODS, grid_to_points
+
+logger = logging.getLogger(__name__)
+CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
+SAMPLE_HINT = "sample first: python -m monai.bundle run --config_file configs/inference.json"
+ROWS = {
+    "train_vs_heldout": "training clouds (what a perfect model scores)",
+    "reconstruction": "autoencoder reconstructions of the held-out grids (the ceiling of stage 2)",
+    "mean_grid_baseline": "points drawn from the mean training grid (a trivial model)",
+    "samples": "the model's samples",
+}
+
+
+class Evaluation:
+    """Compares generated samples with the held-out set and writes ``metrics.json``, ``metrics.md`` and figures.
+
+    Args:
+        dataset_dir: the converter's output folder (``dataset_info.json``, ``train/``, ``val/``,
+            ``train_points.h5``, ``val_points.h5``).
+        samples_dir: the sampler's output folder (``pointcloud/*.csv``, or ``pointcloud/samples.h5``, and
+            optionally ``nifti/*.nii.gz``).
+        autoencoder_checkpoint, autoencoder, autoencoder_path: the stage-1 checkpoint, its frozen network, its file.
+        output_dir: where the results go (created; files of the same names are replaced).
+        num_points: points per cloud for MMD/COV/1-NNA under Chamfer distance (clouds are subsampled, seeded).
+        emd_points: points per cloud for EMD (the first ``emd_points`` of each subsample); 0 or ``None`` skips EMD
+            (``--emd_points 0`` on the command line, where MONAI drops ``None`` overrides).
+        seed: seeds every subsample and export.
+        threshold: foreground threshold of grid values in [0, 1] (Dice, IoU, foreground fraction and intensities),
+            also the export threshold of reconstructions; method: export method for reconstructions (see
+            :func:`scripts.voxelize.grid_to_points`); export_num_points: points per exported cloud (``None``: the
+            training data's points per unit of grid mass, as the sampler does).
+        max_reference_clouds: use at most this many held-out clouds (seeded choice); ``None``: all.
+        batch_size: volumes per autoencoder forward pass.
+        num_pictures: clouds and grids shown per set in the figures; pixel_nm: rendering pixel size in nm.
+        nn_bins, z_bins: histogram bins of the nearest-neighbour distance and of the z profile.
+        num_workers: threads per KD-tree query (-1: all cores).
+        device: where the autoencoder runs.
+    """
+
+    def __init__(
+        self,
+        dataset_dir,
+        samples_dir,
+        autoencoder_checkpoint,
+        autoencoder,
+        autoencoder_path,
+        output_dir,
+        num_points=2048,
+        emd_points=512,
+        seed=0,
+        threshold=0.1,
+        method="probabilistic",
+        export_num_points=None,
+        max_reference_clouds=None,
+        batch_size=2,
+        num_pictures=4,
+        pixel_nm=15.0,
+        nn_bins=60,
+        z_bins=30,
+        num_workers=1,
+        device="cpu",
+    ):
+        self.dataset_dir, self.samples_dir, self.output_dir = Path(dataset_dir), Path(samples_dir), Path(output_dir)
+        for name, value in (("num_points", num_points), ("num_pictures", num_pictures), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{name}: must be a positive integer, got {value!r}")
+        if emd_points is not None and (not isinstance(emd_points, int) or not 0 <= emd_points <= num_points):
+            raise UserError(
+                f"emd_points: must be an integer in [0, num_points={num_points}] or null, got {emd_points!r}"
+            )
+        if method not in EXPORT_METHODS:
+            raise UserError(f"method: expected one of {', '.join(EXPORT_METHODS)}, got {method!r}")
+        if not self.dataset_dir.is_dir():
+            raise UserError(f"{self.dataset_dir}: no such dataset folder; {CONVERT_HINT}")
+        for name in ("dataset_info.json", "val_points.h5", "train_points.h5"):
+            if not (self.dataset_dir / name).is_file():
+                raise UserError(f"{self.dataset_dir / name}: no such file; {CONVERT_HINT} (with a validation split)")
+        if not self.samples_dir.is_dir():
+            raise UserError(f"{self.samples_dir}: no such samples folder; {SAMPLE_HINT}")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise UserError(f"{self.output_dir}: output_dir exists and is not a folder")
+        self.sample_files = sorted((self.samples_dir / "pointcloud").glob("*.csv"))
+        if not self.sample_files and (self.samples_dir / "pointcloud" / "samples.h5").is_file():
+            self.sample_files = [self.samples_dir / "pointcloud" / "samples.h5"]
+        if not self.sample_files:
+            raise UserError(f"{self.samples_dir / 'pointcloud'}: no sample point clouds (*.csv); {SAMPLE_HINT}")
+        folder = self.samples_dir / "nifti"
+        self.sample_grid_files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
+
+        self.info = load_dataset_info(self.dataset_dir / "val")
+        self.geometry = GridGeometry.from_dict(self.info["geometry"])
+        trained_on = (autoencoder_checkpoint.get("dataset_info") or {}).get("geometry")
+        if trained_on and not _same_box(GridGeometry.from_dict(trained_on), self.geometry):
+            raise UserError(
+                f"{autoencoder_path}: was trained on data in another box ({trained_on['box_min_nm']} to "
+                f"{trained_on['box_max_nm']} nm) than {self.dataset_dir} ({list(self.geometry.box_min_nm)} to "
+                f"{list(self.geometry.box_max_nm)} nm)"
+            )
+        self.points_per_mass = (self.info.get("points_per_mass") or {}).get("mean")
+        if export_num_points is None and self.points_per_mass is None and method in ("probabilistic", "weighted"):
+            raise UserError(f"export_num_points: {self.dataset_dir} records no points per mass; set export_num_points")
+        self.autoencoder, self.device = autoencoder, device
+        self.voxel_size = tuple(autoencoder_checkpoint["voxel_size"])
+        self.num_points, self.emd_points, self.seed = num_points, emd_points or None, seed
+        self.threshold, self.method, self.export_num_points = threshold, method, export_num_points
+        self.max_reference_clouds, self.batch_size = max_reference_clouds, batch_size
+        self.num_pictures, self.pixel_nm, self.nn_bins, self.z_bins = num_pictures, pixel_nm, nn_bins, z_bins
+        self.workers = num_workers
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def _rng(self, *stream):
+        return np.random.default_rng([self.seed, *stream])
+
+    def _inside(self, clouds):
+        return [c[self.geometry.inside(c)] for c in clouds]
+
+    def _grids(self, datalist):
+        transform = volume_transforms(self.voxel_size)
+        return [transform(dict(d))["image"][0].numpy() for d in datalist]
+
+    def _heldout(self):
+        clouds, _ = read_point_clouds(self.dataset_dir / "val_points.h5")
+        volumes = list_volumes(self.dataset_dir / "val", "validation folder")
+        if len(clouds) != len(volumes):
+            raise UserError(
+                f"{self.dataset_dir}: val_points.h5 holds {len(clouds)} clouds but val/ {len(volumes)} volumes; "
+                f"convert again"
+            )
+        keep = np.arange(len(clouds))
+        if self.max_reference_clouds and len(clouds) > self.max_reference_clouds:
+            keep = np.sort(self._rng(0).choice(len(clouds), self.max_reference_clouds, replace=False))
+        return self._inside([clouds[i] for i in keep]), self._grids([volumes[i] for i in keep])
+
+    def _training(self, n):
+        clouds, _ = read_point_clouds(self.dataset_dir / "train_points.h5")
+        volumes = list_volumes(self.dataset_dir / "train", "training folder")
+        grids = self._grids(volumes)
+        keep = np.sort(self._rng(1).choice(len(clouds), min(n, len(clouds)), replace=False))
+        subset = self._inside([clouds[i] for i in keep])
+        subset_grids = [grids[i] for i in keep] if len(grids) == len(clouds) else None
+        return subset, subset_grids, np.mean(grids, axis=0)
+
+    def _export(self, grid, threshold, stream):
+        return grid_to_points(
+            grid,
+            self.geometry,
+            self.method,
+            threshold,
+            self.export_num_points,
+            self.points_per_mass,
+            rng=self._rng(*stream),
+        )
+
+    def _reconstruct(self, grids):
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(grids), self.batch_size):
+                batch = torch.from_numpy(np.stack(grids[start : start + self.batch_size]))[:, None].to(self.device)
+                out += list(self.autoencoder.reconstruct(batch).float().clamp(0, 1)[:, 0].cpu().numpy())
+        return out
+
+    def _samples(self):
+        clouds = []
+        for path in self.sample_files:
+            if path.suffix == ".csv" and not _has_rows(path):
+                clouds.append(np.zeros((0, 3)))  # an empty sample is counted, not refused
+            else:
+                clouds += read_point_clouds(path)[0]
+        grids = []
+        for path in self.sample_grid_files:
+            grid, geometry = load_nifti(path)
+            if not _same_box(geometry, self.geometry):
+                raise UserError(
+                    f"{path}: covers {list(geometry.box_min_nm)} to {list(geometry.box_max_nm)} nm, not the "
+                    f"training box of {self.dataset_dir}; evaluate against the data the model was trained on"
+                )
+            if grid.shape != self.voxel_size:
+                raise UserError(
+                    f"{path}: has shape {grid.shape}, the autoencoder's grids {self.voxel_size}; evaluate with the "
+                    f"autoencoder that made the samples"
+                )
+            grids.append(grid)
+        return clouds, grids or None
+
+    # ------------------------------------------------------------------------------------------------ metrics
+
+    def _prepare(self, clouds, stream):
+        """Box-normalised subsamples (Chamfer) and their first ``emd_points`` rows (EMD) of the non-empty clouds."""
+        rng = self._rng(*stream)
+        full = [box_normalize(subsample(c, self.num_points, rng), self.geometry) for c in clouds if len(c)]
+        return full, [c[: self.emd_points] for c in full] if self.emd_points else None
+
+    def _point_metrics(self, clouds, reference, stream):
+        """MMD, COV and 1-NNA under CD (and EMD) of the non-empty ``clouds`` against the held-out clouds."""
+        full, small = self._prepare(clouds, stream)
+        row = {"n_generated": len(full), "n_reference": len(reference["cd_clouds"]), "n_empty": len(clouds) - len(full)}
+        if full:
+            cross = chamfer_matrix(full, reference["cd_clouds"], workers=self.workers)
+            row["cd"] = set_metrics(chamfer_matrix(full, workers=self.workers), reference["cd"], cross)
+            if small is not None:
+                *blocks, n_exact = emd_set_blocks(small, reference["emd_clouds"], self.workers, reference["emd_cache"])
+                row[f"emd{self.emd_points}"] = set_metrics(*blocks)
+                n = len(small) + len(reference["emd_clouds"])
+                logger.info(f"EMD: {n_exact} new exact assignments for the {n * (n - 1) // 2} pairs of the union")
+        return row
+
+    def _grid_stats(self, grids, real_grids):
+        fraction = [float(np.mean(g > self.threshold)) for g in grids]
+        real_fraction = [float(np.mean(g > self.threshold)) for g in real_grids]
+        intensity = np.concatenate([g[g > self.threshold] for g in grids])
+        real_intensity = np.concatenate([g[g > self.threshold] for g in real_grids])
+        return {
+            "foreground_fraction": compare_distributions(fraction, real_fraction),
+            "foreground_intensity": compare_distributions(intensity, real_intensity),
+        }
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def run(self):
+        logger.info(f"reading the held-out set of {self.dataset_dir}")
+        real_clouds, real_grids = self._heldout()
+        train_clouds, train_grids, mean_grid = self._training(len(real_clouds))
+        logger.info(f"reconstructing {len(real_grids)} held-out grids")
+        recon_grids = self._reconstruct(real_grids)
+        sample_clouds, sample_grids = self._samples()
+        sets = {
+            "train_vs_heldout": (train_clouds, train_grids),
+            "reconstruction": (
+                [self._export(g, self.threshold, (2, i)) for i, g in enumerate(recon_grids)],
+                recon_grids,
+            ),
+            # the mean grid is faint and diffuse: every voxel takes part, whatever the threshold
+            "mean_grid_baseline": (
+                [self._export(mean_grid, 0.0, (3, i)) for i in range(len(real_clouds))],
+                [mean_grid],
+            ),
+            "samples": (sample_clouds, sample_grids),
+        }
+
+        full, small = self._prepare(real_clouds, (4,))
+        reference = {"cd_clouds": full, "cd": chamfer_matrix(full, workers=self.workers)}
+        if small is not None:
+            reference.update(emd_clouds=small, emd_cache={})
+        real_nn = np.concatenate([nn_distances_nm(c) for c in real_clouds])
+        real_z = np.concatenate([c[:, 2] for c in real_clouds])
+        rows, curves = {}, {"nn": {"held-out": real_nn}, "z": {"held-out": real_z}}
+        for k, (name, (clouds, grids)) in enumerate(sets.items()):
+            logger.info(f"{name}: {len(clouds)} clouds against {len(real_clouds)} held-out clouds")
+            row = self._point_metrics(clouds, reference, (5, k))
+            nonempty = [c for c in clouds if len(c)]
+            nn = np.concatenate([nn_distances_nm(c) for c in nonempty] or [np.zeros(0)])
+            z = np.concatenate([c[:, 2] for c in nonempty] or [np.zeros(0)])
+            row["nn_distance_nm"] = compare_distributions(nn, real_nn)
+            row["z_nm"] = compare_distributions(z, real_z)
+            if grids is not None:
+                row.update(self._grid_stats(grids, real_grids))
+            rows[name] = row
+            curves["nn"][name], curves["z"][name] = nn, z
+        per_volume = [{**dice_iou(r, g, self.threshold), "psnr": psnr(r, g)} for r, g in zip(recon_grids, real_grids)]
+        rows["reconstruction"]["grid"] = {
+            k: {"mean": float(np.mean([v[k] for v in per_volume])), "std": float(np.std([v[k] for v in per_volume]))}
+            for k in ("dice", "iou", "psnr")
+        }
+        results = {"settings": self._settings(len(real_clouds)), "rows": rows}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.output_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=4) + "\n")
+        with atomic_path(self.output_dir / "metrics.md") as tmp:
+            tmp.write_text(markdown_report(results))
+        self._figures(real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows)
+        logger.info(f"wrote metrics.json, metrics.md and figures to {self.output_dir}")
+        return results
+
+    def _settings(self, n_reference):
+        return {
+            "dataset_dir": str(self.dataset_dir),
+            "samples_dir": str(self.samples_dir),
+            "n_heldout": n_reference,
+            "num_points": self.num_points,
+            "emd_points": self.emd_points,
+            "seed": self.seed,
+            "threshold": self.threshold,
+            "export_method": self.method,
+            "voxel_size": list(self.voxel_size),
+            "normalization": "points minus the training box centre, divided by its largest extent",
+            "largest_extent_nm": float(self.geometry.size_nm.max()),
+            "chamfer": "sum of the two mean squared nearest-neighbour distances (normalised units squared)",
+            "emd": "mean Euclidean distance under the exact optimal assignment (normalised units)",
+            "1nna": "mean of the leave-one-out 1-NN accuracies on the generated and on the held-out clouds",
+            "rows": ROWS,
+        }
+
+    # ------------------------------------------------------------------------------------------------ figures
+
+    def _figures(self, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = self.num_pictures
+        columns = [("held-out", real_grids), ("reconstruction", recon_grids), ("generated", sample_grids or [])]
+        canvases = [(label, projection_grid([[g] for g in grids[:n]])) for label, grids in columns if grids]
+        height = 4 * max(c.shape[0] / c.shape[1] for _, c in canvases) + 0.5
+        fig, axes = plt.subplots(1, len(canvases), figsize=(4 * len(canvases), height), squeeze=False)
+        for ax, (label, canvas) in zip(axes[0], canvases):
+            ax.imshow(canvas, cmap="magma", vmin=0, vmax=1)
+            ax.set_title(f"{label}: projections along z | y | x", fontsize=9)
+            ax.axis("off")
+        self._save(fig, "projections.png")
+
+        box = [(self.geometry.box_min_nm[a], self.geometry.box_max_nm[a]) for a in range(3)]
+        pairs = [("held-out", real_clouds), ("generated", [c for c in sample_clouds if len(c)])]
+        fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
+        for r, (label, clouds) in enumerate(pairs):
+            for i, ax in enumerate(axes[r]):
+                ax.axis("off")
+                if i < len(clouds):
+                    image, meta = render_points(clouds[i], self.pixel_nm, xy_range=box[:2], z_range=box[2])
+                    ax.imshow(image)
+                    ax.set_title(f"{label} {i}: {len(clouds[i])} pts, bar {meta['bar_nm']} nm", fontsize=8)
+        self._save(fig, "renderings.png")
+
+        top = 1.5 * max(float(np.percentile(v, 95)) for v in curves["nn"].values() if len(v))
+        specs = (
+            ("nn", np.linspace(0, top, self.nn_bins + 1), "nearest-neighbour distance (nm)", "nn_distance.png"),
+            ("z", np.linspace(*box[2], self.z_bins + 1), "z (nm)", "z_profile.png"),
+        )
+        for key, edges, xlabel, filename in specs:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for label, values in curves[key].items():
+                if not len(values):
+                    continue
+                density, _ = np.histogram(values, edges, density=True)
+                if label == "held-out":
+                    ax.stairs(density, edges, label=label, linewidth=2.5, color="k")
+                else:
+                    w1 = rows[label]["nn_distance_nm" if key == "nn" else "z_nm"]["wasserstein"]
+                    ax.stairs(density, edges, label=f"{label} (W1 {w1:.1f} nm)", linewidth=1.2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("density")
+            ax.set_title(f"{xlabel.split(' (')[0]}: generated sets against the held-out clouds", fontsize=9)
+            ax.legend(fontsize=8)
+            self._save(fig, filename)
+
+    def _save(self, fig, name):
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        with atomic_path(self.output_dir / name) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+
+
+def _same_box(a, b):
+    tolerance = 1e-3 * min(a.spacing_nm.min(), b.spacing_nm.min())
+    return np.allclose(a.box_min_nm, b.box_min_nm, atol=tolerance) and np.allclose(
+        a.box_max_nm, b.box_max_nm, atol=tolerance
+    )
+
+
+def _has_rows(csv_path):
+    with open(csv_path, errors="replace") as f:
+        f.readline()
+        return any(line.strip() for line in f)
+
+
+def _num(value, scale=1.0, digits=2):
+    return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _mean_std(stats, prefix="", scale=1.0, digits=1):
+    return f"{_num(stats[prefix + 'mean'], scale, digits)} ± {_num(stats[prefix + 'std'], scale, digits)}"
+
+
+def markdown_report(results):
+    """The Markdown tables of ``metrics.md`` from the ``metrics.json`` dict."""
+    settings, rows = results["settings"], results["rows"]
+    emd = f"emd{settings['emd_points']}" if settings["emd_points"] else None
+    lines = [
+        "# Evaluation: generated point clouds against the held-out set",
+        "",
+        f"Held-out set: {settings['n_heldout']} clouds of `{settings['dataset_dir']}`; samples: "
+        f"`{settings['samples_dir']}`. Rows: " + "; ".join(f"`{k}`: {v}" for k, v in settings["rows"].items()) + ".",
+        "",
+        "## Point-cloud metrics",
+        "",
+        f"Clouds subsampled to {settings['num_points']} points (seed {settings['seed']}), centred on the training box "
+        f"and divided by its largest extent ({settings['largest_extent_nm']:.0f} nm). CD: the sum of the two mean "
+        "squared nearest-neighbour distances"
+        + (
+            f"; EMD{settings['emd_points']}: mean matched distance of the exact assignment on the first "
+            f"{settings['emd_points']} points of each subsample"
+            if emd
+            else ""
+        )
+        + ". 1-NNA: mean of the leave-one-out 1-NN accuracies on the generated and on the held-out clouds, each in "
+        "brackets (50 % ideal, 100 % every cloud told apart, below 50 % copies of held-out clouds: expected for "
+        "`reconstruction`, whose every cloud has its original in the held-out set; a high generated and a low held-out "
+        "accuracy: generated clouds that sit between all real ones, such as blurred ones). COV is at most n gen / n "
+        "ref and MMD falls as n gen grows: compare rows of equal size (sample as many clouds as are held out).",
+        "",
+    ]
+    header = "| set | n gen / n ref (empty) | MMD-CD (×10³) | COV-CD (%) | 1-NNA-CD (%) (gen / ref) |"
+    rule = "|---|---:|---:|---:|---:|"
+    if emd:
+        header += f" MMD-EMD{settings['emd_points']} (×10²) | COV-EMD (%) | 1-NNA-EMD (%) (gen / ref) |"
+        rule += "---:|---:|---:|"
+    lines += [header, rule]
+    for name, row in rows.items():
+        line = f"| {name} | {row['n_generated']} / {row['n_reference']} ({row['n_empty']}) |"
+        for key, scale in (("cd", 1e3),) + (((emd, 1e2),) if emd else ()):
+            m = row.get(key, {})
+            line += f" {_num(m.get('mmd'), scale, 3)} | {_num(m.get('cov'), 100, 1)} | {_num(m.get('1nna'), 100, 1)}"
+            line += f" ({_num(m.get('1nna_generated'), 100, 0)} / {_num(m.get('1nna_reference'), 100, 0)}) |"
+        lines.append(line)
+
+    first = next(iter(rows.values()))
+    lines += [
+        "",
+        "## SMLM statistics",
+        "",
+        "Pooled over each set's full clouds (nm); W1: 1D Wasserstein distance to the held-out distribution (nm).",
+        "",
+        "| set | NN distance mean ± std (nm) | NN distance W1 (nm) | z mean ± std (nm) | z W1 (nm) |",
+        "|---|---:|---:|---:|---:|",
+        f"| held-out | {_mean_std(first['nn_distance_nm'], 'reference_')} | – | "
+        f"{_mean_std(first['z_nm'], 'reference_')} | – |",
+    ]
+    for name, row in rows.items():
+        nn, z = row["nn_distance_nm"], row["z_nm"]
+        lines.append(
+            f"| {name} | {_mean_std(nn)} | {_num(nn['wasserstein'])} | {_mean_std(z)} | {_num(z['wasserstein'])} |"
+        )
+
+    with_grids = {k: v for k, v in rows.items() if "foreground_fraction" in v}
+    if with_grids:
+        ref = next(iter(with_grids.values()))
+        lines += [
+            "",
+            "## Grid statistics",
+            "",
+            f"Grids at the autoencoder's size {settings['voxel_size']}; foreground: values > {settings['threshold']}; "
+            "intensity: values of foreground voxels; W1 against the held-out grids.",
+            "",
+            "| set | foreground fraction (%) | W1 (%) | foreground intensity | W1 |",
+            "|---|---:|---:|---:|---:|",
+            f"| held-out | {_mean_std(ref['foreground_fraction'], 'reference_', 100, 2)} | – | "
+            f"{_mean_std(ref['foreground_intensity'], 'reference_', 1, 3)} | – |",
+        ]
+        for name, row in with_grids.items():
+            fraction, intensity = row["foreground_fraction"], row["foreground_intensity"]
+            lines.append(
+                f"| {name} | {_mean_std(fraction, '', 100, 2)} | {_num(fraction['wasserstein'], 100, 2)} | "
+                f"{_mean_std(intensity, '', 1, 3)} | {_num(intensity['wasserstein'], 1, 3)} |"
+            )
+    grid = rows["reconstruction"]["grid"]
+    lines += [
+        "",
+        "## Autoencoder reconstructions of the held-out grids",
+        "",
+        f"Per volume, mean ± std; foreground: values > {settings['threshold']}; PSNR with a data range of 1.",
+        "",
+        "| Dice | IoU | PSNR (dB) |",
+        "|---:|---:|---:|",
+        f"| {_mean_std(grid['dice'], '', 1, 3)} | {_mean_std(grid['iou'], '', 1, 3)} | "
+        f"{_mean_std(grid['psnr'], '', 1, 2)} |",
+        "",
+        "Figures: `projections.png` (held-out | reconstruction | generated grids), `renderings.png` (held-out and "
+        "generated clouds), `nn_distance.png`, `z_profile.png`.",
+        "",
+    ]
+    return "\n".join(lines)

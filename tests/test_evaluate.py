@@ -1,0 +1,105 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, run_workflow, user_error
+from scripts.pointcloud_io import write_points_csv
+
+ROWS = ["train_vs_heldout", "reconstruction", "mean_grid_baseline", "samples"]
+SMALL = {"num_points": 256, "emd_points": 32, "num_pictures": 2}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def samples_dir(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples")
+    run_workflow("inference.json", model_dir=str(model_dir), output_dir=str(out), num_samples=3, num_inference_steps=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(dataset_dir, model_dir, samples_dir, tmp_path_factory):
+    """The evaluation of the three samples plus an empty one (all grid values below the export threshold)."""
+    out, samples = tmp_path_factory.mktemp("evaluation"), tmp_path_factory.mktemp("with_empty") / "samples"
+    shutil.copytree(samples_dir, samples)
+    write_points_csv(samples / "pointcloud" / "sample_0003.csv", np.zeros((0, 3)))
+    run_workflow(
+        "evaluate.json",
+        dataset_dir=str(dataset_dir),
+        samples_dir=str(samples),
+        model_dir=str(model_dir),
+        output_dir=str(out),
+        **SMALL,
+    )
+    return out
+
+
+def test_evaluate_writes_metrics_json(evaluated):
+    results = json.loads((evaluated / "metrics.json").read_text())
+    assert results["settings"]["num_points"] == 256 and results["settings"]["n_heldout"] == 2
+    assert list(results["rows"]) == ROWS
+    for name in ROWS:
+        row = results["rows"][name]
+        assert row["n_reference"] == 2
+        assert (row["n_generated"], row["n_empty"]) == ((3, 1) if name == "samples" else (2, 0))
+        for metric in ("cd", "emd32"):
+            assert set(row[metric]) == {"mmd", "cov", "1nna", "1nna_generated", "1nna_reference"}
+            assert row[metric]["mmd"] >= 0 and 0 <= row[metric]["cov"] <= 1 and 0 <= row[metric]["1nna"] <= 1
+        assert row["nn_distance_nm"]["wasserstein"] >= 0 and row["z_nm"]["wasserstein"] >= 0
+        assert 0 <= row["foreground_fraction"]["mean"] <= 1 and "wasserstein" in row["foreground_intensity"]
+    grid = results["rows"]["reconstruction"]["grid"]
+    assert 0 <= grid["dice"]["mean"] <= 1 and 0 <= grid["iou"]["mean"] <= grid["dice"]["mean"]
+    assert grid["psnr"]["mean"] > 0
+    # training clouds are real clouds: their NN distances are far closer to the held-out ones than the baseline's
+    w1 = {name: row["nn_distance_nm"]["wasserstein"] for name, row in results["rows"].items()}
+    assert w1["train_vs_heldout"] < 0.5 * w1["mean_grid_baseline"]
+
+
+def test_evaluate_writes_markdown_and_figures(evaluated):
+    text = (evaluated / "metrics.md").read_text()
+    for needle in ROWS + ["| set | n gen / n ref (empty) | MMD-CD (×10³)", "1-NNA-EMD", "| Dice | IoU | PSNR (dB) |"]:
+        assert needle in text
+    for name in ("projections.png", "renderings.png", "nn_distance.png", "z_profile.png"):
+        assert (evaluated / name).read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_val_points", "voxels/val_points.h5: no such file; convert point clouds"),
+        ("no_samples_dir", "nothing: no such samples folder; sample first"),
+        ("no_sample_clouds", "samples/pointcloud: no sample point clouds (*.csv)"),
+        ("emd_points", "emd_points: must be an integer in [0, num_points=256] or null, got 512"),
+    ],
+)
+def test_evaluate_errors(dataset_dir, model_dir, samples_dir, tmp_path, case, message):
+    data, samples, extra = dataset_dir, samples_dir, {}
+    if case == "no_val_points":
+        data = tmp_path / "voxels"
+        shutil.copytree(dataset_dir, data)
+        (data / "val_points.h5").unlink()
+    if case == "no_samples_dir":
+        samples = tmp_path / "nothing"
+    if case == "no_sample_clouds":
+        samples = tmp_path / "samples"
+        (samples / "pointcloud").mkdir(parents=True)
+    if case == "emd_points":
+        extra["emd_points"] = 512
+    overrides = {**SMALL, **extra, "dataset_dir": str(data), "samples_dir": str(samples)}
+    with pytest.raises(Exception) as info:
+        run_workflow("evaluate.json", model_dir=str(model_dir), output_dir=str(tmp_path / "out"), **overrides)
+    assert message in str(user_error(info.value)), info.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_cli_error_is_one_line(dataset_dir, model_dir, tmp_path):
+    result = run_cli(
+        "evaluate.json", dataset_dir=dataset_dir, samples_dir=tmp_path / "nothing", model_dir=model_dir, **SMALL
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nothing'}: no such samples folder; sample first: python -m monai.bundle run "
+        "--config_file configs/inference.json"
+    )

@@ -1,0 +1,163 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from scripts.geometry import GridGeometry
+from scripts.metrics import (
+    box_normalize,
+    chamfer_distance,
+    chamfer_matrix,
+    compare_distributions,
+    dice_iou,
+    emd,
+    emd_lower_bounds,
+    emd_matrix,
+    emd_set_blocks,
+    mmd_cov,
+    nn_distances_nm,
+    one_nna,
+    psnr,
+    set_metrics,
+    subsample,
+)
+
+
+def blobs(n_clouds, rng, n_points=64, shift=0.0):
+    """Clouds drawn from one distribution: Gaussian blobs of random centre and width (plus ``shift`` in x)."""
+    clouds = []
+    for _ in range(n_clouds):
+        centre, width = rng.uniform(-1, 1, 3), rng.uniform(0.05, 0.3)
+        clouds.append(centre + width * rng.standard_normal((n_points, 3)) + [shift, 0, 0])
+    return clouds
+
+
+def metrics_of(generated, reference):
+    return set_metrics(chamfer_matrix(generated), chamfer_matrix(reference), chamfer_matrix(generated, reference))
+
+
+def brute_chamfer(a, b):
+    d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    return d.min(axis=1).mean() + d.min(axis=0).mean()
+
+
+def test_chamfer_matches_brute_force_and_is_squared():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.random((30, 3)), rng.random((17, 3)), rng.random((5, 3))
+    assert chamfer_distance(a, b) == pytest.approx(brute_chamfer(a, b), rel=1e-12)
+    # one point each, 2 apart: squared distances, so 4 + 4
+    assert chamfer_distance([[0.0, 0, 0]], [[2.0, 0, 0]]) == pytest.approx(8.0)
+    clouds = [a, b, c]
+    expected = np.array([[brute_chamfer(x, y) for y in clouds] for x in clouds])
+    np.testing.assert_allclose(chamfer_matrix(clouds), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(chamfer_matrix(clouds, clouds[:2]), expected[:, :2], rtol=1e-12, atol=1e-15)
+    assert np.all(np.diag(chamfer_matrix(clouds)) == 0)
+
+
+def test_emd_matches_a_permutation_search():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.random((6, 3)), rng.random((6, 3))
+        d = np.linalg.norm(a[:, None] - b[None], axis=-1)
+        best = min(d[np.arange(6), list(p)].mean() for p in itertools.permutations(range(6)))
+        assert emd(a, b) == pytest.approx(best, rel=1e-12)
+    clouds = [rng.random((6, 3)) for _ in range(3)]
+    full = emd_matrix(clouds)
+    np.testing.assert_allclose(full, full.T)
+    np.testing.assert_allclose(emd_matrix(clouds, clouds[1:]), full[:, 1:], atol=1e-12)
+    with pytest.raises(ValueError, match="same number of points"):
+        emd(clouds[0], clouds[1][:5])
+
+
+def test_pruned_emd_blocks_give_the_metrics_of_the_full_matrix():
+    rng = np.random.default_rng(8)
+    for generated, reference in [
+        (blobs(12, rng, 24), blobs(15, rng, 24)),
+        (blobs(6, rng, 24, shift=0.3), blobs(15, rng, 24)),
+        (blobs(15, rng, 24), blobs(4, rng, 24)),
+    ]:
+        full = emd_matrix(generated + reference)
+        n = len(generated)
+        expected = set_metrics(full[:n, :n], full[n:, n:], full[:n, n:])
+        lower = emd_lower_bounds(generated + reference)
+        assert np.all(lower <= full + 1e-12)
+        cache = {}
+        *blocks, n_exact = emd_set_blocks(generated, reference, reference_cache=cache)
+        assert set_metrics(*blocks) == expected  # bit for bit
+        assert 0 < n_exact < len(full) * (len(full) - 1) // 2
+        *again, n_again = emd_set_blocks(generated, reference, reference_cache=cache)  # reference pairs are cached
+        assert set_metrics(*again) == expected and n_again == n_exact - len(cache)
+
+
+def test_two_draws_of_one_distribution_give_1nna_near_half():
+    rng = np.random.default_rng(2)
+    result = metrics_of(blobs(60, rng), blobs(60, rng))
+    assert 0.38 <= result["1nna"] <= 0.62, result
+    assert result["cov"] > 0.4
+
+
+def test_unequal_sizes_of_one_distribution_give_1nna_near_half():
+    rng = np.random.default_rng(3)
+    result = metrics_of(blobs(20, rng), blobs(80, rng))
+    assert 0.35 <= result["1nna"] <= 0.65, result
+
+
+def test_copies_of_the_reference_give_1nna_zero_cov_one_mmd_zero():
+    reference = blobs(30, np.random.default_rng(4))
+    copies = [c.copy() for c in reference]
+    result = metrics_of(copies, reference)
+    assert result["1nna"] == 0.0 and result["1nna_generated"] == 0.0 and result["1nna_reference"] == 0.0
+    assert result["cov"] == 1.0
+    assert result["mmd"] == 0.0
+
+
+def test_a_shifted_copy_gives_1nna_one():
+    reference = blobs(30, np.random.default_rng(5))
+    shifted = [c + [5.0, 0, 0] for c in reference]
+    assert metrics_of(shifted, reference)["1nna"] == 1.0
+
+
+def test_mmd_of_a_set_with_itself_is_zero():
+    clouds = blobs(10, np.random.default_rng(6))
+    assert mmd_cov(chamfer_matrix(clouds, clouds))["mmd"] == 0.0
+
+
+def test_mmd_cov_and_1nna_on_a_hand_made_matrix():
+    # generated 0 and 1 are both nearest to reference 1; reference 0 and 2 are covered by nobody
+    d_gen_ref = np.array([[3.0, 1.0, 5.0], [4.0, 2.0, 6.0]])
+    assert mmd_cov(d_gen_ref) == {"mmd": pytest.approx((3 + 1 + 5) / 3), "cov": pytest.approx(1 / 3)}
+    d_gen_gen = np.array([[0.0, 0.5], [0.5, 0.0]])  # the generated pair is closer to each other: both right
+    d_ref_ref = np.array([[0.0, 9.0, 9.0], [9.0, 0.0, 9.0], [9.0, 9.0, 0.0]])  # each reference nearest a generated
+    result = one_nna(d_gen_gen, d_ref_ref, d_gen_ref)
+    assert result == {"1nna": 0.5, "1nna_generated": 1.0, "1nna_reference": 0.0}
+
+
+def test_subsample_and_box_normalize():
+    points = np.arange(30.0).reshape(10, 3)
+    a, b = subsample(points, 4, rng=0), subsample(points, 4, rng=0)
+    assert a.shape == (4, 3) and np.array_equal(a, b) and len(np.unique(a[:, 0])) == 4
+    assert subsample(points, 25, rng=1).shape == (25, 3)  # a smaller cloud is drawn with replacement
+    box = GridGeometry((-100.0, 1000.0, -300.0), (3900.0, 3000.0, 300.0), (8, 8, 4))
+    corners = box_normalize([box.box_min_nm, box.box_max_nm], box)
+    np.testing.assert_allclose(corners, [[-0.5, -0.25, -0.075], [0.5, 0.25, 0.075]])
+
+
+def test_grid_metrics():
+    target = np.zeros((4, 4, 4), np.float32)
+    target[:2] = 1.0
+    prediction = np.zeros_like(target)
+    prediction[1:3] = 0.8
+    assert dice_iou(prediction, target, 0.5) == {"dice": pytest.approx(0.5), "iou": pytest.approx(1 / 3)}
+    assert dice_iou(np.zeros(3), np.zeros(3), 0.1) == {"dice": 1.0, "iou": 1.0}
+    assert psnr(target * 0.9, target) == pytest.approx(10 * np.log10(1 / (0.01 * 0.5)))
+    assert psnr(target, target) == float("inf")
+
+
+def test_nn_distances_and_distribution_distance():
+    lattice = 10.0 * np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    np.testing.assert_allclose(nn_distances_nm(lattice), 10.0)
+    values = np.random.default_rng(7).normal(size=1000)
+    result = compare_distributions(values + 3.0, values)
+    assert result["wasserstein"] == pytest.approx(3.0)
+    assert result["mean"] - result["reference_mean"] == pytest.approx(3.0)
+    assert compare_distributions([], values)["wasserstein"] is None
