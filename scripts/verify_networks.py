@@ -61,7 +61,7 @@ def verify_networks(model_dir="outputs", meta_file="configs/metadata.json", batc
                 f"metadata: latent {tuple(latent.shape[1:])} differs from the checkpoint's "
                 f"{tuple(ckpt['latent_shape'])}"
             )
-        lines.append(_check("diffusion input", net_fmt["inputs"]["latent"], latent))
+        lines.append(_check("diffusion input", net_fmt["inputs"]["image"], latent))
         lines.append(_check("diffusion output", net_fmt["outputs"]["pred"], unet(latent, timesteps=timesteps)))
         decoded = autoencoder.decode(latent)
         if decoded.shape != image.shape:

@@ -165,7 +165,7 @@ def test_network_shapes_match_the_metadata(model_dir, tmp_path):
     lines = verify_networks(model_dir, ROOT / "configs" / "metadata.json")
     assert len(lines) == 5 and all(line.endswith("ok") for line in lines)
     meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
-    meta["network_data_format"]["inputs"]["latent"]["num_channels"] = 4
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = 4
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="diffusion input has 3 channels, the metadata says 4"):
         verify_networks(model_dir, tmp_path / "meta.json")

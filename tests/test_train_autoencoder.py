@@ -154,12 +154,29 @@ def test_loss_weights_reach_the_trainer_and_loss(dataset_dir, tmp_path):
     assert loss(pred, target).item() == pytest.approx(0.5 / 64 + 7 / 64 + 0.25 * (1 - 1 / 2), rel=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_best_model_unwritten(dataset_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(dataset_dir, tmp_path):
     with pytest.raises(Exception) as info:
-        run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path, fg_weight=math.nan))
+        run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path / "a", fg_weight=math.nan))
     error = user_error(info.value)
     assert error is not None and "is nan at epoch 1, iteration 1" in str(error)
-    assert not (tmp_path / "outputs" / "autoencoder" / "best_model.pt").exists()
+    assert not (tmp_path / "a" / "outputs" / "autoencoder" / "best_model.pt").exists()
+    # a good first epoch, then a NaN in the second: both checkpoints stay those of epoch 1, byte for byte
+    run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path / "b"))
+    ckpt_dir = tmp_path / "b" / "outputs" / "autoencoder"
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train_autoencoder.json",
+            **overrides(
+                dataset_dir,
+                tmp_path / "b",
+                fg_weight=math.nan,
+                n_epochs=2,
+                resume_from=str(ckpt_dir / "latest_checkpoint.pt"),
+            ),
+        )
+    assert "is nan at epoch 2, iteration 3" in str(user_error(info.value))
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == before
 
 
 @pytest.mark.parametrize(
