@@ -157,6 +157,8 @@ class Sampler:
             self.points_per_mass,
             rng=np.random.default_rng([self.seed, i]),
         )
+        if len(points) == 0:
+            logger.warning(f"sample {i}: no voxel above threshold {self.threshold}; its point cloud is empty")
         if "csv" in self.formats:
             (self.output_dir / "pointcloud").mkdir(parents=True, exist_ok=True)
             write_points_csv(self.output_dir / "pointcloud" / f"sample_{i:04d}.csv", points)
