@@ -347,7 +347,7 @@ class Evaluation:
         fig, axes = plt.subplots(1, len(canvases), figsize=(4 * len(canvases), height), squeeze=False)
         for ax, (label, canvas) in zip(axes[0], canvases):
             ax.imshow(canvas, cmap="magma", vmin=0, vmax=1)
-            ax.set_title(f"{label}: projections along z | y | x", fontsize=9)
+            ax.set_title(f"{label}: maximum projections: xy, xz below, zy right", fontsize=9)
             ax.axis("off")
         self._save(fig, "projections.png")
 

@@ -175,7 +175,7 @@ class Sampler:
         fig, axes = plt.subplots(rows, 2, figsize=(9, 3 * rows), squeeze=False)
         for r in range(rows):
             axes[r, 0].imshow(projections(grids[r]), cmap="magma", vmin=0, vmax=1)
-            axes[r, 0].set_title(f"sample {r}: projections along z | y | x", fontsize=8)
+            axes[r, 0].set_title(f"sample {r}: maximum projections: xy, xz below, zy right", fontsize=8)
             image, meta = render_points(clouds[r], self.pixel_nm, xy_range=box[:2], z_range=box[2])
             axes[r, 1].imshow(image)
             axes[r, 1].set_title(

@@ -6,15 +6,18 @@ GAP = 2  # pixels between tiles
 
 
 def projections(volume):
-    """One tile with the three maximum-intensity projections of an (X, Y, Z) volume side by side:
-    along z (an X × Y image), along y (X × Z) and along x (Y × Z), each scaled to [0, 1]."""
+    """The three maximum-intensity projections of an (X, Y, Z) volume as one orthogonal-view tile in [0, 1], laid
+    out as microscopists read them: along z top-left (x across, y up), along y below it (x across, z up), along x
+    to its right (z across, y up), so shared axes line up; :func:`scripts.render.render_points` uses the same x/y."""
     v = np.asarray(volume, dtype=np.float32)
     v = v.reshape(v.shape[-3:])
-    scale = float(v.max()) if v.max() > 0 else 1.0
-    mips = [v.max(axis=2), v.max(axis=1), v.max(axis=0)]
-    height = max(m.shape[0] for m in mips)
-    tiles = [np.pad(m / scale, ((0, height - m.shape[0]), (0, GAP))) for m in mips]
-    return np.concatenate(tiles, axis=1)[:, :-GAP]
+    v = v / (float(v.max()) if v.max() > 0 else 1.0)
+    nx, ny, nz = v.shape
+    tile = np.zeros((ny + GAP + nz, nx + GAP + nz), np.float32)
+    tile[:ny, :nx] = v.max(axis=2).T[::-1]
+    tile[ny + GAP :, :nx] = v.max(axis=1).T[::-1]
+    tile[:ny, nx + GAP :] = v.max(axis=0)[::-1]
+    return tile
 
 
 def projection_grid(rows):
