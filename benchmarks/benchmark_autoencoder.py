@@ -14,78 +14,48 @@ fp32; (3) where CUDA is available, the same on the GPU with fp16 autocast + Grad
 not a measurement (such a small step is dominated by per-call overheads and by whoever else uses the cores).
 """
 
-import os
+import gc
+import itertools
+import shutil
+import sys
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar would only clutter the table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import io  # noqa: E402
-import itertools  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import BATCH, ROOT, SEED, TINY_AUTOENCODER, TRAINING, TRAINING_QUICK  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+# isort: split
 import ignite  # noqa: E402
 import monai  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from ignite.engine import Events  # noqa: E402
-from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
 from monai.losses import PatchAdversarialLoss  # noqa: E402
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
-from scripts.convert_h5_to_nifti import convert  # noqa: E402
-from scripts.engines import autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.engines import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
 from scripts.losses import ReconstructionLoss, kl_loss  # noqa: E402
-from scripts.pointcloud_io import write_point_clouds_h5  # noqa: E402
-from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 
 CONFIG = ROOT / "configs" / "train_autoencoder.json"
-SEED = 0
-BATCH = 2
 RECON_KEYS = ("l1_weight", "mse_weight", "fg_l1_weight", "fg_weight", "fg_threshold", "dice_weight")
 
 # The seed's default network is the config's own; --quick swaps in the tests' tiny one (tests/conftest.py).
 FULL = {
-    "voxel": 32,
-    "n_clouds": 15,  # 12 train (6 batches of 2: the 12 iterations go twice through the loader), 3 val
-    "train_ratio": 0.8,
-    "points": 10_000,
-    "iterations": 12,
+    **TRAINING,
+    "repeat": 3,  # runs per pipeline in case 1
     "network": {},
     "network_name": "default network",
     "speed_sizes": (32, 64),
     "speed_iterations": {32: 3, 64: 2},  # timed iterations after one untimed warm-up
 }
 QUICK = {
-    "voxel": 16,
-    "n_clouds": 8,  # 6 train, 2 val
-    "train_ratio": 0.75,
-    "points": 3_000,
-    "iterations": 3,
+    **TRAINING_QUICK,
+    "repeat": 2,
     "network_name": "tiny network",
-    "network": {
-        "num_channels": [8, 16],
-        "norm_num_groups": 8,
-        "attention_levels": [False, False],
-        "with_nonlocal_attn": False,
-        "discriminator_channels": 8,
-        "discriminator_num_layers": 2,
-    },
+    "network": TINY_AUTOENCODER,
     "speed_sizes": (16,),
     "speed_iterations": {16: 3},
 }
@@ -98,71 +68,27 @@ QUICK = {
 
 def bundle_overrides(cfg, dataset_dir, out_dir):
     """What the benchmark changes in the config: the data, the outputs, one short epoch, no validation."""
-    return {
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(Path(out_dir) / "outputs" / "autoencoder"),
-        "log_dir": str(Path(out_dir) / "logs" / "autoencoder"),
-        "voxel_size": cfg["voxel"],
-        "batch_size": BATCH,
-        "seed": SEED,
-        "n_epochs": 1,
-        "fast_dev_run": True,
-        "fast_dev_run_batches": cfg["iterations"],
-        "autoencoder_warm_up_n_epochs": 0,  # the adversarial term and the discriminator step from iteration 1
-        "num_workers": 0,
-        "val_interval": 2,  # validation would run after epoch 2 only: never in a 1-epoch run
+    return common.fast_epoch(
+        "autoencoder",
+        dataset_dir,
+        out_dir,
+        cfg["iterations"],
+        voxel_size=cfg["voxel"],
+        autoencoder_warm_up_n_epochs=0,  # the adversarial term and the discriminator step from iteration 1
+        num_workers=0,
+        val_interval=2,  # validation would run after epoch 2 only: never in a 1-epoch run
         **cfg["network"],
-    }
+    )
 
 
 def config_values(overrides):
     """The settings the config builds for the networks, optimizers and losses, parsed with the same overrides."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG))
-    parser.update(overrides)
-    keys = (
-        "autoencoder_args",
-        "discriminator_args",
-        "learning_rate",
-        "discriminator_learning_rate",
-        *RECON_KEYS,
-        "kl_weight",
-        "adv_weight",
-        "perceptual_weight",
-        "perceptual_weights_path",
-        "batch_size",
-        "amp",
-        "seed",
-    )
-    values = {k: parser.get_parsed_content(k) for k in keys}
+    keys = ("autoencoder_args", "discriminator_args", "learning_rate", "discriminator_learning_rate", *RECON_KEYS)
+    keys += ("kl_weight", "adv_weight", "perceptual_weight", "perceptual_weights_path", "batch_size", "amp", "seed")
+    values = common.parse_config(CONFIG, overrides, *keys)
     if values["perceptual_weight"] and values["perceptual_weights_path"]:
         raise RuntimeError("the config turns the perceptual loss on; the plain loop does not reproduce it")
     return values
-
-
-def make_dataset(work, cfg):
-    """Simulated microtubule clouds converted to ``voxel``³ NIfTI grids; returns the dataset folder."""
-    h5 = Path(work) / "clouds.h5"
-    clouds = simulate_microtubules(cfg["n_clouds"], seed=SEED, mean_points=cfg["points"])
-    write_point_clouds_h5(h5, clouds)
-    out = Path(work) / "voxels"
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert(h5, out, voxel_size=cfg["voxel"], sigma=1.0, train_ratio=cfg["train_ratio"], seed=SEED)
-    return out
-
-
-def monai_logs_to_stderr():
-    """MONAI's own loggers (e.g. the workflow's "Setting logging properties ...") write to stdout: move them."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("monai"):
-            for handler in logging.getLogger(name).handlers:
-                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-                    handler.setStream(sys.stderr)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,9 +114,7 @@ class PlainStep:
         self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     def __call__(self, images):
         images = images.to(self.device)
@@ -232,37 +156,14 @@ def bundle_run(cfg, dataset_dir, out_dir):
     2..N, each from fetching its batch (ignite's GET_BATCH_STARTED) to the end of its ITERATION_COMPLETED
     handlers."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    monai_logs_to_stderr()
-    with contextlib.redirect_stdout(sys.stderr):  # configs/logging.conf logs to stdout: keep the table clean
-        workflow = ConfigWorkflow(
-            config_file=str(CONFIG), workflow_type="train", **bundle_overrides(cfg, dataset_dir, out_dir)
-        )
-    workflow.initialize()
+    workflow = common.open_workflow(CONFIG, bundle_overrides(cfg, dataset_dir, out_dir))
     trainer = workflow.parser.get_parsed_content("train#trainer")
     device = trainer.state.device
-    marks, iterations = {}, []
-
-    def start(engine):
-        if engine.state.iteration == 1:
-            sync(device)
-            marks["start"] = time.perf_counter()
-
-    def end(engine):
-        sync(device)
-        marks["end"] = time.perf_counter()
-        iterations.append(engine.state.iteration)
-
-    trainer.add_event_handler(Events.GET_BATCH_STARTED, start)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, end)  # added last: runs after the bundle's own handlers
-    try:
-        workflow.run()
-    finally:
-        workflow.finalize()
-    if iterations != list(range(1, cfg["iterations"] + 1)):
-        raise RuntimeError(f"bundle: expected iterations 1..{cfg['iterations']}, ran {iterations}")
+    seconds_per_iteration = common.time_iterations(trainer, device)
+    common.run_workflow(workflow)
+    seconds = seconds_per_iteration(cfg["iterations"], "bundle")
     if trainer.amp_dtype != autocast_dtype(device, True):
         raise RuntimeError(f"bundle trained with {trainer.amp_dtype}, expected {autocast_dtype(device, True)}")
-    seconds = (marks["end"] - marks["start"]) / (cfg["iterations"] - 1)
     del workflow, trainer
     gc.collect()
     return seconds, str(device)
@@ -281,27 +182,27 @@ def plain_run(cfg, values, volumes, device):
     loader = torch.utils.data.DataLoader(volumes, batch_size=values["batch_size"], shuffle=True, num_workers=0)
     batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # a new pass when one ends
     step(next(batches))  # iteration 1: untimed, as in the bundle
-    sync(device)
+    common.sync(device)
     start = time.perf_counter()
     for _ in range(cfg["iterations"] - 1):
         step(next(batches))
-    sync(device)
+    common.sync(device)
     seconds = (time.perf_counter() - start) / (cfg["iterations"] - 1)
     del step, loader
     gc.collect()
     return seconds
 
 
-def case_bundle_vs_plain(cfg, work, repeat):
-    dataset_dir = make_dataset(work, cfg)
+def case_bundle_vs_plain(cfg, work):
+    dataset_dir = common.make_dataset(work, cfg)
     values = config_values(bundle_overrides(cfg, dataset_dir, work / "bundle"))
     volumes = load_volumes(dataset_dir / "train")
     if any(tuple(v.shape[1:]) != (cfg["voxel"],) * 3 for v in volumes):
         raise RuntimeError(f"expected {cfg['voxel']}³ volumes, got {sorted({tuple(v.shape) for v in volumes})}")
     runs = {"bundle": [], "plain": []}
     device = None
-    for i in range(repeat):
-        print(f"case 1: run {i + 1}/{repeat} ...", file=sys.stderr)
+    for i in range(cfg["repeat"]):
+        print(f"case 1: run {i + 1}/{cfg['repeat']} ...", file=sys.stderr)
         seconds, device = bundle_run(cfg, dataset_dir, work / "bundle")
         runs["bundle"].append(seconds)
         runs["plain"].append(plain_run(cfg, values, volumes, device))
@@ -333,10 +234,10 @@ def step_speed(values, size, device, amp_dtype, n_timed):
     step(images)
     times = []
     for _ in range(n_timed):
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         step(images)
-        sync(device)
+        common.sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     del step, images
@@ -360,55 +261,12 @@ def case_speed(cfg, values, device, mixed):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_average():
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
-def cpu_name():
-    processor = platform.processor()
-    if (not processor or processor == platform.machine()) and Path("/proc/cpuinfo").is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        processor = match.group(1).strip() if match else processor
-    return processor or platform.machine()
-
-
-def machine_header(quick, load, load_after):
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (torch.cuda.is_available() is False)"
-    return [
-        f"# Autoencoder training benchmark{' (--quick)' if quick else ''}",
-        "",
-        f"- Machine: {cpu_name()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, usable cores = "
-        f"{usable}, torch threads = {torch.get_num_threads()}, load average (1/5/15 min) before the run = {load}, "
-        f"after = {load_after}; GPU: {gpu}",
-        f"- {platform.system()} {platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"monai {monai.__version__}, ignite {ignite.__version__}, numpy {np.__version__}, nibabel {nib.__version__}",
-        f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; native CPU bf16 (`scripts.engines.cpu_has_bf16`): "
-        f"{cpu_has_bf16()}, so `autocast_dtype(cpu, amp=True)` = {autocast_dtype('cpu', True)}",
-        "",
-    ]
-
-
-def _runs(values, digits=3):
-    return "/".join(f"{v:.{digits}f}" for v in values)
-
-
-def _dtype(dtype):
-    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[dtype]
-
-
 def _network(values):
-    a, d = values["autoencoder_args"], values["discriminator_args"]
+    d = values["discriminator_args"]
     return (
-        f"AutoencoderKL channels {list(a['channels'])}, latent {a['latent_channels']}, res blocks "
-        f"{a['num_res_blocks']}, groups {a['norm_num_groups']}, attention {list(a['attention_levels'])}, non-local "
-        f"{a['with_encoder_nonlocal_attn']}; PatchDiscriminator {d['channels']} channels, {d['num_layers_d']} layers, "
-        f"{d['norm']} norm"
+        f"{common.describe_autoencoder(values['autoencoder_args'], res_blocks=True)}; PatchDiscriminator "
+        f"{d['channels']} channels, {d['num_layers_d']} layers, {d['norm']} norm"
     )
-
-
-def mib(n_bytes):
-    return "–" if n_bytes is None else f"{n_bytes / 2**20:,.0f} MiB"
 
 
 def speed_rows(cfg, case, label, speed, mixed):
@@ -417,33 +275,38 @@ def speed_rows(cfg, case, label, speed, mixed):
         fp32, mix = min(res["fp32"]["times"]), min(res["mixed"]["times"])
         name = f"{case}: {cfg['network_name']}, {size}³, batch {BATCH}, {label}"
         lines += [
-            f"| {name} | G + D step | fp32 | {fp32:.3f} | 1.00× (baseline) | {mib(res['fp32']['peak_bytes'])} |",
-            f"| {name} | G + D step | {_dtype(mixed)} | {mix:.3f} | **{fp32 / mix:.2f}×** speed-up over fp32 | "
-            f"{mib(res['mixed']['peak_bytes'])} |",
+            f"| {name} | G + D step | fp32 | {fp32:.3f} | 1.00× (baseline) | {common.mib(res['fp32']['peak_bytes'])} |",
+            f"| {name} | G + D step | {common.fmt_dtype(mixed)} | {mix:.3f} | **{fp32 / mix:.2f}×** speed-up over "
+            f"fp32 | {common.mib(res['mixed']['peak_bytes'])} |",
         ]
     return lines
 
 
 def speed_runs(speed):
     return "; ".join(
-        f"{size}³ fp32 {_runs(res['fp32']['times'])}, mixed {_runs(res['mixed']['times'])}"
+        f"{size}³ fp32 {common.fmt_runs(res['fp32']['times'])}, mixed {common.fmt_runs(res['mixed']['times'])}"
         for size, res in speed.items()
     )
 
 
-def print_report(cfg, quick, load, load_after, repeat, case1, cpu_speed, gpu_speed):
+def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
     bundle, plain = min(case1["runs"]["bundle"]), min(case1["runs"]["plain"])
     ratio = bundle / plain
     verdict = "OK" if ratio <= 1.10 else "ABOVE TARGET"
     n, voxel = cfg["iterations"], cfg["voxel"]
     c1 = f"1: {voxel}³, batch {BATCH}, {n} iterations, {case1['device']}"
-    lines = machine_header(quick, load, load_after)
+    note = (
+        f"native CPU bf16 (`scripts.engines.cpu_has_bf16`): {cpu_has_bf16()}, so `autocast_dtype(cpu, amp=True)` = "
+        f"{autocast_dtype('cpu', True)}"
+    )
+    modules = (torch, monai, ignite, np, nib)
+    lines = common.machine_header("Autoencoder training benchmark", quick, load, modules, note, torch_info=True)
     lines += [
         "| Case | Pipeline | Precision | Seconds/iteration | Ratio | Peak GPU memory |",
         "|---|---|---|---:|---|---:|",
-        f"| {c1} | plain PyTorch loop | {_dtype(case1['amp_dtype'])} | {plain:.3f} | 1.00× (baseline) | – |",
-        f"| {c1} | bundle (`ConfigWorkflow`, `VaeGanTrainer`) | {_dtype(case1['amp_dtype'])} | {bundle:.3f} | "
-        f"**{ratio:.3f}×** bundle/plain ({verdict}, target ≤ 1.10) | – |",
+        f"| {c1} | plain PyTorch loop | {common.fmt_dtype(case1['amp_dtype'])} | {plain:.3f} | 1.00× (baseline) | – |",
+        f"| {c1} | bundle (`ConfigWorkflow`, `VaeGanTrainer`) | {common.fmt_dtype(case1['amp_dtype'])} | {bundle:.3f} "
+        f"| **{ratio:.3f}×** bundle/plain ({verdict}, target ≤ 1.10) | – |",
     ]
     lines += speed_rows(cfg, 2, "CPU", cpu_speed, torch.bfloat16)
     if gpu_speed is not None:
@@ -470,32 +333,27 @@ def print_report(cfg, quick, load, load_after, repeat, case1, cpu_speed, gpu_spe
         f"step is `VaeGanTrainer._iteration` written out: generator forward, reconstruction + KL + adversarial loss, "
         f"backward, Adam; then the discriminator on the detached reconstruction and the real batch, backward, Adam; it "
         f"logs `g_loss.item()` and `d_loss.item()`. The perceptual loss is off in both (no weights file).",
-        f"- Timing window (case 1, both pipelines): `time.perf_counter` from the start of iteration 2 (before its "
+        "- Timing window (case 1, both pipelines): `time.perf_counter` from the start of iteration 2 (before its "
         f"batch is fetched; ignite's `GET_BATCH_STARTED`) to the end of iteration {n} (after the bundle's own "
         f"`ITERATION_COMPLETED` handlers); seconds/iteration = window / {n - 1}. So data loading, the step and "
-        f"per-iteration handlers count; building the workflow, caching the data, iteration 1 and the end-of-epoch "
-        f"checkpoint do not. Best of {repeat} runs per pipeline, interleaved (bundle, plain, bundle, ...); all runs "
-        f"(s/iteration): bundle {_runs(case1['runs']['bundle'])}, plain {_runs(case1['runs']['plain'])}.",
+        "per-iteration handlers count; building the workflow, caching the data, iteration 1 and the end-of-epoch "
+        f"checkpoint do not. Best of {cfg['repeat']} runs per pipeline, interleaved (bundle, plain, bundle, ...); all "
+        f"runs (s/iteration): bundle {common.fmt_runs(case1['runs']['bundle'])}, plain "
+        f"{common.fmt_runs(case1['runs']['plain'])}.",
         f"- Case 2: the plain step (as in case 1) on one fixed `torch.rand` batch of {BATCH} at each size, networks "
         f"built fresh per row; one untimed warm-up step, then the best of "
         f"{'/'.join(str(cfg['speed_iterations'][s]) for s in cfg['speed_sizes'])} timed steps (per size). All steps "
         f"(s): {speed_runs(cpu_speed)}. Speed-up = fp32 time / mixed time (> 1: mixed precision is faster).",
     ]
-    if gpu_speed is None:
-        lines.append(
-            "- Case 3 (GPU, fp16 autocast + GradScaler vs fp32) skipped: `torch.cuda.is_available()` is False."
+    gpu = None
+    if gpu_speed is not None:
+        gpu = (
+            "fp16 autocast with one GradScaler per optimizer (as `MixedPrecisionTrainer`) vs fp32 "
+            f"({common.cuda_settings()}, as in the bundle). Peak GPU memory = `torch.cuda.max_memory_allocated()` "
+            "over the warm-up and the timed steps, reset per row after the networks are built (their weights, and "
+            f"Adam's state from the warm-up on, count: they stay allocated). All steps (s): {speed_runs(gpu_speed)}."
         )
-    else:
-        lines.append(
-            f"- Case 3: as case 2 on {torch.cuda.get_device_name()} (`torch.cuda.synchronize` around each timed step), "
-            f"fp16 autocast with one GradScaler per optimizer (as `MixedPrecisionTrainer`) vs fp32 (TF32: cudnn "
-            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}; after "
-            f"`set_determinism` cudnn.benchmark = {torch.backends.cudnn.benchmark}, cudnn.deterministic = "
-            f"{torch.backends.cudnn.deterministic}, as in the bundle). Peak GPU memory = "
-            f"`torch.cuda.max_memory_allocated()` over the warm-up and the timed steps, reset per row after the "
-            f"networks are built (their weights, and Adam's state from the warm-up on, count: they stay allocated). "
-            f"All steps (s): {speed_runs(gpu_speed)}."
-        )
+    lines.append(common.gpu_footnote(3, 2, gpu))
     print("\n".join(lines))
 
 
@@ -505,25 +363,17 @@ def print_report(cfg, quick, load, load_after, repeat, case1, cpu_speed, gpu_spe
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny network and grids: a smoke check in seconds")
+    parser = common.arg_parser(__doc__, "tiny network and grids: a smoke check in seconds", "data and outputs")
     parser.add_argument("--repeat", type=int, default=None, help="runs per pipeline in case 1 (default 3, quick 2)")
-    parser.add_argument("--tmpdir", default=None, help="where the temporary data and outputs go (default: system)")
     args = parser.parse_args(argv)
 
-    cfg = QUICK if args.quick else FULL
-    repeat = max(1, args.repeat or (2 if args.quick else 3))
-    load = load_average()
-    work = Path(tempfile.mkdtemp(prefix="benchmark_autoencoder-", dir=args.tmpdir))
-    try:
-        print(f"simulating and converting the data in {work} ...", file=sys.stderr)
-        case1 = case_bundle_vs_plain(cfg, work, repeat)
-        values = case1["values"]  # cases 2 and 3: the network the config builds (the tiny one with --quick)
-        cpu_speed = case_speed(cfg, values, "cpu", torch.bfloat16)
-        gpu_speed = case_speed(cfg, values, "cuda", torch.float16) if torch.cuda.is_available() else None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print_report(cfg, args.quick, load, load_average(), repeat, case1, cpu_speed, gpu_speed)
+    cfg = common.pick_config(args, QUICK, FULL)
+    load = common.load_average()
+    with common.work_folder(__file__, args.tmpdir) as work:
+        case1 = case_bundle_vs_plain(cfg, work)
+        # cases 2 and 3: the network the config builds (the tiny one with --quick)
+        cpu_speed, gpu_speed = common.on_cpu_and_gpu(case_speed, cfg, case1["values"])
+    print_report(cfg, args.quick, load, case1, cpu_speed, gpu_speed)
 
 
 if __name__ == "__main__":

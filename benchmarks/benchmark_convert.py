@@ -13,32 +13,26 @@ Cases: (1) many medium clouds, throughput with 1 and 2 workers; (2) one large cl
 pipeline in a fresh subprocess; (3) the largest absolute difference between our grid and the reference grid.
 """
 
-import os
+import argparse
+import contextlib
+import functools
+import gc
+import io
+import json
+import multiprocessing
+import re
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TQDM_DISABLE", "1")  # the converter's progress bars would only clutter the table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import gc  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT, SEED  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+# isort: split
 import h5py  # noqa: E402
 import isal  # noqa: E402
 import nibabel as nib  # noqa: E402
@@ -54,7 +48,6 @@ from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 BOX_NM = (20000.0, 20000.0, 1200.0)  # a 20 x 20 um field of view, 1.2 um deep: a typical 3D SMLM acquisition
 SIGMA_VOXELS = 1.0
 TRUNCATE = 4.0
-SEED = 0
 TRAIN_RATIO = 0.8
 
 FULL = {
@@ -64,13 +57,7 @@ FULL = {
     "big_points": 500_000,
     "big_shape": (1024, 1024, 128),
 }
-QUICK = {
-    "n_clouds": 4,
-    "points": 5_000,
-    "shape": (64, 64, 32),
-    "big_points": 50_000,
-    "big_shape": (128, 128, 32),
-}
+QUICK = {"n_clouds": 4, "points": 5_000, "shape": (64, 64, 32), "big_points": 50_000, "big_shape": (128, 128, 32)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,8 +85,7 @@ def reference_convert(h5_file, output_dir, shape, sigma=SIGMA_VOXELS, train_rati
         for i in members:
             hist, _ = np.histogramdd(clouds[i], bins=shape, range=ranges)
             vol = gaussian_filter(hist, sigma=sigma, mode="constant", truncate=TRUNCATE)
-            vol = vol / vol.max()
-            vol = vol.astype(np.float32)
+            vol = (vol / vol.max()).astype(np.float32)
             nib.save(nib.Nifti1Image(vol, affine), str(folder / f"{split}_{i:0{width}d}.nii.gz"))
 
 
@@ -125,12 +111,6 @@ def run_pipeline(which, h5_file, output_dir, shape, num_workers=1, train_ratio=T
         ours_convert(h5_file, output_dir, shape, num_workers=num_workers, train_ratio=train_ratio)
 
 
-def timed(func, *args, **kwargs):
-    start = time.perf_counter()
-    func(*args, **kwargs)
-    return time.perf_counter() - start
-
-
 def _probe_kernel(n_grids, shape):
     grid = np.random.default_rng(0).random(shape, dtype=np.float32)
     for _ in range(n_grids):
@@ -139,9 +119,11 @@ def _probe_kernel(n_grids, shape):
 
 def two_process_scaling(n_grids, shape):
     """Speed-up of 2 forked processes over 1 on a pure CPU kernel (the blur, no I/O): what the machine gives now."""
-    one = timed(_probe_kernel, n_grids, shape)
+    one, _ = common.timed(_probe_kernel, n_grids, shape)
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        two = timed(pool.map, functools.partial(_probe_kernel, shape=shape), [n_grids // 2, n_grids - n_grids // 2])
+        two, _ = common.timed(
+            pool.map, functools.partial(_probe_kernel, shape=shape), [n_grids // 2, n_grids - n_grids // 2]
+        )
     return one / two
 
 
@@ -172,22 +154,12 @@ def child_main(which, h5_file, output_dir, shape):
     del clouds
     gc.collect()
     reset = _reset_peak_rss()
-    base_rss_kib = _status_kib("VmRSS") if reset else None
-    base_maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    baseline_kib = base_rss_kib if reset else base_maxrss_kib
-    seconds = timed(run_pipeline, which, h5_file, output_dir, shape, num_workers=1, train_ratio=1.0)
+    baseline_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    seconds, _ = common.timed(run_pipeline, which, h5_file, output_dir, shape, num_workers=1, train_ratio=1.0)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "baseline_kib": baseline_kib,
-                "peak_kib": peak_kib,
-                "increase_bytes": (peak_kib - baseline_kib) * 1024,
-                "peak_was_reset": reset,
-            }
-        )
-    )
+    increase = (peak_kib - baseline_kib) * 1024
+    fields = dict(seconds=seconds, baseline_kib=baseline_kib, peak_kib=peak_kib, increase_bytes=increase)
+    print(json.dumps(dict(fields, peak_was_reset=reset)))
 
 
 def run_child(which, h5_file, output_dir, shape):
@@ -204,44 +176,15 @@ def run_child(which, h5_file, output_dir, shape):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def machine_header(cfg, quick, load):
-    processor = platform.processor()
-    if not processor and Path("/proc/cpuinfo").is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        processor = match.group(1).strip() if match else ""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [
-        f"# Converter benchmark{' (--quick)' if quick else ''}",
-        "",
-        f"- Machine: {processor or platform.machine()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, "
-        f"usable cores = {usable}, load average (1/5/15 min) before the run = {load}",
-        f"- {platform.system()} {platform.release()}; Python {platform.python_version()}, numpy {np.__version__}, "
-        f"scipy {scipy.__version__}, nibabel {nib.__version__}, h5py {h5py.__version__}, isal {isal.__version__}",
-        f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; box {list(BOX_NM)} nm; sigma {SIGMA_VOXELS} voxel, "
-        f"truncate {TRUNCATE}; per-volume max normalisation; .nii.gz output",
-        "",
-    ]
-
-
-def _runs(values):
-    return "/".join(f"{v:.2f}" for v in values)
-
-
-def fmt_shape(shape):
-    return "×".join(str(v) for v in shape)
-
-
-def mib(n_bytes):
-    return f"{n_bytes / 2**20:,.0f} MiB"
-
-
 def print_report(cfg, quick, load, repeat, case1, case2, case3):
     n, shape = cfg["n_clouds"], cfg["shape"]
     ref, o1, o2 = (min(case1[k]) for k in ("reference", "ours1", "ours2"))
     grid_bytes = int(np.prod(cfg["big_shape"])) * 4
-    c1 = f"1: {n} × {cfg['points']:,} pts → {fmt_shape(shape)}"
-    c2 = f"2: 1 × {cfg['big_points']:,} pts → {fmt_shape(cfg['big_shape'])}"
-    lines = machine_header(cfg, quick, load)
+    c1 = f"1: {n} × {cfg['points']:,} pts → {common.fmt_shape(shape)}"
+    c2 = f"2: 1 × {cfg['big_points']:,} pts → {common.fmt_shape(cfg['big_shape'])}"
+    note = f"box {list(BOX_NM)} nm; sigma {SIGMA_VOXELS} voxel, truncate {TRUNCATE}; per-volume max normalisation; "
+    note += ".nii.gz output"
+    lines = common.machine_header("Converter benchmark", quick, load, (np, scipy, nib, h5py, isal), note)
     lines += [
         "| Case | Pipeline | Workers | Seconds | Clouds/s | Speed-up | Peak memory increase | × float32 grid |",
         "|---|---|---:|---:|---:|---|---:|---:|",
@@ -250,12 +193,12 @@ def print_report(cfg, quick, load, repeat, case1, case2, case3):
         f"| {c1} | ours | 2 | {o2:.2f} | {n / o2:.2f} | **{o1 / o2:.2f}×** ours(2)/ours(1); "
         f"{ref / o2:.2f}× vs reference | – | – |",
     ]
-    for label, key in (("reference", "reference"), ("ours", "ours")):
+    for key in ("reference", "ours"):
         r = case2[key]
         speed = "1.00× (baseline)" if key == "reference" else f"**{case2['reference']['seconds'] / r['seconds']:.2f}×**"
         lines.append(
-            f"| {c2} | {label} | 1 | {r['seconds']:.2f} | {1 / r['seconds']:.3f} | {speed} | "
-            f"{mib(r['increase_bytes'])} | {r['increase_bytes'] / grid_bytes:.2f}× |"
+            f"| {c2} | {key} | 1 | {r['seconds']:.2f} | {1 / r['seconds']:.3f} | {speed} | "
+            f"{common.mib(r['increase_bytes'])} | {r['increase_bytes'] / grid_bytes:.2f}× |"
         )
     verdict = "OK" if case3["max_abs_diff"] <= 1e-3 else "ABOVE TARGET"
     lines += [
@@ -263,24 +206,23 @@ def print_report(cfg, quick, load, repeat, case1, case2, case3):
         f"{case3['max_abs_diff']:.2e} ({verdict}, target ≤ 1e-3; affines equal: {case3['affine_equal']}) | – | – |",
         "",
         f"- Timings: `time.perf_counter`. Case 1: best of {repeat} runs per pipeline, the runs interleaved "
-        f"(reference, ours 1, ours 2, reference, ...) in this process, each into a fresh temporary folder; all "
-        f"runs (s): reference {_runs(case1['reference'])}, ours(1) {_runs(case1['ours1'])}, ours(2) "
-        f"{_runs(case1['ours2'])}. Case 2: best of 1 run (one run per pipeline, in its own process). Reference and "
-        f"ours both read the input with "
-        f"`read_point_clouds`. Ours also writes train/val points files and `dataset_info.json`, the reference does "
-        f"not. Speed-up = time ratio (> 1: faster). Case 1 splits {TRAIN_RATIO:.0%} train / rest val; case 2 puts "
-        f"the one cloud in train.",
+        "(reference, ours 1, ours 2, reference, ...) in this process, each into a fresh temporary folder; all runs "
+        f"(s): reference {common.fmt_runs(case1['reference'], 2)}, ours(1) {common.fmt_runs(case1['ours1'], 2)}, "
+        f"ours(2) {common.fmt_runs(case1['ours2'], 2)}. Case 2: best of 1 run (one run per pipeline, in its own "
+        "process). Reference and ours both read the input with `read_point_clouds`. Ours also writes train/val "
+        "points files and `dataset_info.json`, the reference does not. Speed-up = time ratio (> 1: faster). Case 1 "
+        f"splits {TRAIN_RATIO:.0%} train / rest val; case 2 puts the one cloud in train.",
         f"- Peak memory (case 2): each pipeline runs once in a fresh `python {Path(__file__).name} --child` "
         f"process. After imports and one warm-up read of the input (then freed), the kernel's RSS high-water mark is "
         f"reset via `/proc/self/clear_refs` and the current RSS (VmRSS) is the baseline; the figure is "
         f"`getrusage(RUSAGE_SELF).ru_maxrss` after the pipeline minus that baseline, i.e. the peak extra resident "
         f"memory of reading + voxelizing + writing. (Without clear_refs the baseline would be ru_maxrss before the "
         f"run, a lower bound; reset used: reference {case2['reference']['peak_was_reset']}, ours "
-        f"{case2['ours']['peak_was_reset']}.) One float32 grid of {fmt_shape(cfg['big_shape'])} = "
-        f"{mib(grid_bytes)}; clouds/s in case 2 is 1/seconds.",
+        f"{case2['ours']['peak_was_reset']}.) One float32 grid of {common.fmt_shape(cfg['big_shape'])} = "
+        f"{common.mib(grid_bytes)}; clouds/s in case 2 is 1/seconds.",
         "- Values: both NIfTI files loaded with nibabel as float32; both are normalised to a maximum of 1.",
         f"- Context for ours(2)/ours(1): 2 forked processes vs 1 on a pure CPU kernel (the same blur on "
-        f"{fmt_shape(shape)} float32 grids, no I/O) gave {case1['probe_before']:.2f}× just before case 1 and "
+        f"{common.fmt_shape(shape)} float32 grids, no I/O) gave {case1['probe_before']:.2f}× just before case 1 and "
         f"{case1['probe_after']:.2f}× just after; that is what the cores delivered at the time (they are shared).",
     ]
     print("\n".join(lines))
@@ -319,10 +261,8 @@ def compare_values(ours_dir, reference_dir, index):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check that runs in seconds")
+    parser = common.arg_parser(__doc__, "tiny sizes: a smoke check that runs in seconds", "inputs and outputs")
     parser.add_argument("--repeat", type=int, default=3, help="runs per pipeline in case 1; the best counts")
-    parser.add_argument("--tmpdir", default=None, help="where the temporary inputs and outputs go (default: system)")
     parser.add_argument("--child", nargs=6, metavar=("WHICH", "H5", "OUT", "X", "Y", "Z"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -331,10 +271,9 @@ def main(argv=None):
         return
 
     cfg = QUICK if args.quick else FULL
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = common.load_average()
     probe_grids = 4 if args.quick else 16
-    work = Path(tempfile.mkdtemp(prefix="benchmark_convert-", dir=args.tmpdir))
-    try:
+    with common.work_folder(__file__, args.tmpdir) as work:
         print(f"simulating inputs in {work} ...", file=sys.stderr)
         small = make_input(work / "case1.h5", cfg["n_clouds"], cfg["points"])
         big = make_input(work / "case2.h5", 1, cfg["big_points"])
@@ -346,7 +285,7 @@ def main(argv=None):
             for key, which, workers in (("reference", "reference", 1), ("ours1", "ours", 1), ("ours2", "ours", 2)):
                 out = work / f"c1_{key}"
                 shutil.rmtree(out, ignore_errors=True)  # keep the last run's output of reference and ours(1)
-                case1[key].append(timed(run_pipeline, which, small, out, cfg["shape"], num_workers=workers))
+                case1[key].append(common.timed(run_pipeline, which, small, out, cfg["shape"], num_workers=workers)[0])
         case1["probe_after"] = two_process_scaling(probe_grids, cfg["shape"])
         shutil.rmtree(work / "c1_ours2", ignore_errors=True)
 
@@ -361,8 +300,6 @@ def main(argv=None):
         for which in ("reference", "ours"):
             case2[which] = run_child(which, big, work / f"c2_{which}", cfg["big_shape"])
             shutil.rmtree(work / f"c2_{which}", ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print_report(cfg, args.quick, load, max(1, args.repeat), case1, case2, case3)
 
 

@@ -17,58 +17,39 @@ same on the GPU with fp16 autocast + GradScaler vs fp32, with peak memory.
 not a measurement.
 """
 
-import os
+import copy
+import gc
+import shutil
+import sys
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar would only clutter the table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import gc  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import BATCH, ROOT, SEED, TINY_AUTOENCODER, TINY_UNET, TRAINING, TRAINING_QUICK  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+# isort: split
 import ignite  # noqa: E402
 import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
-from monai.bundle import ConfigParser, ConfigWorkflow  # noqa: E402
 from monai.data import CacheDataset  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
-from scripts.convert_h5_to_nifti import convert  # noqa: E402
 from scripts.engines import autocast_context, autocast_dtype, cpu_has_bf16, diffusion_loss  # noqa: E402
-from scripts.networks import build_unet, check_diffusion, latent_shape  # noqa: E402
-from scripts.pointcloud_io import write_point_clouds_h5  # noqa: E402
+from scripts.networks import build_unet, latent_shape  # noqa: E402
 from scripts.sampling import make_scheduler  # noqa: E402
-from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 
 AE_CONFIG = ROOT / "configs" / "train_autoencoder.json"
 CONFIG = ROOT / "configs" / "train_diffusion.json"
-SEED = 0
-BATCH = 2
 
 # The seed's default networks are the configs' own; --quick swaps in the tests' tiny ones (tests/conftest.py).
 FULL = {
-    "voxel": 32,
-    "n_clouds": 15,  # 12 train (6 batches of 2: the 12 iterations go twice through the loader), 3 val
-    "train_ratio": 0.8,
-    "points": 10_000,
+    **TRAINING,
+    "repeat": 5,  # runs per cache mode in case a
     "stage1_batches": 2,
-    "iterations": 12,
     "autoencoder": {},
     "unet": {},
     "network_name": "default networks",
@@ -76,27 +57,12 @@ FULL = {
     "speed_iterations": {32: 15, 64: 12},  # timed iterations per precision, after one untimed warm-up each
 }
 QUICK = {
-    "voxel": 16,
-    "n_clouds": 8,  # 6 train, 2 val
-    "train_ratio": 0.75,
-    "points": 3_000,
+    **TRAINING_QUICK,
+    "repeat": 1,
     "stage1_batches": 2,
-    "iterations": 3,
     "network_name": "tiny networks",
-    "autoencoder": {
-        "num_channels": [8, 16],
-        "norm_num_groups": 8,
-        "attention_levels": [False, False],
-        "with_nonlocal_attn": False,
-        "discriminator_channels": 8,
-        "discriminator_num_layers": 2,
-    },
-    "unet": {
-        "num_channels": [8, 16],
-        "attention_levels": [False, True],
-        "num_head_channels": [0, 8],
-        "norm_num_groups": 8,
-    },
+    "autoencoder": TINY_AUTOENCODER,
+    "unet": TINY_UNET,
     "speed_sizes": (16,),
     "speed_iterations": {16: 3},
 }
@@ -107,57 +73,21 @@ QUICK = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_dataset(work, cfg):
-    """Simulated microtubule clouds converted to ``voxel``³ NIfTI grids; returns the dataset folder."""
-    h5 = Path(work) / "clouds.h5"
-    clouds = simulate_microtubules(cfg["n_clouds"], seed=SEED, mean_points=cfg["points"])
-    write_point_clouds_h5(h5, clouds)
-    out = Path(work) / "voxels"
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert(h5, out, voxel_size=cfg["voxel"], sigma=1.0, train_ratio=cfg["train_ratio"], seed=SEED)
-    return out
-
-
-def monai_logs_to_stderr():
-    """MONAI's own loggers (e.g. the workflow's "Setting logging properties ...") write to stdout: move them."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("monai"):
-            for handler in logging.getLogger(name).handlers:
-                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-                    handler.setStream(sys.stderr)
-
-
-def run_config(config, overrides):
-    """``ConfigWorkflow(config, 'train', **overrides)`` → ``initialize()`` → ``run()`` → ``finalize()``."""
-    monai_logs_to_stderr()
-    with contextlib.redirect_stdout(sys.stderr):  # configs/logging.conf logs to stdout: keep the table clean
-        workflow = ConfigWorkflow(config_file=str(config), workflow_type="train", **overrides)
-        workflow.initialize()
-        try:
-            workflow.run()
-        finally:
-            workflow.finalize()
-    return workflow
-
-
 def train_stage1(cfg, dataset_dir, work):
     """One fast epoch of ``configs/train_autoencoder.json`` (its validation included, so best_model.pt is saved)."""
     out = Path(work) / "stage1"
-    overrides = {
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(out / "outputs" / "autoencoder"),
-        "log_dir": str(out / "logs" / "autoencoder"),
-        "voxel_size": cfg["voxel"],
-        "batch_size": BATCH,
-        "seed": SEED,
-        "n_epochs": 1,
-        "fast_dev_run": True,
-        "fast_dev_run_batches": cfg["stage1_batches"],
-        "num_workers": 0,
+    overrides = common.fast_epoch(
+        "autoencoder",
+        dataset_dir,
+        out,
+        cfg["stage1_batches"],
+        voxel_size=cfg["voxel"],
+        num_workers=0,
         **cfg["autoencoder"],
-    }
+    )
     start = time.perf_counter()
-    workflow = run_config(AE_CONFIG, overrides)
+    workflow = common.open_workflow(AE_CONFIG, overrides)
+    common.run_workflow(workflow)
     seconds = time.perf_counter() - start
     args = dict(workflow.parser.get_parsed_content("autoencoder_args"))
     del workflow
@@ -171,48 +101,22 @@ def train_stage1(cfg, dataset_dir, work):
 def stage2_overrides(cfg, dataset_dir, autoencoder_path, out_dir, mode):
     """What the benchmark changes in the config: the data, the checkpoint, the outputs, the cache mode, one short
     epoch, no validation and no monitoring samples."""
-    return {
-        "dataset_dir": str(dataset_dir),
-        "autoencoder_path": str(autoencoder_path),
-        "ckpt_dir": str(Path(out_dir) / "outputs" / "diffusion"),
-        "log_dir": str(Path(out_dir) / "logs" / "diffusion"),
-        "latent_cache": mode,
-        "batch_size": BATCH,
-        "seed": SEED,
-        "n_epochs": 1,
-        "fast_dev_run": True,
-        "fast_dev_run_batches": cfg["iterations"],
-        "val_interval": 2,  # validation would run after epoch 2 only: never in a 1-epoch run
-        "generate_samples_interval": 1000,  # DDIM monitoring samples: never in a 1-epoch run
+    return common.fast_epoch(
+        "diffusion",
+        dataset_dir,
+        out_dir,
+        cfg["iterations"],
+        autoencoder_path=str(autoencoder_path),
+        latent_cache=mode,
+        val_interval=2,  # validation would run after epoch 2 only: never in a 1-epoch run
+        generate_samples_interval=1000,  # DDIM monitoring samples: never in a 1-epoch run
         **cfg["unet"],
-    }
-
-
-def unet_values(unet_over, latent):
-    """``(unet_args, scheduler_settings, learning_rate)`` parsed from the stage-2 config for a ``latent`` shape."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG))
-    parser.update(dict(unet_over))
-    parser.update({"latent_shape": list(latent)})  # the config reads it from the stage-1 checkpoint
-    unet_args = dict(parser.get_parsed_content("unet_args"))
-    check_diffusion(unet_args, latent)
-    return unet_args, dict(parser.get_parsed_content("scheduler_settings")), parser.get_parsed_content("learning_rate")
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Case (a): latent cache 'memory' vs 'none', through the bundle
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def timed_parse(parser, key):
-    start = time.perf_counter()
-    value = parser.get_parsed_content(key)
-    return time.perf_counter() - start, value
 
 
 def bundle_run(cfg, dataset_dir, autoencoder_path, out_dir, mode):
@@ -222,58 +126,35 @@ def bundle_run(cfg, dataset_dir, autoencoder_path, out_dir, mode):
     to the end of its ITERATION_COMPLETED handlers) and the one-off set-up times of the datasets and scale factor.
     """
     shutil.rmtree(out_dir, ignore_errors=True)
-    monai_logs_to_stderr()
-    with contextlib.redirect_stdout(sys.stderr):
-        workflow = ConfigWorkflow(
-            config_file=str(CONFIG),
-            workflow_type="train",
-            **stage2_overrides(cfg, dataset_dir, autoencoder_path, out_dir, mode),
-        )
-        workflow.initialize()
+    workflow = common.open_workflow(CONFIG, stage2_overrides(cfg, dataset_dir, autoencoder_path, out_dir, mode))
     parser = workflow.parser
     # Everything the datasets depend on first (checkpoint, frozen autoencoder, file lists), so that the timed parse
     # of each dataset is its own work: loading + resizing the volumes, and encoding them when the cache is on.
     for key in ("autoencoder", "autoencoder_weights_sha256", "preprocessing", "train#datalist", "validate#datalist"):
         parser.get_parsed_content(key)
     setup = {}
-    setup["train"], dataset = timed_parse(parser, "train#dataset")
-    setup["val"], _ = timed_parse(parser, "validate#dataset")
-    setup["scale_factor"], scale_factor = timed_parse(parser, "scale_factor_value")
+    setup["train"], dataset = common.timed(parser.get_parsed_content, "train#dataset")
+    setup["val"], _ = common.timed(parser.get_parsed_content, "validate#dataset")
+    setup["scale_factor"], scale_factor = common.timed(parser.get_parsed_content, "scale_factor_value")
     if (mode == "none") != isinstance(dataset, CacheDataset):
         raise RuntimeError(f"latent_cache={mode!r} built a {type(dataset).__name__}")
     trainer = parser.get_parsed_content("train#trainer")
     device = trainer.state.device
-    marks, iterations, keys = {}, [], []
+    keys = []
 
     def first_batch(engine):
         if engine.state.iteration == 0:
             keys.extend(sorted(engine.state.batch))
 
-    def start(engine):
-        if engine.state.iteration == 1:
-            sync(device)
-            marks["start"] = time.perf_counter()
-
-    def end(engine):
-        sync(device)
-        marks["end"] = time.perf_counter()
-        iterations.append(engine.state.iteration)
-
     trainer.add_event_handler(Events.GET_BATCH_COMPLETED, first_batch)
-    trainer.add_event_handler(Events.GET_BATCH_STARTED, start)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, end)  # added last: runs after the bundle's own handlers
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            workflow.run()
-    finally:
-        workflow.finalize()
-    if iterations != list(range(1, cfg["iterations"] + 1)):
-        raise RuntimeError(f"{mode}: expected iterations 1..{cfg['iterations']}, ran {iterations}")
+    seconds_per_iteration = common.time_iterations(trainer, device)
+    common.run_workflow(workflow)
+    seconds = seconds_per_iteration(cfg["iterations"], mode)
     expected_keys = ["image"] if mode == "none" else ["z_mu", "z_sigma"]
     if keys != expected_keys:
         raise RuntimeError(f"{mode}: the loader served {keys}, expected {expected_keys}")
     result = {
-        "seconds": (marks["end"] - marks["start"]) / (cfg["iterations"] - 1),
+        "seconds": seconds,
         "setup": setup,
         "device": str(device),
         "amp_dtype": trainer.amp_dtype,
@@ -289,11 +170,11 @@ def bundle_run(cfg, dataset_dir, autoencoder_path, out_dir, mode):
     return result
 
 
-def case_cache(cfg, dataset_dir, autoencoder_path, work, repeat):
+def case_cache(cfg, dataset_dir, autoencoder_path, work):
     runs = {"none": [], "memory": []}
-    for i in range(repeat):
+    for i in range(cfg["repeat"]):
         for mode in ("none", "memory"):  # interleaved
-            print(f"case a: run {i + 1}/{repeat}, latent_cache={mode} ...", file=sys.stderr)
+            print(f"case a: run {i + 1}/{cfg['repeat']}, latent_cache={mode} ...", file=sys.stderr)
             runs[mode].append(bundle_run(cfg, dataset_dir, autoencoder_path, work / f"stage2_{mode}", mode))
     return runs
 
@@ -351,7 +232,7 @@ def step_speed(cfg, ae_args, size, device, mixed):
     """Seconds of each timed step of fp32 and ``mixed`` precision, interleaved, on one fixed random latent batch
     after one untimed warm-up step each, and the non-finite gradient counts."""
     latent = latent_shape(ae_args, size)
-    unet_args, settings, lr = unet_values(cfg["unet"], latent)
+    unet_args, settings, lr = common.unet_values(cfg["unet"], latent)
     steps = {
         "fp32": UnetStep(unet_args, settings, lr, device, None),
         "mixed": UnetStep(unet_args, settings, lr, device, mixed),
@@ -361,10 +242,10 @@ def step_speed(cfg, ae_args, size, device, mixed):
     for i in range(cfg["speed_iterations"][size] + 1):
         for label, step in steps.items():  # interleaved: fp32, mixed, fp32, mixed, ...
             snapshot = step.snapshot()
-            sync(device)
+            common.sync(device)
             start = time.perf_counter()
             step(latents)
-            sync(device)
+            common.sync(device)
             seconds = time.perf_counter() - start
             step.check(snapshot)
             if i:
@@ -386,14 +267,14 @@ def step_speed(cfg, ae_args, size, device, mixed):
 def step_peak_memory(cfg, ae_args, size, device, dtype):
     """Peak CUDA memory of one precision alone: network built, one warm-up and the timed steps (bytes)."""
     latent = latent_shape(ae_args, size)
-    unet_args, settings, lr = unet_values(cfg["unet"], latent)
+    unet_args, settings, lr = common.unet_values(cfg["unet"], latent)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     step = UnetStep(unet_args, settings, lr, device, dtype)
     latents = torch.randn(BATCH, *latent, generator=torch.Generator().manual_seed(SEED)).to(device)
     for _ in range(cfg["speed_iterations"][size] + 1):
         step(latents)
-    sync(device)
+    common.sync(device)
     peak = torch.cuda.max_memory_allocated(device)
     del step, latents
     gc.collect()
@@ -419,53 +300,6 @@ def case_speed(cfg, ae_args, device, mixed):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_average():
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
-def cpu_name():
-    processor = platform.processor()
-    if (not processor or processor == platform.machine()) and Path("/proc/cpuinfo").is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        processor = match.group(1).strip() if match else processor
-    return processor or platform.machine()
-
-
-def machine_header(quick, load, load_after):
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (torch.cuda.is_available() is False)"
-    return [
-        f"# Latent diffusion training benchmark{' (--quick)' if quick else ''}",
-        "",
-        f"- Machine: {cpu_name()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, usable cores = "
-        f"{usable}, torch threads = {torch.get_num_threads()}, load average (1/5/15 min) before the run = {load}, "
-        f"after = {load_after}; GPU: {gpu}",
-        f"- {platform.system()} {platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"monai {monai.__version__}, ignite {ignite.__version__}, numpy {np.__version__}",
-        f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; native CPU bf16 (`scripts.engines.cpu_has_bf16`): "
-        f"{cpu_has_bf16()}; stage 2 on CPU: `autocast_dtype(cpu, amp=True, cpu_bf16=False)` = "
-        f"{autocast_dtype('cpu', True, False)} (the config's default), with `cpu_bf16=True`: "
-        f"{autocast_dtype('cpu', True, True)}",
-        "",
-    ]
-
-
-def _runs(values, digits=3):
-    return "/".join(f"{v:.{digits}f}" for v in values)
-
-
-def _dtype(dtype):
-    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[dtype]
-
-
-def mib(n_bytes):
-    return "–" if n_bytes is None else f"{n_bytes / 2**20:,.0f} MiB"
-
-
-def fmt_shape(shape):
-    return "×".join(str(v) for v in shape)
-
-
 def _finite(res, dtype):
     n, bad = res["steps"], len(res["bad_steps"])
     if dtype == torch.float16:
@@ -479,14 +313,13 @@ def speed_rows(cfg, case, label, speed, mixed):
     lines = []
     for size, res in speed.items():
         fp32, mix = min(res["fp32"]["times"]), min(res["mixed"]["times"])
-        name = (
-            f"{case}: {cfg['network_name']}, {size}³ grid (latent {fmt_shape(res['latent'])}), batch {BATCH}, {label}"
-        )
+        latent = common.fmt_shape(res["latent"])
+        name = f"{case}: {cfg['network_name']}, {size}³ grid (latent {latent}), batch {BATCH}, {label}"
         lines += [
             f"| {name} | UNet training step | fp32 | {fp32:.3f} s/it | 1.00× (baseline) | "
-            f"{mib(res['fp32']['peak_bytes'])} | {_finite(res['fp32'], None)} |",
-            f"| {name} | UNet training step | {_dtype(mixed)} | {mix:.3f} s/it | **{fp32 / mix:.2f}×** speed-up over "
-            f"fp32 | {mib(res['mixed']['peak_bytes'])} | {_finite(res['mixed'], mixed)} |",
+            f"{common.mib(res['fp32']['peak_bytes'])} | {_finite(res['fp32'], None)} |",
+            f"| {name} | UNet training step | {common.fmt_dtype(mixed)} | {mix:.3f} s/it | **{fp32 / mix:.2f}×** "
+            f"speed-up over fp32 | {common.mib(res['mixed']['peak_bytes'])} | {_finite(res['mixed'], mixed)} |",
         ]
     return lines
 
@@ -495,7 +328,7 @@ def speed_notes(speed):
     notes = []
     for size, res in speed.items():
         notes.append(
-            f"{size}³ fp32 {_runs(res['fp32']['times'])}, mixed {_runs(res['mixed']['times'])}"
+            f"{size}³ fp32 {common.fmt_runs(res['fp32']['times'])}, mixed {common.fmt_runs(res['mixed']['times'])}"
             + (
                 f" (non-finite at mixed steps {res['mixed']['bad_steps']}, in {len(res['mixed']['bad_params'])} "
                 f"tensors, e.g. {', '.join(res['mixed']['bad_params'][:4])})"
@@ -506,7 +339,8 @@ def speed_notes(speed):
     return "; ".join(notes)
 
 
-def print_report(cfg, quick, load, load_after, repeat, stage1, cache, cpu_speed, gpu_speed):
+def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
+    repeat = cfg["repeat"]
     none, memory = (min(r["seconds"] for r in cache[m]) for m in ("none", "memory"))
     first = cache["memory"][0]
     setup = {m: {k: min(r["setup"][k] for r in cache[m]) for k in ("train", "val", "scale_factor")} for m in cache}
@@ -520,13 +354,19 @@ def print_report(cfg, quick, load, load_after, repeat, stage1, cache, cpu_speed,
         pay_back = "never pays back"
     n, voxel = cfg["iterations"], cfg["voxel"]
     c1 = f"a: {voxel}³ data, batch {BATCH}, {n} iterations, {first['device']}"
-    lines = machine_header(quick, load, load_after)
+    note = (
+        f"native CPU bf16 (`scripts.engines.cpu_has_bf16`): {cpu_has_bf16()}; stage 2 on CPU: "
+        f"`autocast_dtype(cpu, amp=True, cpu_bf16=False)` = {autocast_dtype('cpu', True, False)} (the config's "
+        f"default), with `cpu_bf16=True`: {autocast_dtype('cpu', True, True)}"
+    )
+    modules = (torch, monai, ignite, np)
+    lines = common.machine_header("Latent diffusion training benchmark", quick, load, modules, note, torch_info=True)
     lines += [
         "| Case | Pipeline | Precision | Seconds | Ratio | Peak GPU memory | Mixed-precision steps finite |",
         "|---|---|---|---:|---|---:|---|",
-        f"| {c1} | bundle, `latent_cache='none'` (encode every step) | {_dtype(first['amp_dtype'])} | "
+        f"| {c1} | bundle, `latent_cache='none'` (encode every step) | {common.fmt_dtype(first['amp_dtype'])} | "
         f"{none:.3f} s/it | 1.00× (baseline) | – | – |",
-        f"| {c1} | bundle, `latent_cache='memory'` (latents encoded once) | {_dtype(first['amp_dtype'])} | "
+        f"| {c1} | bundle, `latent_cache='memory'` (latents encoded once) | {common.fmt_dtype(first['amp_dtype'])} | "
         f"{memory:.3f} s/it | **{none / memory:.2f}×** speed-up (none/memory) | – | – |",
         f"| {c1} | one-off: building the memory cache of {first['n_train']} training volumes | fp32 | "
         f"{setup['memory']['train']:.2f} s | {encode_extra:+.2f} s vs loading them for 'none' ("
@@ -542,80 +382,62 @@ def print_report(cfg, quick, load, load_after, repeat, stage1, cache, cpu_speed,
         f"{cfg['n_clouds']} clouds from `simulate_microtubules` (seed {SEED}, ~{cfg['points']:,} points) → "
         f"`write_point_clouds_h5` → `convert` to {voxel}³ (σ 1 voxel, {cfg['train_ratio']:.0%} train), then "
         f"`configs/train_autoencoder.json` for 1 epoch of {cfg['stage1_batches']} batches (`fast_dev_run`), batch "
-        f"{BATCH}, with validation so `best_model.pt` is written; AutoencoderKL {_ae(stage1['args'])} (its weights "
-        f"barely trained: the encoder's cost does not depend on them).",
+        f"{BATCH}, with validation so `best_model.pt` is written; {common.describe_autoencoder(stage1['args'])} (its "
+        "weights barely trained: the encoder's cost does not depend on them).",
         f"- Case a measures one epoch of {n} training iterations of `configs/train_diffusion.json` run in this "
-        f"process as `ConfigWorkflow(..., workflow_type='train', **overrides)` → `initialize()` → `run()`, with "
+        "process as `ConfigWorkflow(..., workflow_type='train', **overrides)` → `initialize()` → `run()`, with "
         f"`latent_cache` 'none' or 'memory', `fast_dev_run=True`, `fast_dev_run_batches={n}`, `n_epochs=1`, "
         f"`val_interval=2` (no validation), `generate_samples_interval=1000` (no monitoring samples), batch {BATCH}, "
-        f"seed {SEED}, the config's `amp=true`/`cpu_bf16=false` (trainer autocast: {_dtype(first['amp_dtype'])}), "
-        f"logging, TensorBoard and checkpoint handlers, progress bar off (`TQDM_DISABLE=1`). UNet: "
-        f"{_unet(unet)} on latents {fmt_shape(first['latent'])}; scale factor computed by the config "
-        f"({first['scale_factor']:.4f} in the first memory run). Data: {first['n_train']} training (+ "
-        f"{first['n_val']} validation) volumes; the {n} iterations make {n / max(1, first['n_train'] // BATCH):g} "
-        f"pass(es) over the shuffled loader. The loader served `image` batches ('none', encoded by the frozen "
-        f"autoencoder inside `sample_latents` at every step) or `z_mu`/`z_sigma` batches ('memory'): checked.",
+        f"seed {SEED}, the config's `amp=true`/`cpu_bf16=false` (trainer autocast: "
+        f"{common.fmt_dtype(first['amp_dtype'])}), logging, TensorBoard and checkpoint handlers, progress bar off "
+        f"(`TQDM_DISABLE=1`). UNet: {common.describe_unet(unet)} on latents {common.fmt_shape(first['latent'])}; "
+        f"scale factor computed by the config ({first['scale_factor']:.4f} in the first memory run). Data: "
+        f"{first['n_train']} training (+ {first['n_val']} validation) volumes; the {n} iterations make "
+        f"{n / max(1, first['n_train'] // BATCH):g} pass(es) over the shuffled loader. The loader served `image` "
+        "batches ('none', encoded by the frozen autoencoder inside `sample_latents` at every step) or "
+        "`z_mu`/`z_sigma` batches ('memory'): checked.",
         f"- Timing window (case a): `time.perf_counter` from the start of iteration 2 (before its batch is fetched; "
         f"ignite's `GET_BATCH_STARTED` on `workflow.parser.get_parsed_content('train#trainer')` after `initialize()`) "
         f"to the end of iteration {n} (after the bundle's own `ITERATION_COMPLETED` handlers); seconds/iteration = "
         f"window / {n - 1}. So data loading (collation of cached volumes or latents), encoding ('none'), the UNet "
         f"step and per-iteration handlers count; building the workflow, the datasets, the scale factor, iteration 1 "
         f"and the end-of-epoch checkpoint do not. Best of {repeat} runs per mode, interleaved (none, memory, none, "
-        f"...); all runs (s/iteration): none {_runs([r['seconds'] for r in cache['none']])}, memory "
-        f"{_runs([r['seconds'] for r in cache['memory']])}.",
-        f"- One-off (case a): the time to parse `train#dataset` after its dependencies (checkpoint, frozen "
-        f"autoencoder, file lists) were parsed: for 'memory' `encode_volumes` (load + resize every volume, encode "
-        f"in batches of {BATCH}, keep `z_mu`/`z_sigma` on the CPU), for 'none' a `CacheDataset` of the loaded, "
-        f"resized volumes. Pay-back = (memory − none set-up) / (none − memory seconds per iteration). Best of "
-        f"{repeat}; all runs (s): memory train {_runs([r['setup']['train'] for r in cache['memory']], 2)}, none "
-        f"train {_runs([r['setup']['train'] for r in cache['none']], 2)}; the {first['n_val']} validation volumes "
-        f"add memory {setup['memory']['val']:.2f} s / none {setup['none']['val']:.2f} s (built even though "
-        f"validation never runs here, as in any run), the scale factor ({first['scale_factor_batches']} batches) "
-        f"memory {setup['memory']['scale_factor']:.2f} s / none {setup['none']['scale_factor']:.2f} s.",
-        f"- Case b: `UnetStep` = `LatentDiffusionTrainer._iteration` after the latents are drawn (noise and "
-        f"timesteps, `scheduler.add_noise`, autocast forward, fp32 MSE, finite-loss check, backward, Adam; the "
+        f"...); all runs (s/iteration): none {common.fmt_runs([r['seconds'] for r in cache['none']])}, memory "
+        f"{common.fmt_runs([r['seconds'] for r in cache['memory']])}.",
+        "- One-off (case a): the time to parse `train#dataset` after its dependencies (checkpoint, frozen "
+        "autoencoder, file lists) were parsed: for 'memory' `encode_volumes` (load + resize every volume, encode in "
+        f"batches of {BATCH}, keep `z_mu`/`z_sigma` on the CPU), for 'none' a `CacheDataset` of the loaded, resized "
+        f"volumes. Pay-back = (memory − none set-up) / (none − memory seconds per iteration). Best of {repeat}; all "
+        f"runs (s): memory train {common.fmt_runs([r['setup']['train'] for r in cache['memory']], 2)}, none train "
+        f"{common.fmt_runs([r['setup']['train'] for r in cache['none']], 2)}; the {first['n_val']} validation volumes "
+        f"add memory {setup['memory']['val']:.2f} s / none {setup['none']['val']:.2f} s (built even though validation "
+        f"never runs here, as in any run), the scale factor ({first['scale_factor_batches']} batches) memory "
+        f"{setup['memory']['scale_factor']:.2f} s / none {setup['none']['scale_factor']:.2f} s.",
+        "- Case b: `UnetStep` = `LatentDiffusionTrainer._iteration` after the latents are drawn (noise and "
+        "timesteps, `scheduler.add_noise`, autocast forward, fp32 MSE, finite-loss check, backward, Adam; the "
         f"GradScaler is enabled for fp16 only) on one fixed `torch.randn` latent batch of {BATCH}; the UNet is built "
-        f"from the config's `unet_args` for the latent of each grid through case a's autoencoder (latents "
-        f"{', '.join(fmt_shape(r['latent']) for r in cpu_speed.values())}); both precisions from the same initial "
-        f"weights. One untimed warm-up step each, then the best of "
+        "from the config's `unet_args` for the latent of each grid through case a's autoencoder (latents "
+        f"{', '.join(common.fmt_shape(r['latent']) for r in cpu_speed.values())}); both precisions from the same "
+        "initial weights. One untimed warm-up step each, then the best of "
         f"{'/'.join(str(cfg['speed_iterations'][s]) for s in cfg['speed_sizes'])} timed steps (per size), fp32 and "
-        f"mixed steps interleaved. All steps (s): {speed_notes(cpu_speed)}. Speed-up = fp32 time / mixed time "
-        f"(> 1: mixed precision is faster).",
+        f"mixed steps interleaved. All steps (s): {speed_notes(cpu_speed)}. Speed-up = fp32 time / mixed time (> 1: "
+        "mixed precision is faster).",
         "- Finite check (case b, outside the timing): after every step (warm-up included) every weight gradient is "
         "tested with `torch.isfinite`; a bf16 step with a non-finite gradient is undone (weights and Adam state "
         "restored from a copy taken before it: bf16 has no scaler to skip it) so each step starts from finite weights "
         "and the count is per step, not a cascade. In the trainer such a step would write NaN into the weights and "
         "the next step's loss would stop training (`TrainingDiverged`).",
     ]
-    if gpu_speed is None:
-        lines.append(
-            "- Case c (GPU, fp16 autocast + GradScaler vs fp32) skipped: `torch.cuda.is_available()` is False."
+    gpu = None
+    if gpu_speed is not None:
+        gpu = (
+            "fp16 autocast with a GradScaler (as `MixedPrecisionTrainer` on CUDA) vs fp32 "
+            f"({common.cuda_settings()}). Peak GPU memory = `torch.cuda.max_memory_allocated()` of each precision run "
+            "alone afterwards (network built, warm-up and timed steps; weights, Adam state and activations count). "
+            f"All steps (s): {speed_notes(gpu_speed)}."
         )
-    else:
-        lines.append(
-            f"- Case c: as case b on {torch.cuda.get_device_name()} (`torch.cuda.synchronize` around each timed "
-            f"step), fp16 autocast with a GradScaler (as `MixedPrecisionTrainer` on CUDA) vs fp32 (TF32: cudnn "
-            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}; after "
-            f"`set_determinism` cudnn.benchmark = {torch.backends.cudnn.benchmark}, cudnn.deterministic = "
-            f"{torch.backends.cudnn.deterministic}). Peak GPU memory = `torch.cuda.max_memory_allocated()` of each "
-            f"precision run alone afterwards (network built, warm-up and timed steps; weights, Adam state and "
-            f"activations count). All steps (s): {speed_notes(gpu_speed)}."
-        )
+    lines.append(common.gpu_footnote("c", "b", gpu))
     print("\n".join(lines))
-
-
-def _ae(a):
-    return (
-        f"channels {list(a['channels'])}, latent {a['latent_channels']}, groups {a['norm_num_groups']}, attention "
-        f"{list(a['attention_levels'])}, non-local {a['with_encoder_nonlocal_attn']}"
-    )
-
-
-def _unet(u):
-    return (
-        f"DiffusionModelUNet channels {list(u['channels'])}, attention {list(u['attention_levels'])}, heads "
-        f"{list(u['num_head_channels'])}, groups {u['norm_num_groups']}, res blocks {u['num_res_blocks']}"
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,28 +446,20 @@ def _unet(u):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny networks and grids: a smoke check in seconds")
+    parser = common.arg_parser(__doc__, "tiny networks and grids: a smoke check in seconds", "data and outputs")
     parser.add_argument("--repeat", type=int, default=None, help="runs per cache mode in case a (default 5, quick 1)")
-    parser.add_argument("--tmpdir", default=None, help="where the temporary data and outputs go (default: system)")
     args = parser.parse_args(argv)
 
-    cfg = QUICK if args.quick else FULL
-    repeat = max(1, args.repeat or (1 if args.quick else 5))
-    load = load_average()
-    work = Path(tempfile.mkdtemp(prefix="benchmark_diffusion-", dir=args.tmpdir))
-    try:
-        print(f"simulating and converting the data in {work} ...", file=sys.stderr)
-        dataset_dir = make_dataset(work, cfg)
+    cfg = common.pick_config(args, QUICK, FULL)
+    load = common.load_average()
+    with common.work_folder(__file__, args.tmpdir) as work:
+        dataset_dir = common.make_dataset(work, cfg)
         print("stage 1: one fast epoch ...", file=sys.stderr)
         path, ae_args, seconds = train_stage1(cfg, dataset_dir, work)
         stage1 = {"path": path, "args": ae_args, "seconds": seconds}
-        cache = case_cache(cfg, dataset_dir, path, work, repeat)
-        cpu_speed = case_speed(cfg, ae_args, "cpu", torch.bfloat16)
-        gpu_speed = case_speed(cfg, ae_args, "cuda", torch.float16) if torch.cuda.is_available() else None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print_report(cfg, args.quick, load, load_average(), repeat, stage1, cache, cpu_speed, gpu_speed)
+        cache = case_cache(cfg, dataset_dir, path, work)
+        cpu_speed, gpu_speed = common.on_cpu_and_gpu(case_speed, cfg, ae_args)
+    print_report(cfg, args.quick, load, stage1, cache, cpu_speed, gpu_speed)
 
 
 if __name__ == "__main__":

@@ -22,21 +22,16 @@ identical. (5) the largest difference between our Chamfer distances and the refe
 """
 
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core for every pipeline: the machine is shared
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import SEED  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+# isort: split
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import torch  # noqa: E402
@@ -53,7 +48,6 @@ from scripts.metrics import (  # noqa: E402
 )
 from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 
-SEED = 0
 NUM_POINTS = 2048
 EMD_POINTS = 512
 FULL = {"n_clouds": 100, "reference_pairs": 200, "cdist_pairs": 200, "emd_pairs": 100, "emd_clouds": 20}
@@ -89,37 +83,11 @@ def cdist_chamfer(a, b, batch=50):
     return np.concatenate(out)
 
 
-def timed(func, *args, **kwargs):
-    start = time.perf_counter()
-    result = func(*args, **kwargs)
-    return time.perf_counter() - start, result
-
-
-def machine_header(quick, load):
-    processor = platform.processor()
-    if not processor and Path("/proc/cpuinfo").is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        processor = match.group(1).strip() if match else ""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [
-        f"# Point-cloud metrics benchmark{' (--quick)' if quick else ''}",
-        "",
-        f"- Machine: {processor or platform.machine()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, "
-        f"usable cores = {usable}, load average (1/5/15 min) before the run = {load}",
-        f"- {platform.system()} {platform.release()}; Python {platform.python_version()}, numpy {np.__version__}, "
-        f"scipy {scipy.__version__}, torch {torch.__version__}; one thread everywhere (OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS')}, torch.set_num_threads(1), cKDTree workers=1)",
-        "",
-    ]
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 × 10 clouds: a smoke check that runs in seconds")
-    args = parser.parse_args(argv)
+    args = common.arg_parser(__doc__, "10 × 10 clouds: a smoke check that runs in seconds").parse_args(argv)
     cfg = QUICK if args.quick else FULL
     torch.set_num_threads(1)
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = common.load_average()
     n = cfg["n_clouds"]
     print(f"simulating {2 * n} clouds ...", file=sys.stderr)
     generated, reference = make_sets(n)
@@ -127,32 +95,34 @@ def main(argv=None):
     rng = np.random.default_rng(SEED)
 
     print("case 1 ...", file=sys.stderr)
-    ours_s, ours = timed(chamfer_matrix, generated, reference)
+    ours_s, ours = common.timed(chamfer_matrix, generated, reference)
     subset = [pairs[k] for k in rng.choice(len(pairs), cfg["reference_pairs"], replace=False)]
-    numpy_s, numpy_values = timed(lambda: np.array([numpy_chamfer(generated[i], reference[j]) for i, j in subset]))
+    numpy_s, numpy_values = common.timed(
+        lambda: np.array([numpy_chamfer(generated[i], reference[j]) for i, j in subset])
+    )
     cdist_subset = [pairs[k] for k in rng.choice(len(pairs), cfg["cdist_pairs"], replace=False)]
-    cdist_s, cdist_values = timed(
+    cdist_s, cdist_values = common.timed(
         cdist_chamfer, [generated[i] for i, _ in cdist_subset], [reference[j] for _, j in cdist_subset]
     )
     numpy_all, cdist_all = numpy_s * len(pairs) / len(subset), cdist_s * len(pairs) / len(cdist_subset)
 
     print("case 2 ...", file=sys.stderr)
-    full_s, metrics = timed(
+    full_s, metrics = common.timed(
         lambda: set_metrics(chamfer_matrix(generated), chamfer_matrix(reference), chamfer_matrix(generated, reference))
     )
     union_pairs = 2 * n * (2 * n - 1) // 2
 
     print("case 3 ...", file=sys.stderr)
     emd_subset = [pairs[k] for k in rng.choice(len(pairs), cfg["emd_pairs"], replace=False)]
-    emd_s, _ = timed(lambda: [emd(generated[i][:EMD_POINTS], reference[j][:EMD_POINTS]) for i, j in emd_subset])
+    emd_s, _ = common.timed(lambda: [emd(generated[i][:EMD_POINTS], reference[j][:EMD_POINTS]) for i, j in emd_subset])
     emd_all = emd_s * len(pairs) / len(emd_subset)
 
     print("case 4 ...", file=sys.stderr)
     m = cfg["emd_clouds"]
     small_gen, small_ref = [c[:EMD_POINTS] for c in generated[:m]], [c[:EMD_POINTS] for c in reference[:m]]
-    full_emd_s, full_emd = timed(emd_matrix, small_gen + small_ref)
+    full_emd_s, full_emd = common.timed(emd_matrix, small_gen + small_ref)
     full_emd_metrics = set_metrics(full_emd[:m, :m], full_emd[m:, m:], full_emd[:m, m:])
-    pruned_s, (*blocks, n_exact) = timed(emd_set_blocks, small_gen, small_ref)
+    pruned_s, (*blocks, n_exact) = common.timed(emd_set_blocks, small_gen, small_ref)
     pruned_equal = set_metrics(*blocks) == full_emd_metrics
 
     ours_subset = np.array([ours[i, j] for i, j in subset])
@@ -160,7 +130,11 @@ def main(argv=None):
     numpy_diff = float(np.max(np.abs(ours_subset - numpy_values)))
     cdist_rel = float(np.max(np.abs(ours_cdist - cdist_values) / ours_cdist))
 
-    lines = machine_header(args.quick, load)
+    threads = f"; one thread everywhere (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+    threads += "torch.set_num_threads(1), cKDTree workers=1)"
+    lines = common.machine_header(
+        "Point-cloud metrics benchmark", args.quick, load, (np, scipy, torch), versions_note=threads
+    )
     lines += [
         "| Case | Pipeline | Pairs timed | Seconds (all pairs) | ms per pair | Speed-up |",
         "|---|---|---:|---:|---:|---|",

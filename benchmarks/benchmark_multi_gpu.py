@@ -12,26 +12,20 @@ the DDP machinery works and what its overhead costs, not a speed-up.
 """
 
 import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+# isort: split
 import torch  # noqa: E402
-
-from scripts.convert_h5_to_nifti import convert  # noqa: E402
-from scripts.pointcloud_io import write_point_clouds_h5  # noqa: E402
-from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 
 EPOCH = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
 
@@ -58,22 +52,11 @@ def _settings(data, out, voxel, epochs):
 
 def _run(processes, threads, settings, out):
     configs = ["configs/train_autoencoder.json"]
+    launch = [sys.executable, "-m", "monai.bundle"]
     if processes > 1:
         configs.append("configs/multi_gpu_train_autoencoder.json")
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            "--log-dir",
-            str(out / "ranks"),
-            "--redirects",
-            "3",
-            "-m",
-            "monai.bundle",
-        ]
-    else:
-        launch = [sys.executable, "-m", "monai.bundle"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+        launch = torchrun + ["--log-dir", str(out / "ranks"), "--redirects", "3", "-m", "monai.bundle"]
     args = launch + ["run", "--config_file", str(configs)]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
@@ -89,24 +72,21 @@ def _run(processes, threads, settings, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke check")
-    args = parser.parse_args()
+    args = common.arg_parser(__doc__, "tiny sizes, a smoke check").parse_args()
     n_clouds, voxel, epochs = (8, 16, 2) if args.quick else (24, 32, 4)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_point_clouds_h5(tmp / "mt.h5", simulate_microtubules(n_clouds, seed=0, mean_points=5000))
-        info = convert(tmp / "mt.h5", tmp / "vox", voxel_size=voxel, train_ratio=0.75, seed=0)
-        n_train = info["counts"]["n_train"]
+        data = common.make_dataset(tmp, {"n_clouds": n_clouds, "points": 5000, "voxel": voxel, "train_ratio": 0.75})
+        n_train = len(list((data / "train").glob("*.nii*")))
         rows = []
         for processes, threads in [(1, 1), (1, 2), (2, 1)]:
             out = tmp / f"p{processes}t{threads}"
-            times = _run(processes, threads, _settings(tmp / "vox", out, voxel, epochs), out)
+            times = _run(processes, threads, _settings(data, out, voxel, epochs), out)
             best = min(times)
             rows.append((processes, threads, best, n_train / best, times))
     print("# Multi-process training benchmark (CPU, gloo)\n")
     print(
-        f"- Machine: {platform.processor() or platform.machine()}, os.cpu_count() = {os.cpu_count()}; "
+        f"- Machine: {common.cpu_name()}, os.cpu_count() = {os.cpu_count()}; "
         f"torch {torch.__version__}; Python {platform.python_version()}"
     )
     print(
@@ -118,10 +98,7 @@ def main():
     reference = next(r for r in rows if r[:2] == (1, 2))[3]
     for processes, threads, best, rate, _ in rows:
         print(f"| {processes} | {threads} | {best:.2f} | {rate:.2f} | {rate / reference:.2f}× |")
-    print(
-        "\n- All epoch times (s): "
-        + "; ".join(f"{p}×{t}: " + "/".join(f"{x:.2f}" for x in ts) for p, t, _, _, ts in rows)
-    )
+    print("\n- All epoch times (s): " + "; ".join(f"{p}×{t}: {common.fmt_runs(ts, 2)}" for p, t, _, _, ts in rows))
     print("- Epoch time as ignite logs it (rank 0): the iterations plus the end-of-epoch checkpoint.")
 
 
