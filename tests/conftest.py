@@ -82,6 +82,16 @@ def run_cli(config, **override):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+def write_h5(path, **datasets):
+    """Write each keyword array as an HDF5 dataset of that name; returns ``path``."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            f[key] = value
+    return path
+
+
 def user_error(exc):
     """The :class:`scripts.errors.UserError` behind ``exc`` (frameworks wrap exceptions), or ``None``."""
     from scripts.errors import UserError

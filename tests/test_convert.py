@@ -4,11 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import write_h5
 from scripts.convert_h5_to_nifti import convert, cut_tiles
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
@@ -143,13 +143,6 @@ def test_points_outside_a_given_box_are_dropped_and_counted(clouds_file, tmp_pat
     assert info["counts"]["points_inside"] + info["counts"]["points_outside_box"] == sum(map(len, clouds))
 
 
-def _h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for k, v in datasets.items():
-            f[k] = v
-    return path
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -172,14 +165,14 @@ def _h5(path, **datasets):
 def test_bad_input_one_line_nonzero_exit_nothing_written(tmp_path, args, message):
     rng = np.random.default_rng(0)
     (tmp_path / "notes.txt").write_text("hello world\n")
-    _h5(tmp_path / "ok.h5", point_clouds=rng.uniform(0, 1000, (4, 50, 3)))
-    _h5(tmp_path / "flat.h5", point_clouds=np.zeros((2, 10, 2)))
+    write_h5(tmp_path / "ok.h5", point_clouds=rng.uniform(0, 1000, (4, 50, 3)))
+    write_h5(tmp_path / "flat.h5", point_clouds=np.zeros((2, 10, 2)))
     nan = rng.uniform(0, 1000, (2, 10, 3))
     nan[1] = np.nan
-    _h5(tmp_path / "nan.h5", point_clouds=nan)
+    write_h5(tmp_path / "nan.h5", point_clouds=nan)
     inf = rng.uniform(0, 1000, (2, 10, 3))
     inf[0, 3, 2] = np.inf
-    _h5(tmp_path / "inf.h5", point_clouds=inf)
+    write_h5(tmp_path / "inf.h5", point_clouds=inf)
     before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "out"
     result = _cli(*[a.format(d=tmp_path) for a in args], "--output_dir", out)
@@ -194,7 +187,7 @@ def test_nonfinite_points_dropped_and_counted(tmp_path):
     arr = np.random.default_rng(0).uniform(0, 1000, (3, 20, 3))
     arr[0, 2, 1] = np.nan
     arr[2, 5, 0] = -np.inf
-    info = convert(_h5(tmp_path / "in.h5", point_clouds=arr), tmp_path / "o", voxel_size=8)
+    info = convert(write_h5(tmp_path / "in.h5", point_clouds=arr), tmp_path / "o", voxel_size=8)
     assert info["source"]["nonfinite_dropped"] == 2 and info["counts"]["points_inside"] == 58
 
 

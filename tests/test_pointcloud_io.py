@@ -4,6 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import write_h5
 from scripts.errors import UserError
 from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5, write_points_csv
 
@@ -143,13 +144,6 @@ def _bytes(path, data):
     return path
 
 
-def _h5(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for k, v in datasets.items():
-            f[k] = v
-    return path
-
-
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -157,9 +151,9 @@ def _h5(path, **datasets):
         (lambda d: _text(d / "a.txt", ""), "empty file"),
         (lambda d: _bytes(d / "a.npy", b"\x93NUMPY"), "not an HDF5 or CSV"),
         (lambda d: _text(d / "fake.h5", "x,y,z\n"), "not an HDF5 or CSV"),
-        (lambda d: _h5(d / "k.h5", coords=np.zeros((2, 5, 3)), labels=np.zeros(2)), "keys in the file: coords"),
-        (lambda d: _h5(d / "s.h5", point_clouds=np.zeros((2, 5, 2))), r"shape \(2, 5, 2\)"),
-        (lambda d: _h5(d / "n.h5", point_clouds=np.full((2, 5, 3), np.nan)), "cloud 0 is empty"),
+        (lambda d: write_h5(d / "k.h5", coords=np.zeros((2, 5, 3)), labels=np.zeros(2)), "keys in the file: coords"),
+        (lambda d: write_h5(d / "s.h5", point_clouds=np.zeros((2, 5, 2))), r"shape \(2, 5, 2\)"),
+        (lambda d: write_h5(d / "n.h5", point_clouds=np.full((2, 5, 3), np.nan)), "cloud 0 is empty"),
         (lambda d: _text(d / "h.csv", "a,b,c\n1,2,3\n"), "no x/y columns"),
         (lambda d: _text(d / "v.csv", "x,y,z\n1,2,abc\n"), "cannot parse"),
         (lambda d: _text(d / "u.csv", "x [px],y [px]\n1,2\n"), "pixel_size"),
@@ -173,6 +167,6 @@ def test_bad_files_get_one_line_naming_the_file(tmp_path, make, message):
 
 
 def test_unknown_given_key_lists_keys(tmp_path):
-    path = _h5(tmp_path / "a.h5", point_clouds=np.zeros((1, 4, 3)))
+    path = write_h5(tmp_path / "a.h5", point_clouds=np.zeros((1, 4, 3)))
     with pytest.raises(UserError, match="key 'clouds' not found; keys in the file: point_clouds"):
         read_point_clouds(path, key="clouds")
