@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from monai.bundle import ConfigParser
 
 from conftest import ROOT, diffusion_overrides, overrides, run_workflow
 from scripts.checkpoint import load_checkpoint
@@ -68,6 +69,18 @@ def test_two_processes_train_both_stages(dataset_dir, tmp_path):
     train_files = {str(p) for p in (dataset_dir / "train").iterdir()}
     assert rank0 and rank1 and not rank0 & rank1 and rank0 | rank1 == train_files
     assert len(rank0) == len(rank1) == len(train_files) // 2
+
+    # validation metrics were reduced across ranks: one process evaluating the best weights on all validation
+    # volumes gets the Dice the two ranks (one validation volume each) reported together
+    best = load_checkpoint(ckpt_dir / "best_model.pt")
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs" / "train_autoencoder.json")
+    parser.update({**overrides(dataset_dir, tmp_path / "single"), "device": "$torch.device('cpu')"})
+    parser.get_parsed_content("autoencoder").load_state_dict(best["autoencoder"])
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    assert len(list((dataset_dir / "val").iterdir())) == 2
+    assert evaluator.state.metrics["val_dice"] == pytest.approx(best["best_metric"], abs=1e-5)
 
     # the DDP checkpoint resumes in a single process
     workflow = run_workflow(
