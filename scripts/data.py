@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from scripts.errors import UserError
-from scripts.geometry import GridGeometry, as_shape
+from scripts.geometry import GridGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ def load_dataset_info(data_dir):
     geometry = GridGeometry.from_affine(img.affine, img.shape[:3])
     logger.warning(f"{info_path} not found: geometry taken from {first}; no points-per-mass for sampling")
     return {"geometry": geometry.to_dict(), "points_per_mass": None, "source": {"file": None}}
-
-
-def training_geometry(dataset_info, voxel_size):
-    """The data's box on the training grid: ``voxel_size`` changes the spacing, not the box."""
-    return GridGeometry.from_dict(dataset_info["geometry"]).with_shape(as_shape(voxel_size))
 
 
 def volume_transforms(spatial_size):

@@ -15,6 +15,7 @@ from monai.utils import CommonKeys
 from scripts.errors import UserError
 from scripts.latents import sample_latents
 from scripts.losses import kl_loss
+from scripts.networks import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +52,22 @@ def _reraise(engine, e):
     raise e
 
 
-def image_as_target(batchdata, device=None, non_blocking=False, **kwargs):
-    """``prepare_batch`` for autoencoders: the image is both the input and the target."""
+def batch_images(batchdata, device=None, non_blocking=False):
+    """The batch's images as a plain tensor (not a MetaTensor) on ``device``."""
     images = batchdata[CommonKeys.IMAGE]
     images = images.as_tensor() if hasattr(images, "as_tensor") else images
-    images = images.to(device, non_blocking=non_blocking)
+    return images.to(device, non_blocking=non_blocking)
+
+
+def image_as_target(batchdata, device=None, non_blocking=False, **kwargs):
+    """``prepare_batch`` for autoencoders: the image is both the input and the target."""
+    images = batch_images(batchdata, device, non_blocking)
     return images, images
 
 
 def reconstruct(images, network):
     """Inferer of the stage-1 evaluator: the deterministic reconstruction (decode of the encoder mean)."""
-    network = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-    return network.reconstruct(images)
+    return unwrap(network).reconstruct(images)
 
 
 def metric_cmp_fn(key_metric):
@@ -133,9 +138,7 @@ class MixedPrecisionTrainer(Trainer):
         scaler.update()
 
     def images(self, batchdata):
-        images = batchdata[CommonKeys.IMAGE]
-        images = images.as_tensor() if hasattr(images, "as_tensor") else images
-        return images.to(self.state.device, non_blocking=self.non_blocking)
+        return batch_images(batchdata, self.state.device, self.non_blocking)
 
 
 class VaeGanTrainer(MixedPrecisionTrainer):

@@ -10,13 +10,10 @@ from monai.utils import CommonKeys
 
 from scripts.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from scripts.errors import UserError
+from scripts.networks import unwrap
 from scripts.pictures import projection_grid
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(obj):
-    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
 
 
 def _state(engine):
@@ -59,7 +56,7 @@ class CheckpointSaver:
         return {
             "stage": self.stage,
             **_state(self.trainer),
-            **{name: _unwrap(obj).state_dict() for name, obj in self.objects.items()},
+            **{name: unwrap(obj).state_dict() for name, obj in self.objects.items()},
             "best_metric": None if ev is None else float(ev.best_metric),
             "best_metric_epoch": None if ev is None else int(ev.best_metric_epoch),
             "key_metric_name": None if ev is None else ev.key_metric_name,
@@ -96,7 +93,6 @@ class CheckpointLoader:
     def __init__(self, resume_from, stage, objects, network_config=None, evaluator=None):
         self.resume_from, self.stage, self.objects = resume_from, stage, objects
         self.network_config, self.evaluator = network_config, evaluator
-        self.checkpoint = None
 
     def attach(self, engine):
         if self.resume_from:
@@ -104,7 +100,7 @@ class CheckpointLoader:
 
     def resume(self, engine):
         path = self.resume_from
-        ckpt = self.checkpoint = load_checkpoint(path, self.stage, hint="check --resume_from")
+        ckpt = load_checkpoint(path, self.stage, hint="check --resume_from")
         if self.network_config is not None and ckpt.get("network_config") != self.network_config:
             raise UserError(
                 f"{path}: was trained with network settings {ckpt.get('network_config')}, "
@@ -113,7 +109,7 @@ class CheckpointLoader:
         for name, obj in self.objects.items():
             if name not in ckpt:
                 raise UserError(f"{path}: holds no {name!r} state")
-            load_state(_unwrap(obj), ckpt[name], path, name)
+            load_state(unwrap(obj), ckpt[name], path, name)
         for name, scaler in getattr(engine, "scalers", {}).items():
             if ckpt["scalers"].get(name):
                 scaler.load_state_dict(ckpt["scalers"][name])
@@ -130,25 +126,23 @@ class CheckpointLoader:
 class ProjectionImageHandler:
     """Logs maximum-intensity projections of inputs beside outputs to TensorBoard every ``interval`` epochs.
 
-    Attach it to an evaluator (its last batch is drawn) with ``epoch`` telling the trainer's epoch.
+    Attach it to an evaluator run by ``ValidationHandler`` (its last batch is drawn; its epoch is the trainer's).
 
     Args:
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter``.
         interval: epochs between pictures.
         tag: TensorBoard image tag.
         max_volumes: how many volumes of the batch to show (one row each: input | output).
-        epoch: callable returning the global epoch (defaults to the engine's own).
     """
 
-    def __init__(self, summary_writer, interval=1, tag="val/input_vs_reconstruction", max_volumes=2, epoch=None):
+    def __init__(self, summary_writer, interval=1, tag="val/input_vs_reconstruction", max_volumes=2):
         self.writer, self.interval, self.tag, self.max_volumes = summary_writer, interval, tag, max_volumes
-        self.epoch = epoch
 
     def attach(self, engine):
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine):
-        epoch = self.epoch() if self.epoch else engine.state.epoch
+        epoch = engine.state.epoch  # an evaluator run by ValidationHandler counts the trainer's epochs
         if epoch % self.interval:
             return
         output = engine.state.output
@@ -235,7 +229,7 @@ class SampleImageHandler:
         self.unet.eval()
         grids = sample_grids(
             self.autoencoder,
-            _unwrap(self.unet),
+            unwrap(self.unet),
             scheduler,
             self.scale_factor,
             self.latent_shape,

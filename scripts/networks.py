@@ -77,6 +77,11 @@ def check_diffusion(unet_args, latent):
     check_divisible(list(latent[1:]), len(channels) - 1, "diffusion UNet (on the latent grid)")
 
 
+def unwrap(network):
+    """The module inside a ``DistributedDataParallel`` wrapper (or the network itself)."""
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
 def build_autoencoder(args):
     return AutoencoderKL(**args)
 
