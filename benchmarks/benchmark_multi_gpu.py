@@ -55,7 +55,7 @@ def _run(processes, threads, settings, out):
     launch = [sys.executable, "-m", "monai.bundle"]
     if processes > 1:
         configs.append("configs/multi_gpu_train_autoencoder.json")
-        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         launch = torchrun + ["--log-dir", str(out / "ranks"), "--redirects", "3", "-m", "monai.bundle"]
     args = launch + ["run", "--config_file", str(configs)]
     for key, value in settings.items():

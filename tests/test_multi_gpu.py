@@ -30,6 +30,7 @@ def _torchrun(stage, settings, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free rendezvous port: back-to-back launches never meet a port still in use
         "--nproc_per_node=2",
         "--log-dir",
         str(tmp_path / "ranks"),
