@@ -48,11 +48,19 @@ def _torchrun(stage, settings, tmp_path):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 
-def _rank_logs(tmp_path):
+def _rank_logs(tmp_path, name="stdout.log"):
     logs = {}
-    for path in (tmp_path / "ranks").rglob("stdout.log"):
+    for path in (tmp_path / "ranks").rglob(name):
         logs[int(path.parent.name)] = path.read_text()
     return logs
+
+
+def _explain(result, tmp_path):
+    """The launcher's last lines and each rank's own stderr: what a failed launch is read from."""
+    ranks = "".join(
+        f"\n--- rank {r} stderr ---\n{log[-3000:]}" for r, log in sorted(_rank_logs(tmp_path, "stderr.log").items())
+    )
+    return f"exit {result.returncode}\n--- torchrun ---\n{result.stderr[-2000:]}{ranks}"
 
 
 def _seen(tmp_path):
@@ -62,7 +70,7 @@ def _seen(tmp_path):
 def test_two_processes_train_both_stages(dataset_dir, tmp_path):
     stage1 = tmp_path / "s1"
     result = _torchrun("train_autoencoder", overrides(dataset_dir, stage1), stage1)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _explain(result, stage1)
     ckpt_dir, log_dir = stage1 / "outputs" / "autoencoder", stage1 / "logs" / "autoencoder"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pt", "latest_checkpoint.pt"]
     assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 only
@@ -96,7 +104,7 @@ def test_two_processes_train_both_stages(dataset_dir, tmp_path):
         diffusion_overrides(dataset_dir, ckpt_dir / "best_model.pt", stage2, generate_samples_interval=1),
         stage2,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _explain(result, stage2)
     ckpt = load_checkpoint(stage2 / "outputs" / "diffusion" / "latest_checkpoint.pt", "diffusion")
     per_rank = [
         float(re.search(r"this rank: ([0-9.]+)", log).group(1)) for _, log in sorted(_rank_logs(stage2).items())
