@@ -89,6 +89,41 @@ SAMPLING_KEYS = (
 )
 
 
+def check_resume(resume_from, stage, expected):
+    """Refuse, at start-up, to resume from a checkpoint whose settings differ from this run's.
+
+    Args:
+        resume_from: the checkpoint to resume from, or ``None`` (nothing to check).
+        stage: its expected stage.
+        expected: ``{entry: value}`` this run uses, compared with the checkpoint's entries (network settings, grid
+            size, data geometry, ...); ``dataset_info`` is compared by its geometry (the box and grid).
+    """
+    if not resume_from:
+        return None
+    ckpt = load_checkpoint(resume_from, stage, hint="check --resume_from")
+    for key, value in expected.items():
+        stored, wanted = ckpt.get(key), value
+        if key == "dataset_info":
+            stored, wanted = (stored or {}).get("geometry"), (value or {}).get("geometry")
+        if _plain(stored) != _plain(wanted):
+            raise UserError(
+                f"{resume_from}: was trained with {key} {_plain(stored)}, but this run has {_plain(wanted)}; resume "
+                "with the settings it was trained with, or train afresh into another ckpt_dir"
+            )
+    return ckpt
+
+
+def _plain(value):
+    """Tuples as lists and numbers as floats, so settings from a config and from a checkpoint compare equal."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def slim_checkpoint(src, dst):
     """Copy what sampling needs from a best_model.pt (no optimizer, discriminator or RNG state) to ``dst``."""
     ckpt = load_checkpoint(src)

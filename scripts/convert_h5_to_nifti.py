@@ -5,37 +5,41 @@ Usage from the bundle root::
     python scripts/convert_h5_to_nifti.py --h5_file F --output_dir D --voxel_size 64 --method gaussian --sigma 1.0
 
 Writes ``D/train/*.nii.gz``, ``D/val/*.nii.gz``, ``D/train_points.h5``, ``D/val_points.h5`` and
-``D/dataset_info.json``. Everything is written to a temporary folder first and moved into place at the end,
-so a failure leaves ``D`` as it was.
+``D/dataset_info.json``. Everything is written to a staging folder inside ``D`` first and swapped in when complete
+(:mod:`scripts.outputs`), so a failure, a kill or Ctrl-C leaves an earlier conversion in ``D`` whole.
 """
 
 import json
 import multiprocessing
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from scripts.errors import UserError, exit_on_user_error  # noqa: E402
+from scripts.cli import main  # noqa: E402
+from scripts.errors import UserError  # noqa: E402
 from scripts.geometry import GridGeometry, as_shape, as_triple  # noqa: E402
+from scripts.outputs import StagedOutput  # noqa: E402
 from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.settings import check_memory  # noqa: E402
 from scripts.volume_io import save_nifti  # noqa: E402
-from scripts.voxelize import (  # noqa: E402
-    grid_mass_um3,
-    normalize_,
-    sigma_in_voxels,
-    voxelize,
-)
+from scripts.voxelize import METHODS, NORMALIZATIONS, grid_mass_um3, normalize_, sigma_in_voxels, voxelize  # noqa: E402
 
-OUTPUTS = ("train", "val", "train_points.h5", "val_points.h5", "dataset_info.json")
+# the converter's own files (an earlier conversion without a manifest is recognised by them)
+OUTPUT_PATTERNS = (
+    "train/train_*.nii",
+    "train/train_*.nii.gz",
+    "val/val_*.nii",
+    "val/val_*.nii.gz",
+    "train_points.h5",
+    "val_points.h5",
+    "dataset_info.json",
+)
 PERCENTILE_SAMPLES = 100_000  # non-zero voxel values drawn per grid to estimate a dataset-wide percentile
 
 
@@ -85,8 +89,6 @@ def _percentile_sample(job):
 def _convert_one(job):
     cloud, path, geometry, method, sigma_voxels, rule, constant = job
     grid, n_inside, n_outside = _grid(cloud, geometry, method, sigma_voxels)
-    if n_inside == 0:
-        return {"name": path.name, "points": 0, "outside": n_outside}
     scale = normalize_(grid, rule, constant)
     save_nifti(path, grid, geometry)
     mass = grid_mass_um3(grid, geometry)
@@ -100,25 +102,34 @@ def _map(func, jobs, num_workers, desc):
     return [func(job) for job in tqdm(jobs, desc=desc, unit="cloud", disable=None)]
 
 
-def _check_output_dir(output_dir, overwrite):
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"{output_dir}: exists and is not a folder")
-    existing = [name for name in OUTPUTS if (output_dir / name).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{output_dir}: already holds a conversion ({', '.join(existing)}); pass --overwrite")
+def suggest_tiles(clouds):
+    """A tile size that fits the data (half the smaller lateral extent, the whole axial range, rounded up to
+    100 nm) and a tile count for one large acquisition: ``(n_tiles, [x, y, z] nm)``."""
+    pts = np.concatenate(clouds)
+    lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
+    extent = hi - lo
+    lateral = max(100.0, np.ceil(min(extent[0], extent[1]) / 2 / 100) * 100)
+    axial = max(100.0, np.ceil(extent[2] / 100) * 100 + 100)
+    return 64, [float(lateral), float(lateral), float(axial)]
 
 
-def _move_into_place(tmp, output_dir):
-    """Replace only the converter's own entries in ``output_dir``; anything else there is left alone."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        target = output_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        if (tmp / name).exists():
-            os.replace(tmp / name, target)
+def _outliers(points, geometry):
+    """``(n, axis)`` when the box is more than 10× the extent of 99.8 % of the points along an axis, else ``None``."""
+    lo, hi = np.percentile(points, 0.1, axis=0), np.percentile(points, 99.9, axis=0)
+    core = np.maximum(hi - lo, 1e-9)
+    for axis in np.flatnonzero(geometry.size_nm > 10 * core):
+        if hi[axis] - lo[axis] > 0:
+            margin = (hi[axis] - lo[axis]) / 2
+            far = (points[:, axis] < lo[axis] - margin) | (points[:, axis] > hi[axis] + margin)
+            return int(far.sum()), int(axis), lo[axis], hi[axis]
+    return None
+
+
+def _remove_legacy_staging(output_dir):
+    """Staging folders that earlier versions of the converter left beside ``output_dir`` when killed."""
+    for stale in output_dir.parent.glob(f".{output_dir.name}.convert-*"):
+        print(f"warning: removing {stale}, left by a conversion that was stopped", file=sys.stderr)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def convert(
@@ -132,6 +143,7 @@ def convert(
     data_key=None,
     volume_dims=None,
     padding=0.0,
+    box_anchor="zero",
     no_compression=False,
     seed=42,
     num_workers=1,
@@ -139,10 +151,11 @@ def convert(
     percentile=99.9,
     tiles=None,
     tile_size=(8000.0, 8000.0, 300.0),
-    unit="nm",
+    unit=None,
     pixel_size=None,
     zero_is_padding=False,
     strict=False,
+    allow_2d=False,
     overwrite=False,
     input=None,
 ):
@@ -155,17 +168,21 @@ def convert(
         voxel_size: grid shape, an int or [X, Y, Z].
         method: 'gaussian', 'density' or 'occupancy'.
         sigma: Gaussian width, a number or [X, Y, Z], in ``sigma_unit`` ('voxel' or 'nm').
-        train_ratio: fraction of clouds for training; the rest is validation.
+        train_ratio: fraction of clouds for training; the rest is validation (at least one cloud when below 1).
         data_key: HDF5 key of the clouds (auto-detected when not given).
-        volume_dims: box size in nm ([X, Y, Z] or a number), centred on the data; default: the data's extent.
+        volume_dims: box size in nm ([X, Y, Z] or a number); the box is ``[-padding, volume_dims + padding]`` per
+            axis, as in the seed (``box_anchor='center'``: centred on the data instead). Default: the data's extent.
         padding: margin in nm added to the box on each side.
+        box_anchor: 'zero' (default) or 'center', see ``volume_dims``.
         no_compression: write ``.nii`` instead of ``.nii.gz``.
         seed: seed of the split (and of the tiles).
         num_workers: processes that voxelize and write in parallel.
         normalize: 'max' (per volume), 'percentile' (dataset-wide ``percentile`` of non-zero voxels) or 'none'.
         tiles: cut this many random boxes of ``tile_size`` nm (rotated about z, re-origined) out of the input.
-        unit, pixel_size, zero_is_padding, strict: passed to the reader (unit of bare coordinates, camera pixel
-            size in nm, whether (0, 0, 0) rows are padding, whether NaN/Inf coordinates are refused).
+        unit, pixel_size, zero_is_padding: passed to the reader (unit of bare coordinates, default the file's
+            ``unit`` attribute or nm; camera pixel size in nm; whether (0, 0, 0) rows are padding).
+        strict: refuse NaN/Inf coordinates and clouds with no point in the box instead of dropping and counting them.
+        allow_2d: accept data without z (z is set to 0 and the box is 1 nm deep); refused otherwise.
         overwrite: replace an earlier conversion in ``output_dir`` (only its own files).
     """
     source = h5_file if h5_file is not None else input
@@ -173,26 +190,80 @@ def convert(
         raise UserError("--h5_file: give the input point-cloud file")
     shape = as_shape(voxel_size)
     output_dir = Path(output_dir)
-    if not 0 < float(train_ratio) <= 1:
+    if method not in METHODS:
+        raise UserError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"normalize: expected one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if method == "gaussian":
+        sigma_in_voxels(sigma, sigma_unit, GridGeometry((0, 0, 0), (1, 1, 1), shape))  # positive, known unit
+    if not isinstance(train_ratio, (int, float)) or isinstance(train_ratio, bool) or not 0 < train_ratio <= 1:
         raise UserError(f"train_ratio: must be in (0, 1], got {train_ratio!r}")
-    if not isinstance(num_workers, int) or num_workers < 1:
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
         raise UserError(f"num_workers: must be a positive integer, got {num_workers!r}")
-    _check_output_dir(output_dir, overwrite)
+    if tiles is not None and (not isinstance(tiles, int) or isinstance(tiles, bool) or tiles < 1):
+        raise UserError(f"tiles: must be a positive integer, got {tiles!r}")
+    if not 0 < percentile <= 100:
+        raise UserError(f"percentile: must be in (0, 100], got {percentile!r}")
+    check_memory(
+        2 * 4 * int(np.prod(shape, dtype=np.float64)) * num_workers,
+        f"voxel_size: {list(shape)}",
+        "use a smaller voxel_size (or fewer --num_workers)",
+    )
+    staged = StagedOutput(output_dir, "a conversion", OUTPUT_PATTERNS, overwrite, "--output_dir")
+    staged.check()
+    _remove_legacy_staging(output_dir)
 
     clouds, meta = read_point_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict)
+    flat_z = meta["dims"] == 2 or np.ptp(np.concatenate([c[:, 2] for c in clouds])) == 0
+    if flat_z and not allow_2d:
+        raise UserError(
+            f"{source}: the points have no z (2D data); this bundle makes 3D grids. Pass --allow_2d true to "
+            "convert them with z = 0 in a 1-nm-deep box"
+        )
+    if flat_z:
+        print("note: 2D data: z = 0 for every point, the box is 1 nm deep (--allow_2d)", file=sys.stderr)
     tile_info = None
     if tiles:
         clouds, tile_sources = cut_tiles(clouds, int(tiles), tile_size, seed)
         tile_info = {"n_tiles": int(tiles), "tile_size_nm": list(as_triple(tile_size, "tile_size")), "seed": seed}
         corners = np.array([[0.0, 0.0, 0.0], tile_info["tile_size_nm"]])
-        geometry = GridGeometry.around(corners, shape, padding, volume_dims)
+        geometry = GridGeometry.around(corners, shape, padding, volume_dims, box_anchor)
     else:
         tile_sources = list(range(len(clouds)))
-        geometry = GridGeometry.around(clouds, shape, padding, volume_dims)
+        geometry = GridGeometry.around(clouds, shape, padding, volume_dims, box_anchor)
+        far = _outliers(np.concatenate(clouds), geometry) if volume_dims is None else None
+        if far:
+            n, axis, lo, hi = far
+            print(
+                f"warning: {source}: {n} points lie far outside the others along {'xyz'[axis]} (99.8 % are within "
+                f"{lo:.0f}–{hi:.0f} nm), so the box is {geometry.size_nm[axis]:.3g} nm wide and voxels "
+                f"{geometry.spacing_nm[axis]:.3g} nm; pass --volume_dims (and --padding) to set the box",
+                file=sys.stderr,
+            )
     sigma_voxels = sigma_in_voxels(sigma, sigma_unit, geometry) if method == "gaussian" else np.zeros(3)
 
-    order = np.random.default_rng(seed).permutation(len(clouds))
-    n_train = max(1, int(round(len(clouds) * float(train_ratio))))
+    inside = np.array([int(geometry.inside(c).sum()) for c in clouds])
+    skipped = [int(i) for i in np.flatnonzero(inside == 0)]
+    if len(skipped) == len(clouds):
+        raise UserError(f"{source}: no points inside the box for any of the {len(clouds)} clouds")
+    if skipped and strict:
+        raise UserError(f"{source}: no points inside the box for {len(skipped)} clouds ({skipped[:5]}; --strict)")
+    if skipped:
+        print(
+            f"warning: {len(skipped)} of {len(clouds)} clouds have no point inside the box and are skipped",
+            file=sys.stderr,
+        )
+    usable = [i for i in range(len(clouds)) if inside[i] > 0]
+    order = np.random.default_rng(seed).permutation(usable)
+    n_train = int(round(len(usable) * float(train_ratio)))
+    n_train = len(usable) if train_ratio == 1 else max(1, min(n_train, len(usable) - 1))
+    if n_train == len(usable) and train_ratio < 1:
+        n_tiles, size = suggest_tiles(clouds)
+        raise UserError(
+            f"{source}: holds {len(usable)} usable cloud, so the split has no validation grid and stage 1 cannot "
+            f"validate; cut it into tiles (--tiles {n_tiles} --tile_size {[round(v) for v in size]} fits this data) "
+            "or pass --train_ratio 1"
+        )
     splits = {"train": sorted(order[:n_train].tolist()), "val": sorted(order[n_train:].tolist())}
     width = max(4, len(str(len(clouds) - 1)))
     suffix = ".nii" if no_compression else ".nii.gz"
@@ -204,9 +275,7 @@ def convert(
             np.percentile(np.concatenate(_map(_percentile_sample, jobs, num_workers, "percentile")), percentile)
         )
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.convert-", dir=output_dir.parent))
-    try:
+    with staged as tmp:
         jobs = []
         for split, members in splits.items():
             (tmp / split).mkdir()
@@ -223,9 +292,6 @@ def convert(
                 for i in members
             ]
         results = _map(_convert_one, jobs, num_workers, "convert")
-        empty = [r["name"] for r in results if r["points"] == 0]
-        if empty:
-            raise UserError(f"{source}: no points inside the box for {', '.join(empty[:5])}")
         records = {"train": results[: len(splits["train"])], "val": results[len(splits["train"]) :]}
         for split, members in splits.items():
             if members:
@@ -235,6 +301,7 @@ def convert(
             "format_version": 1,
             "source": {"file": str(Path(source).resolve()), **{k: v for k, v in meta.items() if k != "source"}},
             "geometry": geometry.to_dict(),
+            "box": {"volume_dims_nm": volume_dims, "padding_nm": padding, "anchor": box_anchor},
             "voxelization": {
                 "method": method,
                 "sigma_voxels": [float(v) for v in sigma_voxels],
@@ -248,11 +315,14 @@ def convert(
             },
             "split": {"train_ratio": float(train_ratio), "seed": seed, "train": splits["train"], "val": splits["val"]},
             "tiles": tile_info,
+            "skipped_no_points_in_box": skipped,
             "counts": {
                 "n_train": len(splits["train"]),
                 "n_val": len(splits["val"]),
+                "n_skipped": len(skipped),
                 "points_inside": int(sum(r["points"] for rs in records.values() for r in rs)),
-                "points_outside_box": int(sum(r["outside"] for rs in records.values() for r in rs)),
+                "points_outside_box": int(sum(r["outside"] for rs in records.values() for r in rs))
+                + int(sum(len(clouds[i]) for i in skipped)),
             },
             "points_per_mass": {
                 "mean": float(ppm.mean()),
@@ -265,9 +335,6 @@ def convert(
             },
         }
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=4) + "\n")
-        _move_into_place(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     counts = info["counts"]
     print(
         f"wrote {counts['n_train']} train and {counts['n_val']} val grids of {list(shape)} voxels "
@@ -278,4 +345,4 @@ def convert(
 
 
 if __name__ == "__main__":
-    fire.Fire(exit_on_user_error(convert))
+    main(convert)

@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import torch
 
 from scripts.errors import UserError
@@ -38,20 +37,36 @@ def list_volumes(data_dir, name="data folder"):
             raise UserError(f"{path}: expected a 3D volume, got shape {img.shape}")
         box = GridGeometry.from_affine(img.affine, img.shape[:3])
         first = first or (path, box)
-        if not np.allclose(
-            [box.box_min_nm, box.box_max_nm],
-            [first[1].box_min_nm, first[1].box_max_nm],
-            atol=1e-3 * float(first[1].size_nm.max()),
-        ):
+        if not box.same_box(first[1]):
             raise UserError(
-                f"{path}: covers the box {_box(box)} nm but {first[0].name} covers {_box(first[1])} nm; volumes of "
-                "different conversions cannot be mixed (grid sizes may differ, the box may not)"
+                f"{path}: covers the box {box.describe()} but {first[0].name} covers {first[1].describe()}; volumes "
+                "of different conversions cannot be mixed (grid sizes may differ, the box may not)"
             )
     return [{"image": str(p)} for p in files]
 
 
-def _box(geometry):
-    return f"{[round(v, 1) for v in geometry.box_min_nm]}–{[round(v, 1) for v in geometry.box_max_nm]}"
+def volume_box(datalist):
+    """The box of a datalist's volumes (:func:`list_volumes` checked that they share one)."""
+    img = nib.load(datalist[0]["image"])
+    return GridGeometry.from_affine(img.affine, img.shape[:3])
+
+
+def check_same_box(train_datalist, val_datalist, trained_on=None, trained_on_path=None):
+    """Start-up check: training and validation volumes cover one box, and with ``trained_on`` (the geometry dict
+    of the autoencoder checkpoint at ``trained_on_path``) the box the autoencoder was trained on."""
+    train, val = volume_box(train_datalist), volume_box(val_datalist)
+    if not train.same_box(val):
+        raise UserError(
+            f"{val_datalist[0]['image']}: covers the box {val.describe()}, but the training volumes cover "
+            f"{train.describe()}; train and validate on one conversion"
+        )
+    if trained_on is not None and not train.same_box(GridGeometry.from_dict(trained_on)):
+        raise UserError(
+            f"{train_datalist[0]['image']}: covers the box {train.describe()}, but the autoencoder {trained_on_path} "
+            f"was trained on {GridGeometry.from_dict(trained_on).describe()}; its samples would land in that box. "
+            "Train stage 2 on the autoencoder's conversion, or retrain stage 1 on this one"
+        )
+    return train
 
 
 def load_dataset_info(data_dir):
@@ -76,16 +91,34 @@ def load_dataset_info(data_dir):
     return {"geometry": geometry.to_dict(), "points_per_mass": None, "source": {"file": None}}
 
 
+class LoadVolumed:
+    """``LoadImaged`` of the ``image`` key, channel first, with a one-line error naming a file it cannot read
+    (truncated, not NIfTI) instead of a traceback from inside a data loader."""
+
+    def __init__(self):
+        from monai.transforms import LoadImaged
+
+        self.load = LoadImaged(keys="image", ensure_channel_first=True, image_only=True)
+
+    def __call__(self, data):
+        try:
+            return self.load(data)
+        except Exception as e:  # nibabel and gzip raise many types for a bad file
+            while e.__cause__ is not None:
+                e = e.__cause__
+            raise UserError(f"{data['image']}: not a readable NIfTI volume ({e.__class__.__name__}: {e})") from None
+
+
 def volume_transforms(spatial_size):
     """Load a NIfTI volume channel-first as float32 and resize it to ``spatial_size`` (anti-aliased when shrinking).
 
     Both training stages and the evaluation use this, so the autoencoder always sees the same preprocessing.
     """
-    from monai.transforms import Compose, EnsureTyped, LoadImaged, Resized
+    from monai.transforms import Compose, EnsureTyped, Resized
 
     return Compose(
         [
-            LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
+            LoadVolumed(),
             Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
             EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         ]

@@ -12,7 +12,7 @@ from ignite.engine import Events
 from monai.engines import Evaluator, Trainer
 from monai.utils import CommonKeys
 
-from scripts.errors import UserError
+from scripts.errors import UserError, interrupted
 from scripts.latents import sample_latents
 from scripts.losses import kl_loss
 from scripts.networks import unwrap
@@ -49,6 +49,16 @@ def autocast_context(device, dtype):
 
 
 def _reraise(engine, e):
+    """Stop at the first exception; an interrupt says where it stopped and which checkpoint is intact."""
+    if isinstance(e, KeyboardInterrupt):
+        saved = getattr(engine.state, "last_checkpoint", None)
+        where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        kept = (
+            f"{saved[0]} (epoch {saved[1]}) is intact; resume with --resume_from {saved[0]}"
+            if saved
+            else "no checkpoint of this run was written yet"
+        )
+        raise interrupted(e, f"{where}: {kept}") from None
     raise e
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.atomic import atomic_path
 from scripts.data import list_volumes, load_dataset_info, volume_transforms
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
@@ -35,6 +34,7 @@ from scripts.metrics import (
     set_metrics,
     subsample,
 )
+from scripts.outputs import StagedOutput, listed_files
 from scripts.pictures import projection_grid
 from scripts.pointcloud_io import read_point_clouds
 from scripts.render import render_points
@@ -44,6 +44,7 @@ from scripts.voxelize import EXPORT_METHODS, grid_to_points
 logger = logging.getLogger(__name__)
 CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
 SAMPLE_HINT = "sample first: python -m monai.bundle run --config_file configs/inference.json"
+EVALUATION_FILES = ("metrics.json", "metrics.md", "*.png")
 ROWS = {
     "train_vs_heldout": "training clouds (what a perfect model scores)",
     "reconstruction": "autoencoder reconstructions of the held-out grids (the ceiling of stage 2)",
@@ -61,7 +62,7 @@ class Evaluation:
         samples_dir: the sampler's output folder (``pointcloud/*.csv``, or ``pointcloud/samples.h5``, and
             optionally ``nifti/*.nii.gz``).
         autoencoder_checkpoint, autoencoder, autoencoder_path: the stage-1 checkpoint, its frozen network, its file.
-        output_dir: where the results go (created; files of the same names are replaced).
+        output_dir: where the results go (created; an earlier evaluation there is refused unless ``overwrite``).
         num_points: points per cloud for MMD/COV/1-NNA under Chamfer distance (clouds are subsampled, seeded).
         emd_points: points per cloud for EMD (the first ``emd_points`` of each subsample); 0 or ``None`` skips EMD
             (``--emd_points 0`` on the command line, where MONAI drops ``None`` overrides).
@@ -76,6 +77,7 @@ class Evaluation:
         nn_bins, z_bins: histogram bins of the nearest-neighbour distance and of the z profile.
         num_workers: threads per KD-tree query (-1: all cores).
         device: where the autoencoder runs.
+        overwrite: replace an earlier evaluation in ``output_dir`` (only its own files).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Evaluation:
         z_bins=30,
         num_workers=1,
         device="cpu",
+        overwrite=False,
     ):
         self.dataset_dir, self.samples_dir, self.output_dir = Path(dataset_dir), Path(samples_dir), Path(output_dir)
         for name, value in (("num_points", num_points), ("num_pictures", num_pictures), ("batch_size", batch_size)):
@@ -118,20 +121,28 @@ class Evaluation:
                 raise UserError(f"{self.dataset_dir / name}: no such file; {CONVERT_HINT} (with a validation split)")
         if not self.samples_dir.is_dir():
             raise UserError(f"{self.samples_dir}: no such samples folder; {SAMPLE_HINT}")
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise UserError(f"{self.output_dir}: output_dir exists and is not a folder")
-        self.sample_files = sorted((self.samples_dir / "pointcloud").glob("*.csv"))
+        self.staged = StagedOutput(self.output_dir, "an evaluation", EVALUATION_FILES, overwrite)
+        self.staged.check()
+        # the sampler's manifest names exactly one run's files; without one, whatever the folders hold
+        listed = listed_files(self.samples_dir)
+        if listed is not None:
+            self.sample_files = [
+                self.samples_dir / f for f in listed if f.startswith("pointcloud/") and f.endswith(".csv")
+            ]
+            self.sample_grid_files = [self.samples_dir / f for f in listed if f.startswith("nifti/")]
+        else:
+            self.sample_files = sorted((self.samples_dir / "pointcloud").glob("*.csv"))
+            folder = self.samples_dir / "nifti"
+            self.sample_grid_files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
         if not self.sample_files and (self.samples_dir / "pointcloud" / "samples.h5").is_file():
             self.sample_files = [self.samples_dir / "pointcloud" / "samples.h5"]
         if not self.sample_files:
             raise UserError(f"{self.samples_dir / 'pointcloud'}: no sample point clouds (*.csv); {SAMPLE_HINT}")
-        folder = self.samples_dir / "nifti"
-        self.sample_grid_files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
 
         self.info = load_dataset_info(self.dataset_dir / "val")
         self.geometry = GridGeometry.from_dict(self.info["geometry"])
         trained_on = (autoencoder_checkpoint.get("dataset_info") or {}).get("geometry")
-        if trained_on and not _same_box(GridGeometry.from_dict(trained_on), self.geometry):
+        if trained_on and not GridGeometry.from_dict(trained_on).same_box(self.geometry):
             raise UserError(
                 f"{autoencoder_path}: was trained on data in another box ({trained_on['box_min_nm']} to "
                 f"{trained_on['box_max_nm']} nm) than {self.dataset_dir} ({list(self.geometry.box_min_nm)} to "
@@ -211,7 +222,7 @@ class Evaluation:
         grids = []
         for path in self.sample_grid_files:
             grid, geometry = load_nifti(path)
-            if not _same_box(geometry, self.geometry):
+            if not geometry.same_box(self.geometry):
                 raise UserError(
                     f"{path}: covers {list(geometry.box_min_nm)} to {list(geometry.box_max_nm)} nm, not the "
                     f"training box of {self.dataset_dir}; evaluate against the data the model was trained on"
@@ -304,12 +315,10 @@ class Evaluation:
             for k in ("dice", "iou", "psnr")
         }
         results = {"settings": self._settings(len(real_clouds)), "rows": rows}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.output_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=4) + "\n")
-        with atomic_path(self.output_dir / "metrics.md") as tmp:
-            tmp.write_text(markdown_report(results))
-        self._figures(real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows)
+        with self.staged as folder:
+            (folder / "metrics.json").write_text(json.dumps(results, indent=4) + "\n")
+            (folder / "metrics.md").write_text(markdown_report(results))
+            self._figures(folder, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows)
         logger.info(f"wrote metrics.json, metrics.md and figures to {self.output_dir}")
         return results
 
@@ -334,7 +343,7 @@ class Evaluation:
 
     # ------------------------------------------------------------------------------------------------ figures
 
-    def _figures(self, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows):
+    def _figures(self, folder, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -349,7 +358,7 @@ class Evaluation:
             ax.imshow(canvas, cmap="magma", vmin=0, vmax=1)
             ax.set_title(f"{label}: maximum projections: xy, xz below, zy right", fontsize=9)
             ax.axis("off")
-        self._save(fig, "projections.png")
+        _save(fig, folder / "projections.png")
 
         box = [(self.geometry.box_min_nm[a], self.geometry.box_max_nm[a]) for a in range(3)]
         pairs = [("held-out", real_clouds), ("generated", [c for c in sample_clouds if len(c)])]
@@ -361,7 +370,7 @@ class Evaluation:
                     image, meta = render_points(clouds[i], self.pixel_nm, xy_range=box[:2], z_range=box[2])
                     ax.imshow(image)
                     ax.set_title(f"{label} {i}: {len(clouds[i])} pts, bar {meta['bar_nm']} nm", fontsize=8)
-        self._save(fig, "renderings.png")
+        _save(fig, folder / "renderings.png")
 
         top = 1.5 * max(float(np.percentile(v, 95)) for v in curves["nn"].values() if len(v))
         specs = (
@@ -383,22 +392,15 @@ class Evaluation:
             ax.set_ylabel("density")
             ax.set_title(f"{xlabel.split(' (')[0]}: generated sets against the held-out clouds", fontsize=9)
             ax.legend(fontsize=8)
-            self._save(fig, filename)
-
-    def _save(self, fig, name):
-        import matplotlib.pyplot as plt
-
-        fig.tight_layout()
-        with atomic_path(self.output_dir / name) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
+            _save(fig, folder / filename)
 
 
-def _same_box(a, b):
-    tolerance = 1e-3 * min(a.spacing_nm.min(), b.spacing_nm.min())
-    return np.allclose(a.box_min_nm, b.box_min_nm, atol=tolerance) and np.allclose(
-        a.box_max_nm, b.box_max_nm, atol=tolerance
-    )
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
 
 
 def _has_rows(csv_path):

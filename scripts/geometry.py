@@ -32,6 +32,9 @@ def as_triple(value, name):
     return values
 
 
+BOX_ANCHORS = ("zero", "center")
+
+
 def _is_positive_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
 
@@ -66,11 +69,15 @@ class GridGeometry:
         return self.size_nm / np.asarray(self.shape)
 
     @classmethod
-    def around(cls, points, shape, padding_nm=0.0, volume_dims_nm=None):
+    def around(cls, points, shape, padding_nm=0.0, volume_dims_nm=None, anchor="zero"):
         """The box holding ``points`` (an (M, 3) array, or a list of them), ``padding_nm`` wider on each side.
 
-        With ``volume_dims_nm`` the box has that size instead, centred on the points' bounding box.
+        With ``volume_dims_nm`` the box has that size instead: per axis ``[-padding, volume_dims + padding]`` (the
+        seed converter's box, anchored at zero as camera coordinates are), or, with ``anchor='center'``, centred on
+        the points' bounding box.
         """
+        if anchor not in BOX_ANCHORS:
+            raise UserError(f"box_anchor: expected one of {', '.join(BOX_ANCHORS)}, got {anchor!r}")
         pts = (
             np.concatenate([np.asarray(p, np.float64).reshape(-1, 3) for p in points])
             if isinstance(points, (list, tuple))
@@ -84,18 +91,29 @@ class GridGeometry:
             dims = as_triple(volume_dims_nm, "volume_dims")
             if np.any(dims <= 0):
                 raise UserError(f"volume_dims: must be positive, got {volume_dims_nm!r}")
-            centre = (lo + hi) / 2
-            lo, hi = centre - dims / 2, centre + dims / 2
+            lo = (lo + hi) / 2 - dims / 2 if anchor == "center" else np.zeros(3)
+            hi = lo + dims
         pad = as_triple(padding_nm, "padding")
         if np.any(pad < 0):
             raise UserError(f"padding: must not be negative, got {padding_nm!r}")
         lo, hi = lo - pad, hi + pad
-        hi = np.where(hi > lo, hi, lo + 1.0)  # a flat axis (2D data) still gets one voxel of 1 nm
+        hi = np.where(hi > lo, hi, lo + 1.0)  # a flat axis (2D data, accepted with --allow_2d) gets one voxel of 1 nm
         return cls(tuple(lo), tuple(hi), shape)
 
     def with_shape(self, shape):
         """The same box on another grid: resizing changes the spacing, not the box."""
         return GridGeometry(self.box_min_nm, self.box_max_nm, shape)
+
+    def same_box(self, other):
+        """Whether ``other`` covers the same box (to a thousandth of the smaller voxel), whatever the grid."""
+        tolerance = 1e-3 * min(self.spacing_nm.min(), other.spacing_nm.min())
+        return np.allclose(self.box_min_nm, other.box_min_nm, atol=tolerance) and np.allclose(
+            self.box_max_nm, other.box_max_nm, atol=tolerance
+        )
+
+    def describe(self):
+        """The box as text: ``[x, y, z]–[x, y, z] nm``."""
+        return f"{[round(v, 1) for v in self.box_min_nm]}–{[round(v, 1) for v in self.box_max_nm]} nm"
 
     def inside(self, points):
         """Boolean mask of the points that lie in the closed box."""

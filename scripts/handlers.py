@@ -11,6 +11,7 @@ from monai.utils import CommonKeys
 from scripts.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from scripts.errors import UserError
 from scripts.networks import unwrap
+from scripts.outputs import CHECKPOINT_NAMES
 from scripts.pictures import projection_grid
 
 logger = logging.getLogger(__name__)
@@ -33,16 +34,20 @@ class CheckpointSaver:
 
     Args:
         save_dir: output folder (created; never emptied).
-        stage: 'autoencoder' or 'diffusion', stored so the wrong kind of checkpoint is refused later.
+        stage: 'autoencoder', 'diffusion' or 'refiner', stored so the wrong kind of checkpoint is refused later.
         objects: name → network or optimizer whose ``state_dict`` is saved.
         metadata: plain values saved as they are (network hyper-parameters, dataset geometry, ...).
         evaluator: the validation evaluator; without it no ``best_model.pt`` is written.
         extra: a callable returning more plain values at save time (e.g. the scale factor).
+        overwrite: the run replaces an earlier run's checkpoints in ``save_dir`` (the configs refuse such a folder
+            otherwise): those this run has not rewritten are removed at its first save, so the folder never holds
+            checkpoints of two runs.
     """
 
-    def __init__(self, save_dir, stage, objects, metadata=None, evaluator=None, extra=None):
+    def __init__(self, save_dir, stage, objects, metadata=None, evaluator=None, extra=None, overwrite=False):
         self.save_dir, self.stage, self.objects = Path(save_dir), stage, objects
         self.metadata, self.evaluator, self.extra = metadata or {}, evaluator, extra
+        self.stale = [p for p in map(self.save_dir.joinpath, CHECKPOINT_NAMES) if p.exists()] if overwrite else []
         self.trainer = None
 
     def attach(self, engine):
@@ -66,12 +71,19 @@ class CheckpointSaver:
 
     def save_latest(self, engine):
         path = save_checkpoint(self.save_dir / "latest_checkpoint.pt", self.payload())
+        engine.state.last_checkpoint = (str(path), engine.state.epoch)  # what an interrupt reports as intact
+        for stale in self.stale:  # the earlier run's best_model.pt, when this run has not written its own yet
+            if stale != path and stale.exists():
+                stale.unlink()
+                logger.info(f"removed {stale} of the earlier run (--overwrite true)")
+        self.stale = []
         logger.info(f"epoch {engine.state.epoch}: saved {path}")
 
     def save_best(self, evaluator):
         if evaluator.state.best_metric_epoch != self.trainer.state.epoch:
             return
         path = save_checkpoint(self.save_dir / "best_model.pt", self.payload())
+        self.stale = [p for p in self.stale if p != path]
         logger.info(
             f"epoch {self.trainer.state.epoch}: {evaluator.state.key_metric_name} = "
             f"{evaluator.state.best_metric:.4f} is the best so far, saved {path}"
@@ -82,17 +94,18 @@ class CheckpointLoader:
     """Resumes training from ``resume_from`` (``None``: start fresh) when the trainer starts: weights, optimizers,
     grad scalers, epoch and iteration, best metric and RNG states. Training continues at the next epoch.
 
+    The configs check at start-up that the checkpoint's settings match the run's
+    (:func:`scripts.checkpoint.check_resume`).
+
     Args:
         resume_from: a ``latest_checkpoint.pt`` (or ``best_model.pt``) written by :class:`CheckpointSaver`.
         stage: the expected stage of the checkpoint.
         objects: name → network or optimizer to restore (the same names the saver used).
-        network_config: the hyper-parameters the config builds; a checkpoint with others is refused.
         evaluator: its best metric is restored so ``best_model.pt`` is not overwritten by a worse epoch.
     """
 
-    def __init__(self, resume_from, stage, objects, network_config=None, evaluator=None):
-        self.resume_from, self.stage, self.objects = resume_from, stage, objects
-        self.network_config, self.evaluator = network_config, evaluator
+    def __init__(self, resume_from, stage, objects, evaluator=None):
+        self.resume_from, self.stage, self.objects, self.evaluator = resume_from, stage, objects, evaluator
 
     def attach(self, engine):
         if self.resume_from:
@@ -101,11 +114,6 @@ class CheckpointLoader:
     def resume(self, engine):
         path = self.resume_from
         ckpt = load_checkpoint(path, self.stage, hint="check --resume_from")
-        if self.network_config is not None and ckpt.get("network_config") != self.network_config:
-            raise UserError(
-                f"{path}: was trained with network settings {ckpt.get('network_config')}, "
-                f"but the config builds {self.network_config}"
-            )
         for name, obj in self.objects.items():
             if name not in ckpt:
                 raise UserError(f"{path}: holds no {name!r} state")
@@ -118,6 +126,7 @@ class CheckpointLoader:
             self.evaluator.state.best_metric = ckpt["best_metric"]
             self.evaluator.state.best_metric_epoch = ckpt["best_metric_epoch"]
         set_rng_state(ckpt["rng"])
+        engine.state.last_checkpoint = (str(path), ckpt["epoch"])
         if ckpt["epoch"] >= engine.state.max_epochs:
             logger.warning(f"{path}: already trained for {ckpt['epoch']} epochs; raise n_epochs to train on")
         logger.info(f"resumed from {path} at epoch {ckpt['epoch']}; continuing with epoch {ckpt['epoch'] + 1}")

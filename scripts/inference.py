@@ -11,19 +11,23 @@ from tqdm import tqdm
 from scripts.atomic import atomic_path
 from scripts.checkpoint import load_checkpoint, load_state, weights_sha256
 from scripts.engines import autocast_dtype
-from scripts.errors import UserError
+from scripts.errors import UserError, interrupted
 from scripts.geometry import GridGeometry
 from scripts.networks import build_unet
+from scripts.outputs import StagedOutput
 from scripts.pictures import projections
 from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
 from scripts.render import render_points
 from scripts.sampling import make_scheduler, sample_grids
+from scripts.settings import check_values
 from scripts.volume_io import save_nifti
-from scripts.voxelize import EXPORT_METHODS, grid_to_points
+from scripts.voxelize import grid_to_points
 
 logger = logging.getLogger(__name__)
 STAGE2_HINT = "train stage 2 first: python -m monai.bundle run --config_file configs/train_diffusion.json"
 FORMATS = ("nifti", "csv", "h5")
+# the sampler's own files (an earlier run without a manifest is recognised by them)
+SAMPLE_FILES = ("nifti/sample_*.nii.gz", "pointcloud/sample_*.csv", "pointcloud/samples.h5", "preview.png")
 
 
 def load_diffusion_checkpoint(diffusion_path, autoencoder_checkpoint, autoencoder_path):
@@ -58,7 +62,7 @@ class Sampler:
     Args:
         autoencoder, unet: the trained networks (frozen).
         diffusion_checkpoint: the stage-2 checkpoint (scale factor, noise schedule, latent shape, data geometry).
-        output_dir: output folder (created; existing samples of the same names are replaced file by file).
+        output_dir: output folder (created; see ``overwrite``).
         num_samples, batch_size: how many grids, and how many are denoised at once.
         scheduler: 'DDPM' or 'DDIM'; num_inference_steps: its steps (``None``: all training timesteps).
         seed: the same seed writes the same files.
@@ -66,6 +70,8 @@ class Sampler:
             ``None`` takes the training data's points per unit of grid mass.
         output_formats: any of 'nifti', 'csv', 'h5'.
         preview: write ``preview.png``; pixel_nm: its rendering pixel size.
+        overwrite: replace the samples of an earlier run in ``output_dir`` (only the bundle's own files, all of
+            them: the folder never mixes two runs); otherwise such a folder is refused.
     """
 
     def __init__(
@@ -87,19 +93,18 @@ class Sampler:
         pixel_nm=15.0,
         device="cpu",
         amp=True,
+        overwrite=False,
     ):
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise UserError(f"num_samples: must be a positive integer, got {num_samples!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size: must be a positive integer, got {batch_size!r}")
-        if method not in EXPORT_METHODS:
-            raise UserError(f"method: expected one of {', '.join(EXPORT_METHODS)}, got {method!r}")
+        check_values(
+            {"num_samples": num_samples, "batch_size": batch_size, "method": method, "num_points": num_points},
+            "inference",
+        )
         unknown = set(output_formats) - set(FORMATS)
         if unknown:
             raise UserError(f"output_formats: unknown {sorted(unknown)}; choose from {', '.join(FORMATS)}")
         self.output_dir = Path(output_dir)
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise UserError(f"{self.output_dir}: output_dir exists and is not a folder")
+        self.staged = StagedOutput(self.output_dir, "samples", SAMPLE_FILES, overwrite)
+        self.staged.check()
         ckpt = diffusion_checkpoint
         info = ckpt["dataset_info"]
         self.geometry = GridGeometry.from_dict(info["geometry"])
@@ -116,6 +121,16 @@ class Sampler:
         self.device, self.amp_dtype = device, autocast_dtype(device, amp)
 
     def run(self):
+        """Sample, write every file into a staging folder, then swap the whole set into ``output_dir``."""
+        try:
+            with self.staged as folder:
+                clouds = self._run(folder)
+        except KeyboardInterrupt as e:
+            raise interrupted(e, f"no samples were written; {self.output_dir} is as it was") from None
+        logger.info(f"wrote {self.num_samples} samples to {self.output_dir}")
+        return clouds
+
+    def _run(self, folder):
         torch.manual_seed(self.seed)  # DDPM steps draw from the global generator
         generator = torch.Generator().manual_seed(self.seed)
         grids, clouds = [], []
@@ -135,19 +150,18 @@ class Sampler:
             )
             for i, grid in enumerate(batch[:, 0].numpy().clip(0, 1), start=start):
                 grids.append(grid)
-                clouds.append(self._write(i, grid))
+                clouds.append(self._write(folder, i, grid))
         if "h5" in self.formats:
-            write_point_clouds_h5(self.output_dir / "pointcloud" / "samples.h5", clouds)
+            write_point_clouds_h5(folder / "pointcloud" / "samples.h5", clouds)
         if self.preview:
-            self._write_preview(grids, clouds)
-        logger.info(f"wrote {self.num_samples} samples to {self.output_dir}")
+            self._write_preview(folder, grids, clouds)
         return clouds
 
-    def _write(self, i, grid):
+    def _write(self, folder, i, grid):
         geometry = self.geometry.with_shape(grid.shape)
         if "nifti" in self.formats:
-            (self.output_dir / "nifti").mkdir(parents=True, exist_ok=True)
-            save_nifti(self.output_dir / "nifti" / f"sample_{i:04d}.nii.gz", grid, geometry)
+            (folder / "nifti").mkdir(parents=True, exist_ok=True)
+            save_nifti(folder / "nifti" / f"sample_{i:04d}.nii.gz", grid, geometry)
         points = grid_to_points(
             grid,
             geometry,
@@ -160,11 +174,11 @@ class Sampler:
         if len(points) == 0:
             logger.warning(f"sample {i}: no voxel above threshold {self.threshold}; its point cloud is empty")
         if "csv" in self.formats:
-            (self.output_dir / "pointcloud").mkdir(parents=True, exist_ok=True)
-            write_points_csv(self.output_dir / "pointcloud" / f"sample_{i:04d}.csv", points)
+            (folder / "pointcloud").mkdir(parents=True, exist_ok=True)
+            write_points_csv(folder / "pointcloud" / f"sample_{i:04d}.csv", points)
         return points
 
-    def _write_preview(self, grids, clouds, max_rows=8):
+    def _write_preview(self, folder, grids, clouds, max_rows=8):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -184,7 +198,6 @@ class Sampler:
             for ax in axes[r]:
                 ax.axis("off")
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.output_dir / "preview.png") as tmp:
+        with atomic_path(folder / "preview.png") as tmp:
             fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)

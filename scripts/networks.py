@@ -3,11 +3,13 @@
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 
 from scripts.errors import UserError
 from scripts.geometry import as_shape
+from scripts.settings import check_memory
 
 
 def check_divisible(voxel_size, levels, what):
@@ -43,6 +45,34 @@ def latent_shape(autoencoder_args, voxel_size):
     """(C, X, Y, Z) of the autoencoder's latent for a ``voxel_size`` grid."""
     factor = 2 ** (len(autoencoder_args["channels"]) - 1)
     return (autoencoder_args["latent_channels"], *(s // factor for s in as_shape(voxel_size)))
+
+
+def check_training_memory(autoencoder_args, voxel_size, batch_size, device="cpu"):
+    """Refuse, before any data is loaded, a grid whose training step cannot fit in memory.
+
+    The estimate counts about 16 float32 activations per channel and voxel at each level of the AutoencoderKL
+    (kept for the backward pass, with their gradients), for the generator and the discriminator: a floor, not a
+    measurement, so only grids that cannot possibly fit are refused.
+    """
+    voxels = float(np.prod(as_shape(voxel_size), dtype=np.float64))
+    per_voxel = sum(c / 8.0**level for level, c in enumerate(autoencoder_args["channels"]))
+    needed = 16 * 4 * per_voxel * voxels * batch_size * 2
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if needed > total:
+            raise UserError(
+                f"voxel_size: {list(as_shape(voxel_size))} needs about {needed / 2**30:.3g} GiB to train at batch "
+                f"{batch_size} (estimated), but {torch.cuda.get_device_name(device)} has {total / 2**30:.3g} GiB; "
+                "use a smaller voxel_size or batch_size"
+            )
+        return needed
+    check_memory(
+        needed,
+        f"voxel_size: {list(as_shape(voxel_size))} at batch {batch_size}",
+        "use a smaller voxel_size or batch_size",
+    )
+    return needed
 
 
 def check_discriminator(discriminator_args, voxel_size, batch_size, n_volumes=None):

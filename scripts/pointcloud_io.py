@@ -22,14 +22,16 @@ CSV_HEADER = ['"x [nm]"', '"y [nm]"', '"z [nm]"']
 
 
 def read_point_clouds(
-    path, key=None, unit="nm", pixel_size_nm=None, zero_is_padding=False, strict=False, actual_point_counts=None
+    path, key=None, unit=None, pixel_size_nm=None, zero_is_padding=False, strict=False, actual_point_counts=None
 ):
     """Read every cloud in ``path`` as (M_i, 3) float64 arrays in nanometres.
 
     Args:
         path: an HDF5 (``.h5``, ``.hdf5``, ``.hdf``) or CSV (``.csv``, ``.txt``, ``.tsv``) file.
         key: HDF5 dataset or group holding the clouds; auto-detected when ``None``.
-        unit: unit of coordinates that do not state their own (HDF5 arrays, plain CSV): nm, um, mm or px.
+        unit: unit of coordinates that do not state their own (HDF5 arrays, plain CSV): nm, um, mm or px. ``None``:
+            the HDF5 ``unit`` attribute (of the dataset, else of the file) where there is one, else nm; a given unit
+            that contradicts the attribute is refused.
         pixel_size_nm: camera pixel size for coordinates in pixels (Picasso); read from the ``.yaml`` beside the
             file when ``None``.
         zero_is_padding: drop rows that are exactly (0, 0, 0); by default zero is a valid coordinate.
@@ -38,10 +40,12 @@ def read_point_clouds(
             ``actual_point_counts`` dataset when ``None``.
 
     Returns:
-        ``(clouds, meta)``; ``meta`` has ``format``, ``key``, ``unit``, ``n_clouds``, ``padding_dropped`` and
-        ``nonfinite_dropped``.
+        ``(clouds, meta)``; ``meta`` has ``format``, ``key``, ``unit``, ``n_clouds``, ``padding_dropped``,
+        ``nonfinite_dropped`` and ``dims`` (2 when the file has no z: z is then 0).
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give one point-cloud file (HDF5 or CSV)")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if _is_hdf5(path):
@@ -64,6 +68,7 @@ def read_point_clouds(
         nonfinite += int(bad.sum())
         clouds.append(np.ascontiguousarray(keep, dtype=np.float64))
     meta.update(source=str(path), n_clouds=len(clouds), padding_dropped=padding, nonfinite_dropped=nonfinite)
+    meta.setdefault("dims", 3)
     return clouds, meta
 
 
@@ -73,7 +78,7 @@ def _is_hdf5(path):
 
 
 def _unit_scale(path, unit, pixel_size_nm):
-    unit = str(unit).strip().lower()
+    unit = "nm" if unit is None else str(unit).strip().lower()
     if unit not in UNIT_SCALE_NM:
         raise UserError(f"{path}: unknown unit {unit!r} (expected one of {', '.join(UNIT_SCALE_NM)})")
     if UNIT_SCALE_NM[unit] is not None:
@@ -110,8 +115,11 @@ def _read_hdf5(path, key, unit, pixel_size_nm, counts):
             raise UserError(f"{path}: key {key!r} not found; keys in the file: {', '.join(f.keys()) or 'none'}")
         node = f[key]
         pointnet = key == "data" and "label" in f
+        unit = _hdf5_unit(path, f, node, unit)
         scale = 1.0 if pointnet else _unit_scale(path, unit, pixel_size_nm)
         meta = {"format": "pointnet" if pointnet else "hdf5", "key": key, "unit": "unitless" if pointnet else "nm"}
+        if unit is not None and not pointnet:
+            meta["unit_read"] = unit
         if isinstance(node, h5py.Group):
             members = _ragged_members(node)
             if not members:
@@ -138,6 +146,21 @@ def _read_hdf5(path, key, unit, pixel_size_nm, counts):
         return clouds, meta
 
 
+def _hdf5_unit(path, f, node, unit):
+    """The unit of an HDF5 array: the ``unit`` attribute of the dataset (else of the file), checked against a given
+    ``unit``."""
+    stated = node.attrs.get("unit", f.attrs.get("unit"))
+    if isinstance(stated, bytes):
+        stated = stated.decode(errors="replace")
+    if stated is None:
+        return unit
+    stated = str(stated).strip().lower()
+    given = None if unit is None else str(unit).strip().lower()
+    if given is not None and UNIT_SCALE_NM.get(given, given) != UNIT_SCALE_NM.get(stated, stated):
+        raise UserError(f"{path}: the file says its coordinates are in {stated!r}, but --unit {unit} was given")
+    return stated
+
+
 def _ragged_members(group):
     """(name, dataset) for each (M, 3) dataset in ``group`` or in a sub-group holding exactly one, sorted naturally."""
     members = []
@@ -161,7 +184,8 @@ def _read_picasso(path, locs, pixel_size_nm):
     data = locs[()]
     z = data["z"].astype(np.float64) if "z" in names else np.zeros(len(data))  # Picasso stores z in nm
     pts = np.stack([data["x"] * float(pixel_size_nm), data["y"] * float(pixel_size_nm), z], axis=1)
-    return [pts], {"format": "picasso", "key": locs.name.lstrip("/"), "unit": "nm", "pixel_size_nm": pixel_size_nm}
+    meta = {"format": "picasso", "key": locs.name.lstrip("/"), "unit": "nm", "pixel_size_nm": pixel_size_nm}
+    return [pts], dict(meta, dims=3 if "z" in names else 2)
 
 
 def _picasso_pixel_size(path):
@@ -204,7 +228,7 @@ def _read_csv(path, unit, pixel_size_nm):
     if "z" not in cols:
         arr = np.column_stack([arr, np.zeros(len(arr))])
     fmt = "thunderstorm-csv" if any("[" in n for n in names) else "csv"
-    return [arr * scale], {"format": fmt, "key": None, "unit": "nm"}
+    return [arr * scale], {"format": fmt, "key": None, "unit": "nm", "dims": 3 if "z" in cols else 2}
 
 
 def write_points_csv(path, points):

@@ -10,14 +10,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
 from scripts.atomic import atomic_path  # noqa: E402
-from scripts.errors import UserError, exit_on_user_error  # noqa: E402
+from scripts.errors import UserError  # noqa: E402
 
 SCALE_BARS_NM = (100, 200, 500, 1000, 2000, 5000, 10000)
+MAX_PIXELS = 40e6  # the RGB image is float64: 40 million pixels are about 1 GB
 
 
 def render_points(points, pixel_nm=15.0, blur_px=1.0, xy_range=None, z_range=None, colormap="turbo"):
@@ -50,6 +50,12 @@ def render_points(points, pixel_nm=15.0, blur_px=1.0, xy_range=None, z_range=Non
         )
     (x0, x1), (y0, y1) = xy_range
     bins = [max(1, int(np.ceil((x1 - x0) / pixel_nm))), max(1, int(np.ceil((y1 - y0) / pixel_nm)))]
+    if bins[0] * bins[1] > MAX_PIXELS:
+        raise UserError(
+            f"pixel_nm: {pixel_nm:g} nm pixels over {x1 - x0:.3g} × {y1 - y0:.3g} nm make a {bins[0]} × {bins[1]} px "
+            f"image (more than {MAX_PIXELS / 1e6:.0f} million pixels); use a larger --pixel_nm or a cloud without "
+            "far outliers"
+        )
     edges = [x0 + pixel_nm * np.arange(bins[0] + 1), y0 + pixel_nm * np.arange(bins[1] + 1)]
     counts, _, _ = np.histogram2d(points[:, 0], points[:, 1], bins=edges)
     z_sum, _, _ = np.histogram2d(points[:, 0], points[:, 1], bins=edges, weights=points[:, 2])
@@ -70,7 +76,6 @@ def render_points(points, pixel_nm=15.0, blur_px=1.0, xy_range=None, z_range=Non
     return image, {"pixel_nm": pixel_nm, "bar_nm": bar_nm, "bar_px": bar_px}
 
 
-@exit_on_user_error
 def main(input, output=None, pixel_nm=15.0, blur_px=1.0, key=None, index=0, pixel_size=None):
     """Render cloud ``index`` of ``input`` (CSV or HDF5, nm) to a PNG (default: ``input`` with ``.png``)."""
     import matplotlib.pyplot as plt
@@ -88,4 +93,6 @@ def main(input, output=None, pixel_nm=15.0, blur_px=1.0, key=None, index=0, pixe
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from scripts.cli import main as run_command_line
+
+    run_command_line(main)

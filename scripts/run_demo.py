@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire  # noqa: E402
+from scripts.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,4 +133,4 @@ def run_demo(n_clouds=128, autoencoder_epochs=25, diffusion_epochs=120, num_samp
 
 
 if __name__ == "__main__":
-    fire.Fire(run_demo)
+    main(run_demo)

@@ -34,10 +34,6 @@ def sample_grids(
     inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=scale_factor)
     with torch.no_grad(), autocast_context(device, amp_dtype):
         grids = inferer.sample(
-            input_noise=noise,
-            autoencoder_model=autoencoder,
-            diffusion_model=unet,
-            scheduler=scheduler,
-            verbose=verbose,
+            input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet, scheduler=scheduler, verbose=verbose
         )
     return grids.float().cpu()

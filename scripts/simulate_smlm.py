@@ -16,10 +16,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.errors import UserError, exit_on_user_error, fail  # noqa: E402
+from scripts import cli  # noqa: E402
+from scripts.errors import UserError, fail  # noqa: E402
 from scripts.geometry import as_triple  # noqa: E402
 from scripts.pointcloud_io import write_point_clouds_h5  # noqa: E402
 
@@ -175,7 +175,6 @@ def simulate_microtubules(
     return clouds
 
 
-@exit_on_user_error
 def main(output, n_clouds=64, seed=0, overwrite=False, **params):
     """Simulate microtubule-like clouds and write them to an HDF5 file in the training layout.
 
@@ -187,10 +186,9 @@ def main(output, n_clouds=64, seed=0, overwrite=False, **params):
         **params: any other keyword of :func:`simulate_microtubules`, e.g. ``--mean_points 20000``,
             ``--box_size_nm [8000,8000,300]``.
     """
-    allowed = set(inspect.signature(simulate_microtubules).parameters) - {"n_clouds", "seed"}
     for name in params:
-        if name not in allowed:
-            fail(f"--{name}", f"unknown option; choose from {', '.join(sorted(allowed))}")
+        if name not in SIMULATION_OPTIONS:
+            fail(f"--{name}", f"unknown option; choose from {', '.join(SIMULATION_OPTIONS)}")
     output = Path(output)
     if output.exists() and not overwrite:
         fail(output, "already exists; pass --overwrite to replace it")
@@ -203,5 +201,7 @@ def main(output, n_clouds=64, seed=0, overwrite=False, **params):
     )
 
 
+SIMULATION_OPTIONS = sorted(set(inspect.signature(simulate_microtubules).parameters) - {"n_clouds", "seed"})
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.main(main, extra_flags=SIMULATION_OPTIONS)

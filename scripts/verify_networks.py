@@ -14,10 +14,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire  # noqa: E402
 import torch  # noqa: E402
 
-from scripts.errors import UserError, exit_on_user_error  # noqa: E402
+from scripts.cli import main  # noqa: E402
+from scripts.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,4 +74,4 @@ def verify_networks(model_dir="outputs", meta_file="configs/metadata.json", batc
 
 
 if __name__ == "__main__":
-    fire.Fire(exit_on_user_error(verify_networks))
+    main(verify_networks)

@@ -25,6 +25,8 @@ def evaluated(dataset_dir, model_dir, samples_dir, tmp_path_factory):
     out, samples = tmp_path_factory.mktemp("evaluation"), tmp_path_factory.mktemp("with_empty") / "samples"
     shutil.copytree(samples_dir, samples)
     write_points_csv(samples / "pointcloud" / "sample_0003.csv", np.zeros((0, 3)))
+    manifest = json.loads((samples / ".manifest.json").read_text())  # as if the sampler had written it
+    (samples / ".manifest.json").write_text(json.dumps({"files": manifest["files"] + ["pointcloud/sample_0003.csv"]}))
     run_workflow(
         "evaluate.json",
         dataset_dir=str(dataset_dir),

@@ -33,9 +33,16 @@ def test_box_from_data_padding_and_volume_dims():
     geo = GridGeometry.around([pts[:100], pts[100:]], 16, padding_nm=50)
     np.testing.assert_allclose(geo.box_min_nm, pts.min(axis=0) - 50)
     np.testing.assert_allclose(geo.box_max_nm, pts.max(axis=0) + 50)
-    geo = GridGeometry.around(pts, (32, 32, 8), volume_dims_nm=[8000, 8000, 1000])
+    # the seed's box: anchored at zero, [-padding, volume_dims + padding] per axis
+    geo = GridGeometry.around(pts, (32, 32, 8), padding_nm=100, volume_dims_nm=[8000, 8000, 1000])
+    np.testing.assert_allclose(geo.box_min_nm, [-100, -100, -100])
+    np.testing.assert_allclose(geo.box_max_nm, [8100, 8100, 1100])
+    # or centred on the data, when asked
+    geo = GridGeometry.around(pts, (32, 32, 8), volume_dims_nm=[8000, 8000, 1000], anchor="center")
     np.testing.assert_allclose(geo.size_nm, [8000, 8000, 1000])
     np.testing.assert_allclose((geo.lo + np.asarray(geo.box_max_nm)) / 2, (pts.min(0) + pts.max(0)) / 2)
+    with pytest.raises(UserError, match="box_anchor: expected one of zero, center"):
+        GridGeometry.around(pts, 8, volume_dims_nm=1000, anchor="middle")
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, [16, 16], [16, 0, 16], "64", True])

@@ -66,7 +66,7 @@ def test_num_points_and_export_method(model_dir, tmp_path):
         ("missing_diffusion", "diffusion/best_model.pt: no such checkpoint; train stage 2 first"),
         ("other_autoencoder", "was trained on other autoencoder weights"),
         ("no_geometry", "holds no data geometry"),
-        ("num_samples", "num_samples: must be a positive integer, got 0"),
+        ("num_samples", "num_samples: must be 1 or more, got 0"),
         ("output_is_file", "output_dir exists and is not a folder"),
     ],
 )

@@ -1,0 +1,372 @@
+"""Settings a user types, parsed and validated once, at start-up, before any data is read or any output written.
+
+Every entry point goes through here: each bundle config calls :func:`check_config` first in ``initialize``, and the
+fire command lines (converter, simulator, renderer, demo) go through :func:`scripts.cli.main`. Two things make this
+necessary: through ``python -m monai.bundle run`` and fire a lowercase ``false`` arrives as the string ``'false'``,
+which Python counts as true, and MONAI's CLI merges an id that no config defines without a word.
+"""
+
+import ast
+import difflib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scripts.errors import UserError
+from scripts.geometry import as_shape
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def as_bool(value, name):
+    """``value`` as a bool: True/False, 1/0 and the words true/false/yes/no/1/0 in any case; anything else is refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    word = str(value).strip().lower() if isinstance(value, str) else None
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise UserError(f"{name}: expected true or false (also True/False, yes/no, 1/0), got {value!r}")
+
+
+def closest(name, known):
+    """`` did you mean X?`` for the known name closest to ``name``, or an empty string."""
+    match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+# ---------------------------------------------------------------------------------------------------- validators
+# Each takes (value, name) and returns the value as the code uses it, or raises a UserError naming the setting.
+
+
+def flag(value, name):
+    return as_bool(value, name)
+
+
+def integer(lo=None, optional=False):
+    def check(value, name):
+        if value is None and optional:
+            return None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            if not (isinstance(value, float) and value.is_integer()):
+                raise UserError(f"{name}: expected an integer{_at_least(lo)}, got {value!r}")
+        if lo is not None and value < lo:
+            raise UserError(f"{name}: must be {lo} or more, got {value!r}")
+        return int(value)
+
+    return check
+
+
+def number(lo=None, hi=None, above=False, optional=False):
+    """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``above``)."""
+
+    def check(value, name):
+        if value is None and optional:
+            return None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise UserError(f"{name}: expected a number, got {value!r}")
+        if not np.isfinite(value):
+            raise UserError(f"{name}: expected a finite number, got {value!r}")
+        if lo is not None and (value <= lo if above else value < lo):
+            raise UserError(f"{name}: must be {'more than' if above else 'at least'} {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise UserError(f"{name}: must be at most {hi}, got {value!r}")
+        return value
+
+    return check
+
+
+def choice(*options, optional=False):
+    def check(value, name):
+        if value is None and optional:
+            return None
+        if value not in options:
+            raise UserError(
+                f"{name}: expected one of {', '.join(map(str, options))}, got {value!r}{closest(value, options)}"
+            )
+        return value
+
+    return check
+
+
+def list_of(item, at_least=1):
+    def check(value, name):
+        if isinstance(value, str) and value.strip()[:1] == "[" and value.strip()[-1:] == "]":
+            value = [_literal(v.strip()) for v in value.strip()[1:-1].split(",") if v.strip()]  # [false,true]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) < at_least:
+            raise UserError(f"{name}: expected a list such as [16, 32, 32], got {value!r}")
+        return [item(v, name) for v in value]
+
+    return check
+
+
+def subset(*options):
+    def check(value, name):
+        values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+        if not values or any(v not in options for v in values):
+            raise UserError(f"{name}: expected a list of {', '.join(options)}, got {value!r}")
+        return values
+
+    return check
+
+
+def voxel_size(value, name):
+    as_shape(value, name)
+    return value
+
+
+def device(value, name):
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{name}: expected cpu, cuda or cuda:N, got {value!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{name}: {value} was asked for, but this torch ({torch.__version__}) sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"{name}: {value} was asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"{name}: expected cpu, cuda or cuda:N, got {value!r}")
+    return dev
+
+
+def existing_file(optional=False):
+    def check(value, name):
+        if value is None and optional:
+            return None
+        if not isinstance(value, (str, Path)) or not Path(value).is_file():
+            raise UserError(f"{value}: {name} names no such file")
+        return str(value)
+
+    return check
+
+
+def _at_least(lo):
+    return "" if lo is None else f" of {lo} or more"
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+_POSITIVE, _NON_NEGATIVE, _FRACTION = integer(1), number(0), number(0, 1)
+
+SETTINGS = {
+    # switches
+    "amp": flag,
+    "cpu_bf16": flag,
+    "fast_dev_run": flag,
+    "with_nonlocal_attn": flag,
+    "preview": flag,
+    "overwrite": flag,
+    "scale_lr": flag,
+    # data and training
+    "voxel_size": voxel_size,
+    "cache_rate": _FRACTION,
+    "num_workers": integer(0),
+    "n_epochs": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "fast_dev_run_batches": _POSITIVE,
+    "learning_rate": number(0, above=True),
+    "discriminator_learning_rate": number(0, above=True),
+    "adv_weight": _NON_NEGATIVE,
+    "perceptual_weight": _NON_NEGATIVE,
+    "kl_weight": _NON_NEGATIVE,
+    "l1_weight": _NON_NEGATIVE,
+    "mse_weight": _NON_NEGATIVE,
+    "fg_l1_weight": _NON_NEGATIVE,
+    "dice_weight": _NON_NEGATIVE,
+    "fg_weight": number(1),
+    "fg_threshold": number(0, 1, above=True),
+    "autoencoder_warm_up_n_epochs": integer(0),
+    "val_interval": _POSITIVE,
+    "image_log_interval": _POSITIVE,
+    "generate_samples_interval": _POSITIVE,
+    "num_monitor_samples": _POSITIVE,
+    "seed": integer(),
+    "device": device,
+    "resume_from": existing_file(optional=True),
+    "key_metric": choice("val_dice", "val_iou", "val_l1", "val_psnr"),
+    # networks
+    "num_channels": list_of(_POSITIVE),
+    "latent_channels": _POSITIVE,
+    "num_res_blocks": _POSITIVE,
+    "norm_num_groups": _POSITIVE,
+    "attention_levels": list_of(flag),
+    "num_head_channels": list_of(integer(0)),
+    "discriminator_channels": _POSITIVE,
+    "discriminator_num_layers": _POSITIVE,
+    "discriminator_norm": choice("BATCH", "INSTANCE", "GROUP", "batch", "instance", "group"),
+    # diffusion
+    "num_train_timesteps": _POSITIVE,
+    "num_inference_steps": _POSITIVE,
+    "noise_schedule": choice("linear_beta", "scaled_linear_beta", "sigmoid_beta"),
+    "beta_start": number(0, 1, above=True),
+    "beta_end": number(0, 1, above=True),
+    "scale_factor": number(0, above=True, optional=True),
+    "scale_factor_batches": _POSITIVE,
+    "latent_cache": choice("memory", "disk", "none"),
+    # sampling and evaluation
+    "num_samples": _POSITIVE,
+    "scheduler": choice("DDPM", "DDIM"),
+    "method": choice("probabilistic", "weighted", "center", "random"),
+    "threshold": number(0, 1),
+    "num_points": integer(1, optional=True),
+    "output_formats": subset("nifti", "csv", "h5"),
+    "pixel_nm": number(0, above=True),
+    "emd_points": integer(0, optional=True),
+    "export_num_points": integer(1, optional=True),
+    "max_reference_clouds": integer(2, optional=True),
+    "num_pictures": _POSITIVE,
+    "nn_bins": _POSITIVE,
+    "z_bins": _POSITIVE,
+}
+# where an id means something else in one config
+STAGE_SETTINGS = {"evaluate": {"num_points": _POSITIVE, "num_workers": integer(-1)}}
+
+
+def settings_of(stage):
+    return {**SETTINGS, **STAGE_SETTINGS.get(stage, {})}
+
+
+def check_values(values, stage):
+    """Validate ``{id: value}`` (literal values only) for ``stage``; returns the values as the code uses them."""
+    table = settings_of(stage)
+    return {key: table[key](value, key) if key in table else value for key, value in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- bundle configs
+
+
+def check_config(stage):
+    """Start-up check of the bundle config being run (call it first in ``initialize``).
+
+    Refuses an id given on the command line that the configs do not define (naming the closest one), validates every
+    setting of :data:`SETTINGS` that holds a plain value, and writes the parsed values (``false`` → ``False``) back
+    into the config, so every ``@id`` reads the real value. Returns the checked values.
+    """
+    from scripts.dependencies import check_dependencies
+
+    check_dependencies()
+    parser = _running_parser()
+    if parser is None:  # not run through a ConfigParser (a direct call): nothing to check
+        return {}
+    check_command_line_ids()
+    literal = {k: v for k, v in parser.config.items() if k in settings_of(stage) and not _is_expression(v)}
+    checked = check_values(literal, stage)
+    changed = {k: v for k, v in checked.items() if not _same(v, literal[k])}
+    if changed:
+        parser.update(changed)  # the config is re-parsed before the next expression of ``initialize`` runs
+    return checked
+
+
+def _same(a, b):
+    return type(a) is type(b) and a == b
+
+
+def _is_expression(value):
+    return isinstance(value, str) and value[:1] in ("$", "@", "%")
+
+
+def _running_parser():
+    """The ``monai.bundle.ConfigParser`` evaluating the current expression (found on the call stack).
+
+    Config expressions cannot name their parser, and the parser is the one place every ``@id`` reads from.
+    """
+    from monai.bundle import ConfigParser
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ConfigParser):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file")
+SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
+
+
+def command_line_overrides(argv=None):
+    """``{id: value}`` given to ``python -m monai.bundle run`` (``--id value`` or ``--id=value``), and the run
+    arguments (``config_file``, ``args_file``, ...); ``None`` when this process is not such a run."""
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py") or "run" not in argv[1:2]:
+        return None
+    pairs, tokens = {}, list(argv[2:])
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--"):
+            continue
+        key, _, value = token[2:].partition("=")
+        if not _ and tokens and not tokens[0].startswith("--"):
+            value = tokens.pop(0)
+        pairs[key.replace("::", "#")] = value
+    return pairs
+
+
+def check_command_line_ids(argv=None):
+    """Refuse ids on the command line that no config of this run defines, naming the closest known id."""
+    from monai.bundle import ConfigParser
+
+    pairs = command_line_overrides(argv)
+    if pairs is None:
+        return
+    if pairs.get("args_file"):
+        args = ConfigParser.load_config_files(pairs["args_file"])
+        pairs = {**{k: v for k, v in args.items() if k not in pairs}, **pairs}
+    files = _literal(pairs.get("config_file"))
+    config = ConfigParser.load_config_files(files if isinstance(files, (list, tuple)) else [files])
+    known = set(_ids(config))
+    top = [k for k in config if not str(k).startswith("_")]
+    for key in pairs:
+        if key in RUN_ARGUMENTS or key in known:
+            continue
+        parent, _, last = key.rpartition("#")
+        if last in SPECIAL_KEYS and parent in known:
+            continue
+        raise UserError(f"{key}: no such setting in {files}{closest(key, top if '#' not in key else known)}")
+
+
+def _literal(text):
+    try:
+        return ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _ids(config, prefix=""):
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        key = f"{prefix}{key}"
+        yield key
+        yield from _ids(value, key + "#")
+
+
+# ---------------------------------------------------------------------------------------------------- resources
+
+
+def physical_memory_bytes():
+    """This machine's memory (the GPU's when training there is not asked here), or ``None`` where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed_bytes, what, hint):
+    """Refuse ``what`` when ``needed_bytes`` exceed this machine's memory, with both figures."""
+    total = physical_memory_bytes()
+    if total is not None and needed_bytes > total:
+        raise UserError(
+            f"{what} needs about {_size(needed_bytes)} (estimated), but this machine has {_size(total)}; {hint}"
+        )
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
