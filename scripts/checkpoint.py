@@ -114,13 +114,11 @@ def check_resume(resume_from, stage, expected):
 
 
 def _plain(value):
-    """Tuples as lists and numbers as floats, so settings from a config and from a checkpoint compare equal."""
+    """Tuples as lists, so settings from a config and from a checkpoint compare equal (1 == 1.0 already)."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     return value
 
 

@@ -27,6 +27,27 @@ def _state(engine):
     }
 
 
+class LazySummaryWriter:
+    """A ``torch.utils.tensorboard.SummaryWriter`` made at its first use: a run that stops before it logs anything
+    (a bad volume, a bad setting) leaves no log folder behind."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self._writer = log_dir, None
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy, pickle and introspection probes do not make a writer
+            raise AttributeError(name)
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir)
+        return getattr(self._writer, name)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+
 class CheckpointSaver:
     """Writes ``latest_checkpoint.pt`` after every epoch and ``best_model.pt`` when the evaluator's key metric
     improves, both atomically, as plain dicts (see :mod:`scripts.checkpoint`). Each object's state dict is a

@@ -102,7 +102,12 @@ class StagedOutput:
         if exc_type is None:
             journal = {"new": _files(self.staging / "new"), "old": self.existing()}
             (self.staging / "commit.json").write_text(json.dumps(journal))
-            _roll_forward(self.output_dir, self.staging)
+            try:
+                _swap(self.output_dir, self.staging)
+            except BaseException:  # a rename failed or the run was interrupted while swapping: undo it
+                _roll_back(self.output_dir, self.staging)
+                raise
+            _finish(self.output_dir, self.staging)
             return False
         shutil.rmtree(self.staging, ignore_errors=True)
         if self.created and not any(self.output_dir.iterdir()):
@@ -114,8 +119,8 @@ def _files(folder):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def _roll_forward(output_dir, staging):
-    """Complete a journalled swap: earlier files aside, new files in, manifest, staging removed (repeatable)."""
+def _swap(output_dir, staging):
+    """The journalled swap: earlier files aside, new files in (repeatable: a resumed swap skips what is done)."""
     journal = json.loads((staging / "commit.json").read_text())
     new = set(journal["new"])
     for rel in journal["old"]:
@@ -128,6 +133,11 @@ def _roll_forward(output_dir, staging):
         if src.exists():
             (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, output_dir / rel)
+
+
+def _finish(output_dir, staging):
+    """After a swap: the manifest of the new files, folders left empty by the earlier run removed, staging removed."""
+    journal = json.loads((staging / "commit.json").read_text())
     with atomic_path(output_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps({"files": journal["new"]}, indent=1) + "\n")
     for rel in journal["old"]:  # folders the earlier run had and this one does not, when nothing else is in them
@@ -135,6 +145,19 @@ def _roll_forward(output_dir, staging):
         while parent != output_dir and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _roll_back(output_dir, staging):
+    """Undo a swap that failed half-way: new files back to staging, earlier files back in place, staging removed."""
+    journal = json.loads((staging / "commit.json").read_text())
+    for rel in journal["new"]:
+        if (output_dir / rel).is_file() and not (staging / "new" / rel).exists():
+            os.replace(output_dir / rel, staging / "new" / rel)
+    for rel in journal["old"]:
+        if (staging / "old" / rel).is_file():
+            (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "old" / rel, output_dir / rel)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -149,7 +172,8 @@ def recover_stale_staging(output_dir):
             continue
         if (staging / "commit.json").is_file():
             logger.warning(f"{staging}: completing the swap of a run that was stopped while swapping its files in")
-            _roll_forward(Path(output_dir), staging)
+            _swap(Path(output_dir), staging)
+            _finish(Path(output_dir), staging)
         else:
             logger.warning(f"{staging}: removing the staging folder of a run that did not finish (pid {pid})")
             shutil.rmtree(staging, ignore_errors=True)
