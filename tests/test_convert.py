@@ -216,3 +216,111 @@ def test_simulated_demo_data_converts_at_demo_size(tmp_path):
     write_point_clouds_h5(tmp_path / "sim.h5", clouds)
     info = convert(tmp_path / "sim.h5", tmp_path / "o", voxel_size=[32, 32, 16], train_ratio=0.5)
     assert info["geometry"]["shape"] == [32, 32, 16] and info["counts"]["points_outside_box"] == 0
+
+
+def test_hdf5_unit_attribute_is_honoured(tmp_path):
+    import h5py
+
+    path = write_h5(tmp_path / "um.h5", point_clouds=np.random.default_rng(0).uniform(0, 5, (3, 40, 3)))
+    with h5py.File(path, "a") as f:
+        f.attrs["unit"] = "um"
+    info = convert(path, tmp_path / "o", voxel_size=8, train_ratio=0.5)
+    assert info["geometry"]["box_max_nm"][0] > 4000 and info["source"]["unit_read"] == "um"
+    # the bundle's own writer states nm, which stays nm
+    write_point_clouds_h5(tmp_path / "nm.h5", read_point_clouds(path)[0])
+    assert np.allclose(read_point_clouds(tmp_path / "nm.h5")[0][0], read_point_clouds(path)[0][0], atol=1e-3)
+
+
+def test_box_is_anchored_at_zero_as_in_the_seed_or_centred_on_request(clouds_file, tmp_path):
+    info = convert(clouds_file, tmp_path / "a", voxel_size=8, volume_dims=[5000, 5000, 600], padding=100)
+    assert info["geometry"]["box_min_nm"] == [-100, -100, -100]
+    assert info["geometry"]["box_max_nm"] == [5100, 5100, 700]
+    info = convert(clouds_file, tmp_path / "c", voxel_size=8, volume_dims=[5000, 5000, 600], box_anchor="center")
+    clouds, _ = read_point_clouds(clouds_file)
+    pts = np.concatenate(clouds)
+    centre = (np.array(info["geometry"]["box_min_nm"]) + info["geometry"]["box_max_nm"]) / 2
+    np.testing.assert_allclose(centre, (pts.min(axis=0) + pts.max(axis=0)) / 2)
+
+
+def test_clouds_with_no_point_in_the_box_are_skipped_and_recorded(tmp_path):
+    rng = np.random.default_rng(0)
+    clouds = [rng.uniform(0, [5000, 5000, 600], (50, 3)), rng.uniform(9000, 9500, (50, 3))]
+    clouds += [rng.uniform(0, 600, (50, 3)), rng.uniform(100, 900, (60, 3))]
+    write_point_clouds_h5(tmp_path / "far.h5", clouds)
+    result = _cli("--h5_file", tmp_path / "far.h5", "--output_dir", tmp_path / "o", "--volume_dims", "[5000,5000,600]")
+    assert result.returncode == 0, result.stderr
+    assert "warning: 1 of 4 clouds have no point inside the box and are skipped" in result.stderr
+    info = json.loads((tmp_path / "o" / "dataset_info.json").read_text())
+    assert info["skipped_no_points_in_box"] == [1] and info["counts"]["n_skipped"] == 1
+    assert sorted(info["split"]["train"] + info["split"]["val"]) == [0, 2, 3]
+    assert len(read_point_clouds(tmp_path / "o" / "val_points.h5")[0]) == info["counts"]["n_val"]
+
+
+def test_2d_data_convert_only_when_asked(tmp_path):
+    result = _cli(
+        "--h5_file",
+        DATA / "picasso_egfr_mols_real2d.hdf5",
+        "--output_dir",
+        tmp_path / "o",
+        "--voxel_size",
+        "[32,32,1]",
+        "--tiles",
+        "8",
+        "--tile_size",
+        "[3000,3000,1]",
+        "--allow_2d",
+        "true",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "note: 2D data" in result.stderr
+    info = json.loads((tmp_path / "o" / "dataset_info.json").read_text())
+    assert info["source"]["dims"] == 2 and info["geometry"]["shape"] == [32, 32, 1]
+
+
+def test_far_outliers_are_named_with_a_hint(tmp_path):
+    rng = np.random.default_rng(1)
+    clouds = [rng.uniform(0, 5000, (2000, 3)) for _ in range(3)]
+    clouds[1][0] = [1e9, 10, 10]
+    write_point_clouds_h5(tmp_path / "out.h5", clouds)
+    result = _cli("--h5_file", tmp_path / "out.h5", "--output_dir", tmp_path / "o", "--voxel_size", "8")
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"warning: .*out.h5: 1 points lie far outside the others along x .*pass --volume_dims", result.stderr
+    ), result.stderr
+
+
+def _mount_tmpfs(path, size):
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "none", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+
+
+def test_overwrite_on_a_mount_point_and_a_full_disk_keep_a_whole_conversion(clouds_file, tmp_path):
+    out = tmp_path / "mnt"
+    _mount_tmpfs(out, "3m")
+    try:
+        assert _cli("--h5_file", clouds_file, "--output_dir", out, "--voxel_size", "8").returncode == 0
+        # another filesystem than its parent: the new conversion is staged on it, not beside it
+        result = _cli("--h5_file", clouds_file, "--output_dir", out, "--voxel_size", "16", "--overwrite", "true")
+        assert result.returncode == 0, result.stderr
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert json.loads((out / "dataset_info.json").read_text())["geometry"]["shape"] == [16, 16, 16]
+        # a conversion that does not fit on the disk fails with one line and leaves the previous one whole
+        result = _cli(
+            "--h5_file",
+            clouds_file,
+            "--output_dir",
+            out,
+            "--voxel_size",
+            "64",
+            "--overwrite",
+            "true",
+            "--no_compression",
+            "true",
+        )
+        assert result.returncode == 2
+        assert re.fullmatch(r"error: .*: could not write \(No space left on device\).*", result.stderr.strip())
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)

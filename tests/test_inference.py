@@ -169,3 +169,21 @@ def test_network_shapes_match_the_metadata(model_dir, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="diffusion input has 3 channels, the metadata says 4"):
         verify_networks(model_dir, tmp_path / "meta.json")
+
+
+def test_overwrite_replaces_an_earlier_run_without_mixing_the_two(model_dir, tmp_path):
+    out = tmp_path / "s"
+    _sample(model_dir, out, num_samples=3, output_formats=["nifti", "csv", "h5"])
+    (out / "pointcloud" / "my_notes.txt").write_text("keep me")
+    _sample(model_dir, out, num_samples=1, overwrite=True, seed=5)
+    assert sorted(p.name for p in (out / "nifti").iterdir()) == ["sample_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "pointcloud").iterdir()) == ["my_notes.txt", "sample_0000.csv"]
+    manifest = json.loads((out / ".manifest.json").read_text())["files"]
+    assert manifest == ["nifti/sample_0000.nii.gz", "pointcloud/sample_0000.csv", "preview.png"]
+    assert not list(out.glob(".staging-*"))
+
+
+def test_false_from_the_command_line_means_false(model_dir, tmp_path):
+    result = run_cli("inference.json", model_dir=model_dir, output_dir=tmp_path / "s", preview="false", **SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "s" / "preview.png").exists() and (tmp_path / "s" / "nifti").is_dir()

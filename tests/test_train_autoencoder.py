@@ -234,3 +234,21 @@ def test_volumes_of_different_boxes_are_refused_but_other_grid_sizes_are_resized
         run_workflow("train_autoencoder.json", **overrides(data, tmp_path / "bad"))
     assert "zz_other.nii.gz: covers the box" in str(user_error(info.value))
     assert "different conversions cannot be mixed" in str(user_error(info.value))
+
+
+def test_false_from_the_command_line_means_false(dataset_dir, tmp_path):
+    settings = {k: v for k, v in overrides(dataset_dir, tmp_path).items() if k != "fast_dev_run"}
+    result = run_cli("train_autoencoder.json", fast_dev_run="false", **settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # all 6 training volumes at batch 2: 3 iterations, not fast_dev_run's 2
+    assert load_checkpoint(tmp_path / "outputs" / "autoencoder" / "latest_checkpoint.pt")["iteration"] == 3
+
+
+def test_overwrite_replaces_an_earlier_run_without_mixing_the_two(dataset_dir, tmp_path):
+    run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path))
+    ckpt_dir = tmp_path / "outputs" / "autoencoder"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pt", "latest_checkpoint.pt"]
+    # a second run that validates only every 5 epochs writes no best_model.pt of its own in its one epoch:
+    # the first run's is removed with its first checkpoint, so the folder never holds checkpoints of two runs
+    run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path, overwrite=True, val_interval=5, seed=3))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest_checkpoint.pt"]
