@@ -108,6 +108,7 @@ def run_demo(n_clouds=128, autoencoder_epochs=25, diffusion_epochs=120, num_samp
             "n_epochs": autoencoder_epochs,
             "ckpt_dir": f"{outputs}/autoencoder",
             "log_dir": f"{logs}/autoencoder",
+            "overwrite": "true",
         },
     )
     _bundle(
@@ -120,11 +121,18 @@ def run_demo(n_clouds=128, autoencoder_epochs=25, diffusion_epochs=120, num_samp
             "ckpt_dir": f"{outputs}/diffusion",
             "log_dir": f"{logs}/diffusion",
             "autoencoder_path": f"{outputs}/autoencoder/best_model.pt",
+            "overwrite": "true",
         },
     )
     _bundle(
         "inference.json",
-        {"model_dir": outputs, "output_dir": f"{outputs}/samples", "num_samples": num_samples, "seed": seed},
+        {
+            "model_dir": outputs,
+            "output_dir": f"{outputs}/samples",
+            "num_samples": num_samples,
+            "seed": seed,
+            "overwrite": "true",
+        },
     )
     print(
         f"demo finished in {time.perf_counter() - start:.0f} s: samples in {outputs}/samples "
