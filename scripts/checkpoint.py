@@ -86,6 +86,10 @@ SAMPLING_KEYS = (
     "key_metric_name",
     "autoencoder",
     "unet",
+    "unet_ema",
+    "refiner",
+    "coupling",
+    "sampling",
 )
 
 

@@ -5,7 +5,9 @@ import logging
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import torch
+from monai.transforms import RandomizableTrait
 
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
@@ -114,12 +116,132 @@ def volume_transforms(spatial_size):
 
     Both training stages and the evaluation use this, so the autoencoder always sees the same preprocessing.
     """
-    from monai.transforms import Compose, EnsureTyped, Resized
+    from monai.transforms import Compose, EnsureTyped
 
     return Compose(
         [
             LoadVolumed(),
-            Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
+            resize_transform(spatial_size),
             EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         ]
     )
+
+
+def resize_transform(spatial_size):
+    """The resize every stage applies to ``data["image"]`` (C, X, Y, Z): trilinear, anti-aliased when shrinking."""
+    from monai.transforms import Resized
+
+    return Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True)
+
+
+def resize_grid(grid, spatial_size):
+    """A grid (X, Y, Z) made in memory, resized as the volumes of :func:`volume_transforms` are (float32 array)."""
+    image = torch.as_tensor(np.asarray(grid, np.float32))[None]
+    resized = resize_transform(spatial_size)({"image": image})["image"]
+    return np.asarray(resized.as_tensor() if hasattr(resized, "as_tensor") else resized, np.float32)[0]
+
+
+class FlipRotate:
+    """One element of the symmetry group the physics allows: flips of x, y (and z when asked) and, where x and y
+    are interchangeable (same size and spacing), a swap of x and y, which with the flips makes every 90° rotation
+    about z. z flips are off by default: axial precision is not symmetric in real data.
+
+    Applied to a grid (…, X, Y, Z) and to points in continuous voxel coordinates of that grid.
+    """
+
+    def __init__(self, swap_xy=False, flip=(False, False, False)):
+        self.swap_xy, self.flip = bool(swap_xy), tuple(bool(f) for f in flip)
+
+    def grid(self, grid):
+        out = grid.swapaxes(-3, -2) if self.swap_xy else grid
+        for axis, f in enumerate(self.flip):
+            if f:
+                out = out.flip(axis - 3) if torch.is_tensor(out) else np.flip(out, axis - 3)
+        return out.contiguous() if torch.is_tensor(out) else np.ascontiguousarray(out)
+
+    def points(self, points, shape):
+        """``shape``: the grid's (X, Y, Z) before the transform."""
+        out = points[:, [1, 0, 2]] if self.swap_xy else points.clone() if torch.is_tensor(points) else points.copy()
+        size = np.asarray(shape, np.float64)[[1, 0, 2] if self.swap_xy else [0, 1, 2]]
+        for axis, f in enumerate(self.flip):
+            if f:
+                out[:, axis] = size[axis] - out[:, axis]
+        return out
+
+
+def symmetries(shape, spacing_nm, flip_x=True, flip_y=True, rotate_z=True, flip_z=False):
+    """Every :class:`FlipRotate` the settings allow for a grid of ``shape`` and ``spacing_nm`` (x/y swaps only
+    where both agree), identity first."""
+    square = shape[0] == shape[1] and np.isclose(spacing_nm[0], spacing_nm[1], rtol=1e-3)
+    swaps = (False, True) if rotate_z and square else (False,)
+    options = [(False, True) if on else (False,) for on in (flip_x, flip_y, flip_z)]
+    return [FlipRotate(s, (fx, fy, fz)) for s in swaps for fx in options[0] for fy in options[1] for fz in options[2]]
+
+
+class RandFlipRotated(RandomizableTrait):
+    """A random one of :func:`symmetries` applied to the grids ``data["image"]`` and ``data["recon"]`` (C, X, Y, Z)
+    and to ``data["points"]`` in voxel coordinates, those present; MONAI's CacheDataset caches what comes before
+    it, not it.
+
+    The draw comes from torch's generator, which checkpoints save and restore, so a resumed run augments exactly as
+    an uninterrupted one.
+    """
+
+    def __init__(self, shape, spacing_nm, flip_x=True, flip_y=True, rotate_z=True, flip_z=False):
+        self.shape = tuple(shape)
+        self.elements = symmetries(shape, spacing_nm, flip_x, flip_y, rotate_z, flip_z)
+
+    def __call__(self, data):
+        element = self.elements[int(torch.randint(len(self.elements), ()))]
+        out = dict(data)
+        for key in ("image", "recon"):
+            if key in data:
+                out[key] = element.grid(data[key])
+        if "points" in data:
+            out["points"] = element.points(data["points"], self.shape)
+        return out
+
+
+def cloud_items(datalist, points_file, transform, geometry, autoencoder=None, device="cpu", batch_size=2):
+    """The fine stage's items: each volume of ``datalist`` (loaded by ``transform``) with its cloud from
+    ``points_file`` (the converter's ``train_points.h5`` / ``val_points.h5``, in the same order) in continuous voxel
+    coordinates of the loaded grid, and, given ``autoencoder``, the grid's reconstruction ``recon``."""
+    from scripts.pointcloud_io import read_point_clouds
+
+    clouds, _ = read_point_clouds(points_file)
+    if len(clouds) != len(datalist):
+        raise UserError(
+            f"{points_file}: holds {len(clouds)} clouds for {len(datalist)} volumes in "
+            f"{Path(datalist[0]['image']).parent}; convert again"
+        )
+    items = []
+    for entry, cloud in zip(datalist, clouds):
+        image = transform(dict(entry))["image"]
+        grid_geometry = geometry.with_shape(image.shape[1:])
+        inside = cloud[grid_geometry.inside(cloud)]
+        items.append({"image": image, "points": torch.from_numpy(grid_geometry.to_voxel(inside))})
+    if autoencoder is not None:
+        with torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                images = torch.stack([it["image"] for it in chunk]).to(device)
+                for it, recon in zip(chunk, autoencoder.reconstruct(images).float().clamp(0, 1).cpu()):
+                    it["recon"] = recon
+    return items
+
+
+class SubsamplePoints:
+    """``data["points"]`` replaced by ``num_points`` of its rows drawn at random (with replacement), so batches
+    stack; torch's generator, as :class:`RandFlipRotated`."""
+
+    def __init__(self, num_points):
+        self.num_points = int(num_points)
+
+    def __call__(self, data):
+        points = data["points"]
+        return {**data, "points": points[torch.randint(len(points), (self.num_points,))]}
+
+
+def grid_geometry(dataset_info, shape):
+    """The data's box on a grid of ``shape`` (what a volume resized to ``shape`` covers)."""
+    return GridGeometry.from_dict(dataset_info["geometry"]).with_shape(tuple(shape))

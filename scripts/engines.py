@@ -7,14 +7,17 @@ on CPUs with native bf16, full precision elsewhere. MONAI's own ``amp=True`` onl
 import contextlib
 import logging
 
+import numpy as np
 import torch
 from ignite.engine import Events
+from ignite.metrics import Metric
 from monai.engines import Evaluator, Trainer
 from monai.utils import CommonKeys
 
 from scripts.errors import UserError, interrupted
 from scripts.latents import sample_latents
 from scripts.losses import kl_loss
+from scripts.metrics import histogram_w1, nn_distances_nm
 from scripts.networks import unwrap
 
 logger = logging.getLogger(__name__)
@@ -62,9 +65,9 @@ def _reraise(engine, e):
     raise e
 
 
-def batch_images(batchdata, device=None, non_blocking=False):
-    """The batch's images as a plain tensor (not a MetaTensor) on ``device``."""
-    images = batchdata[CommonKeys.IMAGE]
+def batch_images(batchdata, device=None, non_blocking=False, key=CommonKeys.IMAGE):
+    """The batch's images (or another key's volumes) as a plain tensor (not a MetaTensor) on ``device``."""
+    images = batchdata[key]
     images = images.as_tensor() if hasattr(images, "as_tensor") else images
     return images.to(device, non_blocking=non_blocking)
 
@@ -82,7 +85,7 @@ def reconstruct(images, network):
 
 def metric_cmp_fn(key_metric):
     """Best-model comparison: lower is better for losses and errors, higher for everything else."""
-    lower = any(word in key_metric for word in ("loss", "l1", "mse", "error"))
+    lower = any(word in key_metric for word in ("loss", "l1", "mse", "error", "w1"))
     return (lambda current, best: current < best) if lower else (lambda current, best: current > best)
 
 
@@ -326,3 +329,138 @@ class LatentDiffusionEvaluator(Evaluator):
             latents = sample_latents(batchdata, self.autoencoder, self.state.device, self.generator)
             loss = diffusion_loss(self.unet, self.scheduler, latents * self.scale_factor, autocast, self.generator)
         return {CommonKeys.LOSS: loss}
+
+
+class RefinerTrainer(MixedPrecisionTrainer):
+    """The fine stage: flow matching of each training point's offset from its anchor voxel (see
+    :mod:`scripts.refiner`), on the real grid or, with probability ``reconstruction_fraction``, on the autoencoder's
+    reconstruction of it, so the model learns to read what the decoder makes.
+
+    Batches hold ``image`` (B, 1, X, Y, Z), optionally ``recon`` (the same shape) and ``points`` (B, n, 3) in
+    continuous voxel coordinates of the grid.
+    """
+
+    def __init__(
+        self,
+        device,
+        max_epochs,
+        train_data_loader,
+        refiner,
+        optimizer,
+        sigma_voxels,
+        splat="trilinear",
+        reconstruction_fraction=0.5,
+        epoch_length=None,
+        amp=True,
+        train_handlers=None,
+    ):
+        self.refiner, self.optimizer = refiner, optimizer
+        self.sigma_voxels, self.splat, self.reconstruction_fraction = sigma_voxels, splat, reconstruction_fraction
+        super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g",))
+
+    def _iteration(self, engine, batchdata):
+        grids = self.images(batchdata)
+        if "recon" in batchdata and self.reconstruction_fraction > 0:
+            use = (torch.rand(len(grids)) < self.reconstruction_fraction).to(grids.device)
+            grids = torch.where(
+                use[:, None, None, None, None], batch_images(batchdata, grids.device, key="recon"), grids
+            )
+        anchors, offsets, index = couple_batch(batchdata["points"], grids.shape[2:], self.sigma_voxels, self.splat)
+        self.refiner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = unwrap(self.refiner).loss(
+                grids, index.to(grids.device), anchors.to(grids.device), offsets.to(grids.device)
+            )
+        self.step(loss.float(), self.optimizer, "g", "refiner loss")
+        return {CommonKeys.LOSS: loss.detach().item()}
+
+
+def couple_batch(points, shape, sigma_voxels, splat):
+    """:func:`scripts.refiner.couple` for a batch of point sets (B, n, 3): anchors, offsets and volume indices."""
+    from scripts.refiner import couple
+
+    anchors, offsets, index = [], [], []
+    for b, pts in enumerate(points):
+        a, o, _ = couple(pts, tuple(shape), sigma_voxels, splat)
+        anchors.append(a)
+        offsets.append(o)
+        index.append(torch.full((len(a),), b, dtype=torch.long))
+    return torch.cat(anchors), torch.cat(offsets), torch.cat(index)
+
+
+class HistogramW1(Metric):
+    """W1 (in the values' unit) between two streams of values, ``(generated, real)`` per update, pooled into
+    histograms of ``bins`` bins up to ``max_value`` (larger values fall in the last bin). Histograms add across
+    ranks, so the metric is the same under DDP as in one process; the bins make it exact to half a bin."""
+
+    def __init__(self, max_value=500.0, bins=2000, output_transform=lambda x: x, device="cpu"):
+        self.edges = np.linspace(0.0, max_value, bins + 1)
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self):
+        self.counts = torch.zeros((2, len(self.edges) - 1), dtype=torch.float64)
+
+    def update(self, output):
+        for row, values in enumerate(output):
+            values = np.clip(np.asarray(values, np.float64), 0, self.edges[-1] - 1e-9)
+            self.counts[row] += torch.from_numpy(np.histogram(values, self.edges)[0].astype(np.float64))
+
+    def compute(self):
+        import ignite.distributed as idist
+
+        counts = idist.all_reduce(self.counts.clone()) if idist.get_world_size() > 1 else self.counts
+        return histogram_w1(counts[0].numpy(), counts[1].numpy(), self.edges[1] - self.edges[0])
+
+
+class RefinerEvaluator(Evaluator):
+    """Validation of the fine stage on real grids: each held-out grid is turned into as many points as its cloud
+    holds, and the key metric ``val_nn_w1`` is the 1D Wasserstein distance (nm) between the generated and the real
+    clouds' nearest-neighbour distances (lower is better)."""
+
+    def __init__(
+        self,
+        device,
+        val_data_loader,
+        refiner,
+        geometry,
+        threshold=0.0,
+        flow_steps=12,
+        seed=0,
+        epoch_length=None,
+        val_handlers=None,
+    ):
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            decollate=False,
+            key_val_metric={"val_nn_w1": HistogramW1(output_transform=lambda out: (out["generated"], out["real"]))},
+            metric_cmp_fn=metric_cmp_fn("val_nn_w1"),
+            val_handlers=None,
+        )
+        self.refiner, self.geometry, self.threshold, self.flow_steps = refiner, geometry, threshold, flow_steps
+        self.seed, self.generator = seed, torch.Generator()
+        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
+        if val_handlers:
+            self._register_handlers(val_handlers)
+
+    def run(self, global_epoch=1):
+        self.generator.manual_seed(self.seed)
+        super().run(global_epoch)
+
+    def _iteration(self, engine, batchdata):
+        from scripts.refiner import refine_grid
+
+        unwrap(self.refiner).eval()
+        grids, points = batchdata["image"], batchdata["points"]
+        generated, real = [], []
+        for grid, pts in zip(grids, points):
+            geometry = self.geometry.with_shape(grid.shape[-3:])
+            cloud = geometry.to_nm(pts.numpy())
+            new = refine_grid(
+                unwrap(self.refiner), grid[0], geometry, len(cloud), self.threshold, self.flow_steps, self.generator
+            )
+            generated.append(nn_distances_nm(new))
+            real.append(nn_distances_nm(cloud))
+        return {"generated": np.concatenate(generated), "real": np.concatenate(real)}

@@ -1,13 +1,18 @@
 """Evaluation of generated samples against the held-out real set. Used by ``configs/evaluate.json``.
 
-Four sets are each compared with the held-out clouds (``val_points.h5``) and grids (``val/``), so that the
-model's numbers sit between a ceiling and a floor:
+Each set is compared with the held-out clouds (``val_points.h5`` and ``val/``, or a separate reference file such as
+a freshly simulated test set, voxelized as the dataset was), so that the model's numbers sit between a ceiling and
+a floor:
 
-- ``train_vs_heldout``: training clouds, as many as held out (seeded): what a perfect model scores;
-- ``reconstruction``: the autoencoder's reconstructions of the held-out grids, exported to points: the best that
-  stage 2 can reach through this autoencoder;
-- ``mean_grid_baseline``: points drawn from the mean training grid, as many clouds as held out: a trivial model;
-- ``samples``: the model's samples (``pointcloud/*.csv`` and ``nifti/*.nii.gz`` of ``configs/inference.json``).
+- ``train_vs_heldout``: training clouds: what a perfect model scores (the floor of every distance);
+- ``reconstruction``: the autoencoder's reconstructions of the held-out grids, exported to points uniformly inside
+  voxels; ``reconstruction_refined``: the same grids through the fine stage (the ceiling of stage 2);
+- ``mean_grid_baseline``: points drawn from the mean training grid: a trivial model;
+- ``samples``: the model's samples (``pointcloud/*.csv`` and ``nifti/*.nii.gz`` of ``configs/inference.json``);
+  ``samples_voxel_uniform``: the same sample grids exported uniformly inside voxels (the reference of the fine
+  stage), when a fine stage is given.
+
+Sets are balanced: every row uses as many clouds as the smallest of the held-out, training and sample sets.
 
 Writes ``metrics.json``, ``metrics.md`` and four PNG figures to ``output_dir``; metric definitions are in
 :mod:`scripts.metrics`.
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.data import list_volumes, load_dataset_info, volume_transforms
+from scripts.data import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
 from scripts.metrics import (
@@ -29,7 +34,9 @@ from scripts.metrics import (
     compare_distributions,
     dice_iou,
     emd_set_blocks,
+    local_shape,
     nn_distances_nm,
+    pair_distances,
     psnr,
     set_metrics,
     subsample,
@@ -37,19 +44,23 @@ from scripts.metrics import (
 from scripts.outputs import StagedOutput, listed_files
 from scripts.pictures import projection_grid
 from scripts.pointcloud_io import read_point_clouds
+from scripts.refiner import check_spacing, refine_grid
 from scripts.render import render_points
 from scripts.volume_io import load_nifti
-from scripts.voxelize import EXPORT_METHODS, grid_to_points
+from scripts.voxelize import EXPORT_METHODS, grid_to_points, point_count, voxelize_like
 
 logger = logging.getLogger(__name__)
 CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
 SAMPLE_HINT = "sample first: python -m monai.bundle run --config_file configs/inference.json"
 EVALUATION_FILES = ("metrics.json", "metrics.md", "*.png")
+STATISTICS = ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm")
 ROWS = {
     "train_vs_heldout": "training clouds (what a perfect model scores)",
-    "reconstruction": "autoencoder reconstructions of the held-out grids (the ceiling of stage 2)",
+    "reconstruction": "autoencoder reconstructions of the held-out grids, points uniform inside voxels",
+    "reconstruction_refined": "the same reconstructions through the fine stage (the ceiling of stage 2)",
     "mean_grid_baseline": "points drawn from the mean training grid (a trivial model)",
     "samples": "the model's samples",
+    "samples_voxel_uniform": "the samples' grids, points uniform inside voxels (the fine stage's reference)",
 }
 
 
@@ -63,6 +74,10 @@ class Evaluation:
             optionally ``nifti/*.nii.gz``).
         autoencoder_checkpoint, autoencoder, autoencoder_path: the stage-1 checkpoint, its frozen network, its file.
         output_dir: where the results go (created; an earlier evaluation there is refused unless ``overwrite``).
+        reference_file: held-out clouds to compare with instead of ``val_points.h5`` (any readable point-cloud
+            file; grids are made of them as the dataset's were); ``None``: the validation split.
+        refiner, refiner_checkpoint: the fine stage (adds the refined and voxel-uniform rows), or ``None``.
+        flow_steps: the fine stage's flow steps (``None``: those of its checkpoint).
         num_points: points per cloud for MMD/COV/1-NNA under Chamfer distance (clouds are subsampled, seeded).
         emd_points: points per cloud for EMD (the first ``emd_points`` of each subsample); 0 or ``None`` skips EMD
             (``--emd_points 0`` on the command line, where MONAI drops ``None`` overrides).
@@ -72,8 +87,11 @@ class Evaluation:
             :func:`scripts.voxelize.grid_to_points`); export_num_points: points per exported cloud (``None``: the
             training data's points per unit of grid mass, as the sampler does).
         max_reference_clouds: use at most this many held-out clouds (seeded choice); ``None``: all.
+        structure_radius_nm: neighbourhood radius of the linearity and planarity statistics.
+        pair_range_nm: ``[r_min, r_max]`` of the pair-distance statistic (and of Ripley's L).
         batch_size: volumes per autoencoder forward pass.
-        num_pictures: clouds and grids shown per set in the figures; pixel_nm: rendering pixel size in nm.
+        num_pictures: clouds and grids shown per set in the figures (``renderings.png``: held-out above,
+            generated below, one renderer and scale); pixel_nm: rendering pixel size in nm.
         nn_bins, z_bins: histogram bins of the nearest-neighbour distance and of the z profile.
         num_workers: threads per KD-tree query (-1: all cores).
         device: where the autoencoder runs.
@@ -88,6 +106,10 @@ class Evaluation:
         autoencoder,
         autoencoder_path,
         output_dir,
+        reference_file=None,
+        refiner=None,
+        refiner_checkpoint=None,
+        flow_steps=None,
         num_points=2048,
         emd_points=512,
         seed=0,
@@ -95,8 +117,10 @@ class Evaluation:
         method="probabilistic",
         export_num_points=None,
         max_reference_clouds=None,
+        structure_radius_nm=150.0,
+        pair_range_nm=(20.0, 500.0),
         batch_size=2,
-        num_pictures=4,
+        num_pictures=6,
         pixel_nm=15.0,
         nn_bins=60,
         z_bins=30,
@@ -158,6 +182,14 @@ class Evaluation:
         self.max_reference_clouds, self.batch_size = max_reference_clouds, batch_size
         self.num_pictures, self.pixel_nm, self.nn_bins, self.z_bins = num_pictures, pixel_nm, nn_bins, z_bins
         self.workers = num_workers
+        self.reference_file = Path(reference_file) if reference_file else None
+        if self.reference_file is not None and not self.reference_file.is_file():
+            raise UserError(f"{self.reference_file}: reference_file names no such file")
+        self.refiner = refiner
+        if refiner is not None:
+            check_spacing(refiner_checkpoint, self.geometry.with_shape(self.voxel_size), "the autoencoder's grids")
+            self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
+        self.structure_radius_nm, self.pair_range_nm = float(structure_radius_nm), tuple(map(float, pair_range_nm))
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -172,6 +204,14 @@ class Evaluation:
         return [transform(dict(d))["image"][0].numpy() for d in datalist]
 
     def _heldout(self):
+        if self.reference_file is not None:
+            clouds = self._inside(read_point_clouds(self.reference_file)[0])
+            clouds = [c for c in clouds if len(c)]
+            if not clouds:
+                raise UserError(f"{self.reference_file}: no cloud has points inside the box of {self.dataset_dir}")
+            clouds = self._at_most(clouds, self.max_reference_clouds, 0)
+            grids = [resize_grid(voxelize_like(c, self.info), self.voxel_size) for c in clouds]
+            return clouds, grids
         clouds, _ = read_point_clouds(self.dataset_dir / "val_points.h5")
         volumes = list_volumes(self.dataset_dir / "val", "validation folder")
         if len(clouds) != len(volumes):
@@ -183,6 +223,16 @@ class Evaluation:
         if self.max_reference_clouds and len(clouds) > self.max_reference_clouds:
             keep = np.sort(self._rng(0).choice(len(clouds), self.max_reference_clouds, replace=False))
         return self._inside([clouds[i] for i in keep]), self._grids([volumes[i] for i in keep])
+
+    def _at_most(self, items, n, stream):
+        if n is None or len(items) <= n:
+            return items
+        return [items[i] for i in np.sort(self._rng(stream).choice(len(items), n, replace=False))]
+
+    def _refine(self, grid, stream):
+        n = point_count(grid, self.geometry.with_shape(grid.shape), self.export_num_points, self.points_per_mass)
+        generator = torch.Generator().manual_seed(int(self._rng(*stream).integers(2**62)))
+        return refine_grid(self.refiner, grid, self.geometry, n, self.threshold, self.flow_steps, generator)
 
     def _training(self, n):
         clouds, _ = read_point_clouds(self.dataset_dir / "train_points.h5")
@@ -257,6 +307,20 @@ class Evaluation:
                 logger.info(f"EMD: {n_exact} new exact assignments for the {n * (n - 1) // 2} pairs of the union")
         return row
 
+    def _statistics(self, clouds, stream):
+        """What a microscopist reads off clouds, pooled over them: nearest-neighbour distances, z, local linearity
+        and planarity, and the distances of point pairs within ``pair_range_nm`` (all in nm but the shapes)."""
+        rng = self._rng(stream)
+        stats = {key: [] for key in STATISTICS}
+        for cloud in clouds:
+            stats["nn_distance_nm"].append(nn_distances_nm(cloud))
+            stats["z_nm"].append(cloud[:, 2])
+            linearity, planarity = local_shape(cloud, self.structure_radius_nm, rng=rng)
+            stats["linearity"].append(linearity)
+            stats["planarity"].append(planarity)
+            stats["pair_distance_nm"].append(pair_distances(cloud, *self.pair_range_nm, rng=rng))
+        return {key: np.concatenate(values) if values else np.zeros(0) for key, values in stats.items()}
+
     def _grid_stats(self, grids, real_grids):
         fraction = [float(np.mean(g > self.threshold)) for g in grids]
         real_fraction = [float(np.mean(g > self.threshold)) for g in real_grids]
@@ -270,45 +334,54 @@ class Evaluation:
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self):
-        logger.info(f"reading the held-out set of {self.dataset_dir}")
+        logger.info(f"reading the held-out set of {self.reference_file or self.dataset_dir}")
         real_clouds, real_grids = self._heldout()
-        train_clouds, train_grids, mean_grid = self._training(len(real_clouds))
+        sample_clouds, sample_grids = self._samples()
+        n = min(len(real_clouds), len(sample_clouds), len(read_point_clouds(self.dataset_dir / "train_points.h5")[0]))
+        if n < max(len(real_clouds), len(sample_clouds)):
+            logger.warning(
+                f"balancing the sets: {n} clouds each (held-out {len(real_clouds)}, samples {len(sample_clouds)}); "
+                "sample as many clouds as are held out"
+            )
+        keep = self._at_most(list(range(len(real_clouds))), n, 0)
+        real_clouds, real_grids = [real_clouds[i] for i in keep], [real_grids[i] for i in keep]
+        sample_clouds = self._at_most(sample_clouds, n, 6)
+        sample_grids = self._at_most(sample_grids, n, 6) if sample_grids else None  # the same draw when paired
+        train_clouds, train_grids, mean_grid = self._training(n)
         logger.info(f"reconstructing {len(real_grids)} held-out grids")
         recon_grids = self._reconstruct(real_grids)
-        sample_clouds, sample_grids = self._samples()
         sets = {
             "train_vs_heldout": (train_clouds, train_grids),
             "reconstruction": (
                 [self._export(g, self.threshold, (2, i)) for i, g in enumerate(recon_grids)],
                 recon_grids,
             ),
-            # the mean grid is faint and diffuse: every voxel takes part, whatever the threshold
-            "mean_grid_baseline": (
-                [self._export(mean_grid, 0.0, (3, i)) for i in range(len(real_clouds))],
-                [mean_grid],
-            ),
-            "samples": (sample_clouds, sample_grids),
         }
+        if self.refiner is not None:
+            sets["reconstruction_refined"] = ([self._refine(g, (7, i)) for i, g in enumerate(recon_grids)], recon_grids)
+        # the mean grid is faint and diffuse: every voxel takes part, whatever the threshold
+        sets["mean_grid_baseline"] = ([self._export(mean_grid, 0.0, (3, i)) for i in range(n)], [mean_grid])
+        sets["samples"] = (sample_clouds, sample_grids)
+        if self.refiner is not None and sample_grids:
+            voxel_uniform = [self._export(g, self.threshold, (8, i)) for i, g in enumerate(sample_grids)]
+            sets["samples_voxel_uniform"] = (voxel_uniform, sample_grids)
 
         full, small = self._prepare(real_clouds, (4,))
         reference = {"cd_clouds": full, "cd": chamfer_matrix(full, workers=self.workers)}
         if small is not None:
             reference.update(emd_clouds=small, emd_cache={})
-        real_nn = np.concatenate([nn_distances_nm(c) for c in real_clouds])
-        real_z = np.concatenate([c[:, 2] for c in real_clouds])
-        rows, curves = {}, {"nn": {"held-out": real_nn}, "z": {"held-out": real_z}}
+        real = self._statistics(real_clouds, 9)
+        rows, curves = {}, {key: {"held-out": values} for key, values in real.items()}
         for k, (name, (clouds, grids)) in enumerate(sets.items()):
             logger.info(f"{name}: {len(clouds)} clouds against {len(real_clouds)} held-out clouds")
             row = self._point_metrics(clouds, reference, (5, k))
-            nonempty = [c for c in clouds if len(c)]
-            nn = np.concatenate([nn_distances_nm(c) for c in nonempty] or [np.zeros(0)])
-            z = np.concatenate([c[:, 2] for c in nonempty] or [np.zeros(0)])
-            row["nn_distance_nm"] = compare_distributions(nn, real_nn)
-            row["z_nm"] = compare_distributions(z, real_z)
+            stats = self._statistics([c for c in clouds if len(c)], 10 + k)
+            for key, values in stats.items():
+                row[key] = compare_distributions(values, real[key])
+                curves[key][name] = values
             if grids is not None:
                 row.update(self._grid_stats(grids, real_grids))
             rows[name] = row
-            curves["nn"][name], curves["z"][name] = nn, z
         per_volume = [{**dice_iou(r, g, self.threshold), "psnr": psnr(r, g)} for r, g in zip(recon_grids, real_grids)]
         rows["reconstruction"]["grid"] = {
             k: {"mean": float(np.mean([v[k] for v in per_volume])), "std": float(np.std([v[k] for v in per_volume]))}
@@ -338,6 +411,9 @@ class Evaluation:
             "chamfer": "sum of the two mean squared nearest-neighbour distances (normalised units squared)",
             "emd": "mean Euclidean distance under the exact optimal assignment (normalised units)",
             "1nna": "mean of the leave-one-out 1-NN accuracies on the generated and on the held-out clouds",
+            "reference": str(self.reference_file) if self.reference_file else "val_points.h5",
+            "structure_radius_nm": self.structure_radius_nm,
+            "pair_range_nm": list(self.pair_range_nm),
             "rows": ROWS,
         }
 
@@ -372,12 +448,15 @@ class Evaluation:
                     ax.set_title(f"{label} {i}: {len(clouds[i])} pts, bar {meta['bar_nm']} nm", fontsize=8)
         _save(fig, folder / "renderings.png")
 
-        top = 1.5 * max(float(np.percentile(v, 95)) for v in curves["nn"].values() if len(v))
+        top = 1.5 * max(float(np.percentile(v, 95)) for v in curves["nn_distance_nm"].values() if len(v))
         specs = (
-            ("nn", np.linspace(0, top, self.nn_bins + 1), "nearest-neighbour distance (nm)", "nn_distance.png"),
-            ("z", np.linspace(*box[2], self.z_bins + 1), "z (nm)", "z_profile.png"),
+            ("nn_distance_nm", np.linspace(0, top, self.nn_bins + 1), "nearest-neighbour distance (nm)", " nm"),
+            ("z_nm", np.linspace(*box[2], self.z_bins + 1), "z (nm)", " nm"),
+            ("linearity", np.linspace(0, 1, 41), "local linearity", ""),
+            ("planarity", np.linspace(0, 1, 41), "local planarity", ""),
+            ("pair_distance_nm", np.linspace(*self.pair_range_nm, 49), "distance between point pairs (nm)", " nm"),
         )
-        for key, edges, xlabel, filename in specs:
+        for key, edges, xlabel, unit in specs:
             fig, ax = plt.subplots(figsize=(7, 4))
             for label, values in curves[key].items():
                 if not len(values):
@@ -386,13 +465,13 @@ class Evaluation:
                 if label == "held-out":
                     ax.stairs(density, edges, label=label, linewidth=2.5, color="k")
                 else:
-                    w1 = rows[label]["nn_distance_nm" if key == "nn" else "z_nm"]["wasserstein"]
-                    ax.stairs(density, edges, label=f"{label} (W1 {w1:.1f} nm)", linewidth=1.2)
+                    w1 = rows[label][key]["wasserstein"]
+                    ax.stairs(density, edges, label=f"{label} (W1 {w1:.3g}{unit})", linewidth=1.2)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("density")
             ax.set_title(f"{xlabel.split(' (')[0]}: generated sets against the held-out clouds", fontsize=9)
             ax.legend(fontsize=8)
-            _save(fig, folder / filename)
+            _save(fig, folder / f"{key.replace('_nm', '')}.png")
 
 
 def _save(fig, path):
@@ -476,6 +555,27 @@ def markdown_report(results):
         lines.append(
             f"| {name} | {_mean_std(nn)} | {_num(nn['wasserstein'])} | {_mean_std(z)} | {_num(z['wasserstein'])} |"
         )
+    lines += [
+        "",
+        "## Structure statistics",
+        "",
+        f"Linearity (λ1 − λ2) / λ1 and planarity (λ2 − λ3) / λ1 of the covariance of the points within "
+        f"{settings['structure_radius_nm']:g} nm of each of up to 2048 points per cloud; pair distances: every "
+        f"distance between {settings['pair_range_nm'][0]:g} and {settings['pair_range_nm'][1]:g} nm among 1000 "
+        "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution.",
+        "",
+        "| set | linearity | W1 | planarity | W1 | pair distance (nm) | W1 (nm) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| held-out | {_mean_std(first['linearity'], 'reference_', 1, 3)} | – | "
+        f"{_mean_std(first['planarity'], 'reference_', 1, 3)} | – | "
+        f"{_mean_std(first['pair_distance_nm'], 'reference_')} | – |",
+    ]
+    for name, row in rows.items():
+        lin, pla, pair = row["linearity"], row["planarity"], row["pair_distance_nm"]
+        lines.append(
+            f"| {name} | {_mean_std(lin, '', 1, 3)} | {_num(lin['wasserstein'], 1, 3)} | {_mean_std(pla, '', 1, 3)} | "
+            f"{_num(pla['wasserstein'], 1, 3)} | {_mean_std(pair)} | {_num(pair['wasserstein'])} |"
+        )
 
     with_grids = {k: v for k, v in rows.items() if "foreground_fraction" in v}
     if with_grids:
@@ -510,8 +610,9 @@ def markdown_report(results):
         f"| {_mean_std(grid['dice'], '', 1, 3)} | {_mean_std(grid['iou'], '', 1, 3)} | "
         f"{_mean_std(grid['psnr'], '', 1, 2)} |",
         "",
-        "Figures: `projections.png` (held-out | reconstruction | generated grids), `renderings.png` (held-out and "
-        "generated clouds), `nn_distance.png`, `z_profile.png`.",
+        "Figures: `projections.png` (held-out | reconstruction | generated grids), `renderings.png` (held-out clouds "
+        "above, generated below, one renderer and scale), and the distributions `nn_distance.png`, `z.png`, "
+        "`linearity.png`, `planarity.png`, `pair_distance.png`.",
         "",
     ]
     return "\n".join(lines)

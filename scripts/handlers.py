@@ -271,3 +271,36 @@ class SampleImageHandler:
         rows = [[_numpy(r), _numpy(g)] for r, g in zip(self.real, grids)]
         self.writer.add_image(self.tag, projection_grid(rows), global_step=epoch, dataformats="HW")
         self.writer.flush()
+
+
+class EMAHandler:
+    """An exponential moving average of a network's weights, updated after every iteration.
+
+    ``ema_model`` (same architecture) starts as a copy of ``model``; its weights then follow
+    ``ema = d·ema + (1 - d)·weights`` with ``d = min(decay, (1 + n) / (10 + n))`` at iteration ``n``, so the first
+    iterations, whose weights are far from trained, fade quickly. Buffers are copied. Put ``ema_model`` among the
+    checkpoint objects: it is saved, and restored on resume.
+
+    Args:
+        model: the trained network (a DDP wrapper is unwrapped).
+        ema_model: the averaged copy, used for validation, monitoring and sampling.
+        decay: the largest decay.
+    """
+
+    def __init__(self, model, ema_model, decay=0.999):
+        self.model, self.ema_model, self.decay = model, ema_model, decay
+        self.ema_model.load_state_dict(unwrap(model).state_dict())  # a resumed run then loads its saved average
+        self.ema_model.eval().requires_grad_(False)
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine):
+        n = engine.state.iteration
+        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        source = unwrap(self.model)
+        for ema, weights in zip(self.ema_model.parameters(), source.parameters()):
+            ema.lerp_(weights.detach(), 1.0 - d)
+        for ema, buffer in zip(self.ema_model.buffers(), source.buffers()):
+            ema.copy_(buffer)

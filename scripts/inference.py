@@ -17,11 +17,12 @@ from scripts.networks import build_unet
 from scripts.outputs import StagedOutput
 from scripts.pictures import projections
 from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
+from scripts.refiner import REFINER_HINT, check_spacing, refine_grid
 from scripts.render import render_points
 from scripts.sampling import make_scheduler, sample_grids
 from scripts.settings import check_values
 from scripts.volume_io import save_nifti
-from scripts.voxelize import grid_to_points
+from scripts.voxelize import grid_to_points, point_count
 
 logger = logging.getLogger(__name__)
 STAGE2_HINT = "train stage 2 first: python -m monai.bundle run --config_file configs/train_diffusion.json"
@@ -47,9 +48,11 @@ def load_diffusion_checkpoint(diffusion_path, autoencoder_checkpoint, autoencode
 
 
 def trained_unet(checkpoint, path, device):
-    """The diffusion UNet built from the hyper-parameters in its checkpoint, with its weights, in eval mode."""
+    """The diffusion UNet built from the hyper-parameters in its checkpoint, with its exponential moving average
+    of weights (``unet_ema``; the raw ``unet`` weights for checkpoints without one), in eval mode."""
     unet = build_unet(checkpoint["network_config"]["unet"])
-    load_state(unet, checkpoint["unet"], path, "unet")
+    key = "unet_ema" if "unet_ema" in checkpoint else "unet"
+    load_state(unet, checkpoint[key], path, key)
     return unet.to(device).eval()
 
 
@@ -66,8 +69,11 @@ class Sampler:
         num_samples, batch_size: how many grids, and how many are denoised at once.
         scheduler: 'DDPM' or 'DDIM'; num_inference_steps: its steps (``None``: all training timesteps).
         seed: the same seed writes the same files.
-        method, threshold, num_points: point export (see :func:`scripts.voxelize.grid_to_points`); ``num_points``
-            ``None`` takes the training data's points per unit of grid mass.
+        method, threshold, num_points: point export: 'refine' (the fine stage, ``refiner``, places points at
+            localization precision) or a voxel export of :func:`scripts.voxelize.grid_to_points`; both draw voxels
+            above ``threshold``; ``num_points`` ``None`` takes the training data's points per unit of grid mass.
+        refiner, refiner_checkpoint: the fine stage and its checkpoint, for ``method='refine'``.
+        flow_steps: its flow's steps (``None``: those it was validated with).
         output_formats: any of 'nifti', 'csv', 'h5'.
         preview: write ``preview.png``; pixel_nm: its rendering pixel size.
         overwrite: replace the samples of an earlier run in ``output_dir`` (only the bundle's own files, all of
@@ -94,11 +100,16 @@ class Sampler:
         device="cpu",
         amp=True,
         overwrite=False,
+        refiner=None,
+        refiner_checkpoint=None,
+        flow_steps=None,
     ):
         check_values(
             {"num_samples": num_samples, "batch_size": batch_size, "method": method, "num_points": num_points},
             "inference",
         )
+        if method == "refine" and refiner is None:
+            raise UserError(f"method: 'refine' needs the fine stage's checkpoint; {REFINER_HINT}")
         unknown = set(output_formats) - set(FORMATS)
         if unknown:
             raise UserError(f"output_formats: unknown {sorted(unknown)}; choose from {', '.join(FORMATS)}")
@@ -119,6 +130,10 @@ class Sampler:
         self.method, self.threshold, self.num_points = method, threshold, num_points
         self.formats, self.preview, self.pixel_nm = tuple(output_formats), preview, pixel_nm
         self.device, self.amp_dtype = device, autocast_dtype(device, amp)
+        self.refiner = refiner
+        if refiner is not None:
+            check_spacing(refiner_checkpoint, self.geometry.with_shape(tuple(ckpt["voxel_size"])), "the sampled grids")
+            self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
 
     def run(self):
         """Sample, write every file into a staging folder, then swap the whole set into ``output_dir``."""
@@ -162,15 +177,20 @@ class Sampler:
         if "nifti" in self.formats:
             (folder / "nifti").mkdir(parents=True, exist_ok=True)
             save_nifti(folder / "nifti" / f"sample_{i:04d}.nii.gz", grid, geometry)
-        points = grid_to_points(
-            grid,
-            geometry,
-            self.method,
-            self.threshold,
-            self.num_points,
-            self.points_per_mass,
-            rng=np.random.default_rng([self.seed, i]),
-        )
+        if self.method == "refine":
+            n = point_count(grid, geometry, self.num_points, self.points_per_mass)
+            generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, i]).integers(2**62)))
+            points = refine_grid(self.refiner, grid, geometry, n, self.threshold, self.flow_steps, generator)
+        else:
+            points = grid_to_points(
+                grid,
+                geometry,
+                self.method,
+                self.threshold,
+                self.num_points,
+                self.points_per_mass,
+                rng=np.random.default_rng([self.seed, i]),
+            )
         if len(points) == 0:
             logger.warning(f"sample {i}: no voxel above threshold {self.threshold}; its point cloud is empty")
         if "csv" in self.formats:

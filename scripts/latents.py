@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler
+from monai.transforms import Compose
 
 from scripts.checkpoint import load_checkpoint, load_state, save_checkpoint
 from scripts.errors import UserError
@@ -34,48 +35,81 @@ def frozen_autoencoder(checkpoint, path, device):
     return network
 
 
-def encode_volumes(autoencoder, datalist, transform, device, batch_size=2, cache_dir=None, key=""):
-    """Encode every volume once: ``[{"z_mu": (C, x, y, z), "z_sigma": ...}]`` on the CPU, in datalist order.
+def encode_volumes(autoencoder, datalist, transform, device, batch_size=2, cache_dir=None, key="", symmetries=(None,)):
+    """Encode every volume once per symmetry: ``[[{"z_mu": (C, x, y, z), "z_sigma": ...} per symmetry] per volume]``
+    on the CPU, in datalist order.
 
-    With ``cache_dir``, each volume's latents are also kept on disk under a name made from ``key`` (the
-    autoencoder checkpoint's hash), the file path, its size and its modification time, and read back next time.
+    ``symmetries`` are :class:`scripts.data.FlipRotate` elements (``None``: the volume as it is); encoding each
+    flipped or rotated volume, rather than flipping latents, keeps augmentation exact through the autoencoder. With
+    ``cache_dir``, each latent is also kept on disk under a name made from ``key`` (the autoencoder checkpoint's
+    hash), the file path, its size and its modification time, and the symmetry, and read back next time.
     """
-    items, todo = [None] * len(datalist), []
-    paths = [_cache_path(cache_dir, key, d["image"]) if cache_dir else None for d in datalist]
-    for i, path in enumerate(paths):
-        if path is not None and path.is_file():
-            items[i] = load_checkpoint(path)["latents"]
-        else:
+    items = [[None] * len(symmetries) for _ in datalist]
+    paths = [
+        [_cache_path(cache_dir, key, d["image"], s) if cache_dir else None for s in range(len(symmetries))]
+        for d in datalist
+    ]
+    todo = []
+    for i, row in enumerate(paths):
+        for s, path in enumerate(row):
+            if path is not None and path.is_file():
+                items[i][s] = load_checkpoint(path)["latents"]
+        if any(item is None for item in items[i]):
             todo.append(i)
     if todo:
         loader = DataLoader(Dataset([datalist[i] for i in todo], transform), batch_size=batch_size, shuffle=False)
         done = iter(todo)
         with torch.no_grad():
             for batch in loader:
-                z_mu, z_sigma = autoencoder.encode(batch["image"].to(device))
-                for mu, sigma in zip(z_mu.float().cpu(), z_sigma.float().cpu()):
-                    i = next(done)
-                    items[i] = {"z_mu": mu, "z_sigma": sigma}
-                    if paths[i] is not None:
-                        save_checkpoint(paths[i], {"latents": items[i]})
-    logger.info(f"latents of {len(datalist)} volumes: {len(datalist) - len(todo)} from the cache, {len(todo)} encoded")
+                chunk = [next(done) for _ in range(len(batch["image"]))]
+                for s, symmetry in enumerate(symmetries):
+                    images = batch["image"] if symmetry is None else symmetry.grid(batch["image"])
+                    z_mu, z_sigma = autoencoder.encode(images.to(device))
+                    for i, mu, sigma in zip(chunk, z_mu.float().cpu(), z_sigma.float().cpu()):
+                        items[i][s] = {"z_mu": mu, "z_sigma": sigma}
+                        if paths[i][s] is not None:
+                            save_checkpoint(paths[i][s], {"latents": items[i][s]})
+    cached = (len(datalist) - len(todo)) * len(symmetries)
+    logger.info(f"latents of {len(datalist)} volumes × {len(symmetries)} symmetries: {cached} from the cache")
     return items
 
 
-def _cache_path(cache_dir, key, image):
+def _cache_path(cache_dir, key, image, symmetry=0):
     stat = Path(image).stat()
     name = hashlib.sha256(f"{Path(image).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    return Path(cache_dir) / key[:16] / f"{name}.pt"
+    return Path(cache_dir) / key[:16] / f"{name}_{symmetry}.pt"
 
 
-def latent_items(mode, autoencoder, datalist, transform, device, batch_size, cache_dir, key):
-    """What the stage-2 data loader iterates: cached latents ('memory', 'disk') or the volumes ('none')."""
+class LatentVariants(torch.utils.data.Dataset):
+    """Cached latents of each volume under every symmetry; each access returns one at random (torch's generator,
+    which checkpoints restore, so a resumed run draws what an uninterrupted one would)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        variants = self.items[index]
+        return variants[int(torch.randint(len(variants), ()))] if len(variants) > 1 else variants[0]
+
+
+def latent_items(mode, autoencoder, datalist, transform, device, batch_size, cache_dir, key, augmentation=None):
+    """What the stage-2 data loader iterates: cached latents ('memory', 'disk') or the volumes ('none').
+
+    ``augmentation`` (a :class:`scripts.data.RandFlipRotated`, or ``None``): with a cache, every symmetry it allows
+    is encoded once and each epoch draws one per volume; without, it is applied to the volume before encoding.
+    """
     if mode not in CACHE_MODES:
         raise UserError(f"latent_cache: expected one of {', '.join(CACHE_MODES)}, got {mode!r}")
     if mode == "none":  # volumes held in memory, encoded at every step (the baseline the cache is measured against)
-        return CacheDataset(datalist, transform, cache_rate=1.0, progress=False)
+        return CacheDataset(datalist, Compose([transform] + ([augmentation] if augmentation else [])), progress=False)
     cache_dir = cache_dir if mode == "disk" else None
-    return Dataset(encode_volumes(autoencoder, datalist, transform, device, batch_size, cache_dir, key))
+    symmetries = augmentation.elements if augmentation is not None else [None]
+    return LatentVariants(
+        encode_volumes(autoencoder, datalist, transform, device, batch_size, cache_dir, key, symmetries)
+    )
 
 
 def sample_latents(batch, autoencoder, device, generator=None):

@@ -236,3 +236,78 @@ def compare_distributions(values, reference):
 
 def _stat(values, func):
     return float(func(values)) if len(values) else None
+
+
+def histogram_w1(counts_a, counts_b, bin_width):
+    """1D Wasserstein distance between two distributions given as histograms on the same bins (``bin_width``):
+    the area between their cumulative distributions; exact to half a bin."""
+    a, b = np.asarray(counts_a, np.float64), np.asarray(counts_b, np.float64)
+    if a.sum() == 0 or b.sum() == 0:
+        return float("nan")
+    return float(np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum()).sum() * bin_width)
+
+
+def local_shape(points, radius_nm=150.0, num_queries=2048, min_neighbours=5, rng=None):
+    """Linearity and planarity of a cloud around each of ``num_queries`` random points (all points if fewer).
+
+    The eigenvalues l1 >= l2 >= l3 of the covariance of every point within ``radius_nm`` of a query point (itself
+    included) give ``linearity = (l1 - l2) / l1`` and ``planarity = (l2 - l3) / l1``: about 1 and 0 on a thin
+    filament, 0 and 1 on a sheet, both low on haze. Query points with fewer than ``min_neighbours`` neighbours
+    (isolated background) are left out. Returns ``(linearity, planarity)``, two arrays of equal length.
+    """
+    points = np.asarray(points, np.float64)
+    if len(points) < min_neighbours:
+        return np.zeros(0), np.zeros(0)
+    rng = np.random.default_rng(rng)
+    queries = points if len(points) <= num_queries else points[rng.choice(len(points), num_queries, replace=False)]
+    tree = cKDTree(points)
+    neighbours = tree.query_ball_point(queries, radius_nm, workers=1)
+    counts = np.array([len(n) for n in neighbours])
+    keep = counts >= min_neighbours
+    if not keep.any():
+        return np.zeros(0), np.zeros(0)
+    owner = np.repeat(np.arange(len(queries))[keep], counts[keep])
+    members = points[np.concatenate([neighbours[i] for i in np.flatnonzero(keep)])]
+    n = counts[keep].astype(np.float64)
+    index = np.searchsorted(np.flatnonzero(keep), owner)
+    mean = np.stack([np.bincount(index, members[:, a], len(n)) for a in range(3)], axis=1) / n[:, None]
+    centred = members - mean[index]
+    cov = np.empty((len(n), 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            cov[:, a, b] = cov[:, b, a] = np.bincount(index, centred[:, a] * centred[:, b], len(n)) / n
+    l3, l2, l1 = np.moveaxis(np.linalg.eigvalsh(cov), -1, 0)
+    l1 = np.maximum(l1, 1e-12)
+    return (l1 - l2) / l1, (l2 - l3) / l1
+
+
+def pair_distances(points, r_min_nm=20.0, r_max_nm=500.0, num_points=1000, rng=None):
+    """Distances between every two of ``num_points`` random points of a cloud (all if fewer) that lie between
+    ``r_min_nm`` and ``r_max_nm`` apart: the pair statistic behind Ripley's K and the pair-correlation function."""
+    points = np.asarray(points, np.float64)
+    rng = np.random.default_rng(rng)
+    if len(points) > num_points:
+        points = points[rng.choice(len(points), num_points, replace=False)]
+    if len(points) < 2:
+        return np.zeros(0)
+    pairs = cKDTree(points).query_pairs(r_max_nm, output_type="ndarray")
+    d = np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1)
+    return d[d >= r_min_nm]
+
+
+def ripley_l(points, radii_nm, volume_nm3, num_points=1000, rng=None):
+    """Ripley's L(r) in 3D, ``(3 K(r) / 4π)^(1/3)`` with ``K(r) = V · 2·pairs(d < r) / (n (n - 1))``, of ``num_points``
+    random points (no edge correction: compare clouds in the same box). L(r) = r for complete spatial randomness,
+    above it for clustered points."""
+    points = np.asarray(points, np.float64)
+    rng = np.random.default_rng(rng)
+    if len(points) > num_points:
+        points = points[rng.choice(len(points), num_points, replace=False)]
+    n = len(points)
+    radii = np.asarray(radii_nm, np.float64)
+    if n < 2:
+        return np.full(len(radii), np.nan)
+    pairs = cKDTree(points).query_pairs(radii.max(), output_type="ndarray")
+    d = np.sort(np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1))
+    k = volume_nm3 * 2.0 * np.searchsorted(d, radii, side="left") / (n * (n - 1))
+    return np.cbrt(3.0 * k / (4.0 * np.pi))

@@ -21,7 +21,7 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
 def as_bool(value, name):
-    """``value`` as a bool: True/False, 1/0 and the words true/false/yes/no/1/0 in any case; anything else is refused."""
+    """``value`` as a bool: True/False, 1/0 or the words true/false/yes/no/1/0 in any case; anything else is refused."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)) and value in (0, 1):
@@ -207,6 +207,20 @@ SETTINGS = {
     "scale_factor": number(0, above=True, optional=True),
     "scale_factor_batches": _POSITIVE,
     "latent_cache": choice("memory", "disk", "none"),
+    # augmentation (both training stages and the fine stage)
+    "flip_x": flag,
+    "flip_y": flag,
+    "rotate_z": flag,
+    "flip_z": flag,
+    # the fine stage
+    "points_per_volume": _POSITIVE,
+    "lr_warmup_fraction": number(0, 0.5),
+    "use_reconstructions": flag,
+    "reconstruction_fraction": _FRACTION,
+    "refiner_channels": list_of(_POSITIVE),
+    "refiner_hidden": _POSITIVE,
+    "refiner_layers": _POSITIVE,
+    "flow_steps": integer(1, optional=True),  # None: the fine stage's checkpoint's
     # sampling and evaluation
     "num_samples": _POSITIVE,
     "scheduler": choice("DDPM", "DDIM"),
@@ -219,11 +233,19 @@ SETTINGS = {
     "export_num_points": integer(1, optional=True),
     "max_reference_clouds": integer(2, optional=True),
     "num_pictures": _POSITIVE,
+    "use_refiner": flag,
+    "reference_file": existing_file(optional=True),
+    "structure_radius_nm": number(0, above=True),
+    "pair_range_nm": list_of(number(0)),
     "nn_bins": _POSITIVE,
     "z_bins": _POSITIVE,
 }
 # where an id means something else in one config
-STAGE_SETTINGS = {"evaluate": {"num_points": _POSITIVE, "num_workers": integer(-1)}}
+STAGE_SETTINGS = {
+    "evaluate": {"num_points": _POSITIVE, "num_workers": integer(-1)},
+    "train_refiner": {"key_metric": choice("val_nn_w1"), "flow_steps": _POSITIVE},
+    "inference": {"method": choice("refine", "probabilistic", "weighted", "center", "random")},
+}
 
 
 def settings_of(stage):

@@ -12,6 +12,7 @@ from scripts.geometry import as_triple
 METHODS = ("occupancy", "density", "gaussian")
 NORMALIZATIONS = ("max", "percentile", "none")
 EXPORT_METHODS = ("probabilistic", "weighted", "center", "random")
+SPLATS = ("nearest", "trilinear")
 GAUSSIAN_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage
 
 
@@ -27,7 +28,7 @@ def sigma_in_voxels(sigma, unit, geometry):
     raise UserError(f"sigma_unit: expected 'voxel' or 'nm', got {unit!r}")
 
 
-def voxelize(points, geometry, method="gaussian", sigma_voxels=1.0):
+def voxelize(points, geometry, method="gaussian", sigma_voxels=1.0, splat="nearest"):
     """Grid of the points in ``geometry``'s box.
 
     Args:
@@ -36,26 +37,53 @@ def voxelize(points, geometry, method="gaussian", sigma_voxels=1.0):
         method: 'occupancy' (1 where any point falls), 'density' (points per voxel) or 'gaussian' (density
             blurred by a normalised Gaussian of ``sigma_voxels`` per axis, zero outside the box).
         sigma_voxels: Gaussian width in voxels, a number or one per axis.
+        splat: how a point enters the density: 'nearest' (all of it in its voxel) or 'trilinear' (shared among
+            the 8 nearest voxel centres by linear weights, so the grid keeps the points' sub-voxel positions;
+            weights beyond the grid go to its border voxel). Occupancy is always nearest.
 
     Returns:
         ``(grid, n_outside)``: the float32 grid and the number of points outside the box, which are dropped.
     """
     if method not in METHODS:
         raise UserError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if splat not in SPLATS:
+        raise UserError(f"splat: expected one of {', '.join(SPLATS)}, got {splat!r}")
     points = np.asarray(points)
     inside = geometry.inside(points)
-    idx = geometry.voxel_index(points[inside])
-    # Fortran order, as NIfTI stores voxels: writing then needs no reordered copy of the grid
-    flat = np.ravel_multi_index(tuple(idx.T), geometry.shape, order="F")
-    grid = np.zeros(int(np.prod(geometry.shape)), dtype=np.float32)
-    if method == "occupancy":
-        grid[flat] = 1.0
+    size = int(np.prod(geometry.shape))
+    if method == "occupancy" or splat == "nearest":
+        idx = geometry.voxel_index(points[inside])
+        # Fortran order, as NIfTI stores voxels: writing then needs no reordered copy of the grid
+        flat = np.ravel_multi_index(tuple(idx.T), geometry.shape, order="F")
+        grid = np.zeros(size, dtype=np.float32)
+        if method == "occupancy":
+            grid[flat] = 1.0
+        else:
+            grid += np.bincount(flat, minlength=size).astype(np.float32)
     else:
-        np.add.at(grid, flat, np.float32(1.0))
+        flat, weights = trilinear_weights(geometry.to_voxel(points[inside]), geometry.shape)
+        grid = np.bincount(flat.ravel(), weights.ravel(), minlength=size).astype(np.float32)
     grid = grid.reshape(geometry.shape, order="F")
     if method == "gaussian":
         gaussian_blur_(grid, sigma_voxels)
     return grid, int(len(points) - inside.sum())
+
+
+def trilinear_weights(voxel_coords, shape):
+    """Fortran-order flat indices and weights (M, 8) of the 8 voxel centres around each point (continuous voxel
+    coordinates, centres at ``i + 0.5``); the weights of a point sum to 1, indices beyond the grid are clamped."""
+    y = np.asarray(voxel_coords, np.float64) - 0.5
+    low = np.floor(y)
+    frac = y - low
+    low = low.astype(np.int64)
+    upper = np.asarray(shape) - 1
+    flat, weights = [], []
+    for corner in range(8):
+        bits = np.array([(corner >> a) & 1 for a in range(3)])
+        index = np.clip(low + bits, 0, upper)
+        weights.append(np.prod(np.where(bits, frac, 1 - frac), axis=1))
+        flat.append(np.ravel_multi_index(tuple(index.T), shape, order="F"))
+    return np.stack(flat, axis=1), np.stack(weights, axis=1)
 
 
 def gaussian_kernel(sigma, truncate=GAUSSIAN_TRUNCATE):
@@ -143,6 +171,18 @@ def grid_mass_um3(grid, geometry):
     return float(np.asarray(grid).sum(dtype=np.float64) * np.prod(geometry.spacing_nm / 1000.0))
 
 
+def point_count(grid, geometry, num_points=None, points_per_mass=None):
+    """How many points a cloud drawn from ``grid`` gets: ``num_points``, or by default the training data's density,
+    ``points_per_mass * grid_mass_um3(grid)``."""
+    if num_points is None:
+        if points_per_mass is None:
+            raise UserError("num_points: give num_points or the training data's points_per_mass")
+        num_points = int(round(points_per_mass * grid_mass_um3(grid, geometry)))
+    if num_points < 0:
+        raise UserError(f"num_points: must not be negative, got {num_points}")
+    return int(num_points)
+
+
 def grid_to_points(
     grid, geometry, method="probabilistic", threshold=0.1, num_points=None, points_per_mass=None, rng=None
 ):
@@ -172,12 +212,7 @@ def grid_to_points(
     if method in ("center", "random"):
         chosen = candidates
     else:
-        if num_points is None:
-            if points_per_mass is None:
-                raise UserError("num_points: give num_points or the training data's points_per_mass")
-            num_points = int(round(points_per_mass * grid_mass_um3(grid, geometry)))
-        if num_points < 0:
-            raise UserError(f"num_points: must not be negative, got {num_points}")
+        num_points = point_count(grid, geometry, num_points, points_per_mass)
         weights = grid.ravel()[candidates].astype(np.float64)
         if method == "probabilistic":
             chosen = rng.choice(candidates, size=num_points, p=weights / weights.sum())
@@ -187,3 +222,17 @@ def grid_to_points(
     idx = np.stack(np.unravel_index(chosen, grid.shape), axis=1).astype(np.float64)
     offset = 0.5 if method == "center" else rng.random(idx.shape)
     return geometry.to_nm(idx + offset)
+
+
+def voxelize_like(points, dataset_info):
+    """The grid the converter would have made of ``points`` for the dataset ``dataset_info`` describes: its box,
+    grid, method, σ, splat and normalisation (with the recorded dataset-wide constant)."""
+    from scripts.geometry import GridGeometry
+
+    geometry = GridGeometry.from_dict(dataset_info["geometry"])
+    voxelization, normalization = dataset_info["voxelization"], dataset_info["normalization"]
+    grid, _ = voxelize(
+        points, geometry, voxelization["method"], voxelization["sigma_voxels"], voxelization.get("splat", "nearest")
+    )
+    normalize_(grid, normalization["rule"], normalization.get("constant"))
+    return grid

@@ -21,12 +21,13 @@ def samples_dir(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(dataset_dir, model_dir, samples_dir, tmp_path_factory):
-    """The evaluation of the three samples plus an empty one (all grid values below the export threshold)."""
+    """The evaluation of one sample plus an empty one (all grid values below the export threshold) against the two
+    held-out clouds."""
     out, samples = tmp_path_factory.mktemp("evaluation"), tmp_path_factory.mktemp("with_empty") / "samples"
     shutil.copytree(samples_dir, samples)
-    write_points_csv(samples / "pointcloud" / "sample_0003.csv", np.zeros((0, 3)))
-    manifest = json.loads((samples / ".manifest.json").read_text())  # as if the sampler had written it
-    (samples / ".manifest.json").write_text(json.dumps({"files": manifest["files"] + ["pointcloud/sample_0003.csv"]}))
+    write_points_csv(samples / "pointcloud" / "sample_0001.csv", np.zeros((0, 3)))
+    kept = ["nifti/sample_0000.nii.gz", "pointcloud/sample_0000.csv", "pointcloud/sample_0001.csv"]
+    (samples / ".manifest.json").write_text(json.dumps({"files": kept}))  # as if the sampler had written them
     run_workflow(
         "evaluate.json",
         dataset_dir=str(dataset_dir),
@@ -45,11 +46,12 @@ def test_evaluate_writes_metrics_json(evaluated):
     for name in ROWS:
         row = results["rows"][name]
         assert row["n_reference"] == 2
-        assert (row["n_generated"], row["n_empty"]) == ((3, 1) if name == "samples" else (2, 0))
+        assert (row["n_generated"], row["n_empty"]) == ((1, 1) if name == "samples" else (2, 0))
         for metric in ("cd", "emd32"):
             assert set(row[metric]) == {"mmd", "cov", "1nna", "1nna_generated", "1nna_reference"}
             assert row[metric]["mmd"] >= 0 and 0 <= row[metric]["cov"] <= 1 and 0 <= row[metric]["1nna"] <= 1
-        assert row["nn_distance_nm"]["wasserstein"] >= 0 and row["z_nm"]["wasserstein"] >= 0
+        for key in ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm"):
+            assert row[key]["wasserstein"] >= 0 and row[key]["reference_mean"] is not None
         assert 0 <= row["foreground_fraction"]["mean"] <= 1 and "wasserstein" in row["foreground_intensity"]
     grid = results["rows"]["reconstruction"]["grid"]
     assert 0 <= grid["dice"]["mean"] <= 1 and 0 <= grid["iou"]["mean"] <= grid["dice"]["mean"]
@@ -59,11 +61,26 @@ def test_evaluate_writes_metrics_json(evaluated):
     assert w1["train_vs_heldout"] < 0.5 * w1["mean_grid_baseline"]
 
 
+def test_sets_are_balanced(dataset_dir, model_dir, samples_dir, tmp_path):
+    """Three samples against two held-out clouds: every row compares two clouds with two."""
+    run_workflow(
+        "evaluate.json",
+        dataset_dir=str(dataset_dir),
+        samples_dir=str(samples_dir),
+        model_dir=str(model_dir),
+        output_dir=str(tmp_path / "e"),
+        **{**SMALL, "emd_points": 0},
+    )
+    rows = json.loads((tmp_path / "e" / "metrics.json").read_text())["rows"]
+    assert {(r["n_generated"] + r["n_empty"], r["n_reference"]) for r in rows.values()} == {(2, 2)}
+
+
 def test_evaluate_writes_markdown_and_figures(evaluated):
     text = (evaluated / "metrics.md").read_text()
     for needle in ROWS + ["| set | n gen / n ref (empty) | MMD-CD (×10³)", "1-NNA-EMD", "| Dice | IoU | PSNR (dB) |"]:
         assert needle in text
-    for name in ("projections.png", "renderings.png", "nn_distance.png", "z_profile.png"):
+    assert "## Structure statistics" in text and "| set | linearity | W1 | planarity | W1 |" in text
+    for name in ("projections.png", "renderings.png", "nn_distance.png", "z.png", "linearity.png", "pair_distance.png"):
         assert (evaluated / name).read_bytes()[:8] == PNG
 
 

@@ -161,3 +161,46 @@ def test_nn_distances_and_distribution_distance():
     assert result["wasserstein"] == pytest.approx(3.0)
     assert result["mean"] - result["reference_mean"] == pytest.approx(3.0)
     assert compare_distributions([], values)["wasserstein"] is None
+
+
+def test_local_shape_of_a_line_a_sheet_and_a_blob():
+    from scripts.metrics import local_shape
+
+    rng = np.random.default_rng(0)
+    line = np.c_[rng.uniform(0, 4000, 3000), rng.normal(0, 5, 3000), rng.normal(0, 5, 3000)]
+    sheet = np.c_[rng.uniform(0, 2000, 3000), rng.uniform(0, 2000, 3000), rng.normal(0, 3, 3000)]
+    blob = rng.normal(0, 60, (3000, 3))
+    lin, pla = local_shape(line, 150)
+    assert lin.mean() > 0.95 and pla.mean() < 0.05
+    lin, pla = local_shape(sheet, 150)
+    assert pla.mean() > 0.6 and lin.mean() < 0.35  # a finite sample of a disc is a little elongated
+    lin, pla = local_shape(blob, 150)
+    assert lin.mean() < 0.3 and pla.mean() < 0.3
+    # isolated points (fewer than min_neighbours within the radius) are left out
+    assert len(local_shape(np.array([[0, 0, 0], [1000, 0, 0], [0, 1000, 0]], float), 150, min_neighbours=2)[0]) == 0
+
+
+def test_pair_distances_and_ripley_l_on_known_clouds():
+    from scripts.metrics import pair_distances, ripley_l
+
+    pts = np.array([[0, 0, 0], [10, 0, 0], [100, 0, 0], [700, 0, 0]], float)
+    np.testing.assert_allclose(np.sort(pair_distances(pts, 20, 650)), [90, 100, 600])
+    rng = np.random.default_rng(1)
+    uniform = rng.uniform(0, 2000, (4000, 3))
+    radii = np.array([50.0, 100.0])
+    l_uniform = ripley_l(uniform, radii, 2000.0**3, num_points=4000)
+    np.testing.assert_allclose(l_uniform, radii, rtol=0.08)  # L(r) = r for complete spatial randomness (edges aside)
+    clustered = np.concatenate([rng.normal(c, 20, (400, 3)) for c in rng.uniform(200, 1800, (10, 3))])
+    assert np.all(ripley_l(clustered, radii, 2000.0**3, num_points=4000) > 2 * radii)
+
+
+def test_histogram_w1_matches_scipy():
+    from scipy.stats import wasserstein_distance
+
+    from scripts.metrics import histogram_w1
+
+    rng = np.random.default_rng(2)
+    a, b = rng.gamma(3, 8, 20000), rng.gamma(3, 9, 15000)
+    edges = np.linspace(0, 500, 2001)
+    w1 = histogram_w1(np.histogram(a, edges)[0], np.histogram(b, edges)[0], edges[1] - edges[0])
+    assert abs(w1 - wasserstein_distance(a, b)) < 0.125  # half a bin

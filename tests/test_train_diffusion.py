@@ -99,12 +99,12 @@ def test_latent_cache_matches_on_the_fly_encoding(dataset_dir, autoencoder_ckpt,
     transform = volume_transforms((16, 16, 16))
     cached = encode_volumes(autoencoder, datalist, transform, "cpu", batch_size=2, cache_dir=tmp_path, key="abc")
     files = sorted(tmp_path.rglob("*.pt"))
-    assert len(files) == 3
+    assert len(files) == 3 and all(f.name.endswith("_0.pt") for f in files)
     mtimes = [f.stat().st_mtime_ns for f in files]
     again = encode_volumes(autoencoder, datalist, transform, "cpu", batch_size=2, cache_dir=tmp_path, key="abc")
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # read back, not re-encoded
     with torch.no_grad():
-        for item, repeat, d in zip(cached, again, datalist):
+        for (item,), (repeat,), d in zip(cached, again, datalist):
             z_mu, z_sigma = autoencoder.encode(transform(d)["image"][None])
             torch.testing.assert_close(item["z_mu"], z_mu[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(item["z_sigma"], z_sigma[0], rtol=1e-4, atol=1e-5)
@@ -152,3 +152,55 @@ def test_missing_and_mismatched_autoencoder(dataset_dir, autoencoder_ckpt, tmp_p
             ),
         )
     assert "is a 'diffusion' checkpoint, expected 'autoencoder'" in str(user_error(info.value))
+
+
+def test_ema_weights_differ_from_the_raw_ones_resume_and_are_what_is_sampled(dataset_dir, autoencoder_ckpt, tmp_path):
+    from scripts.inference import trained_unet
+
+    run_workflow("train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, ema_decay=0.5))
+    ckpt_dir = tmp_path / "outputs" / "diffusion"
+    ckpt = load_checkpoint(ckpt_dir / "latest_checkpoint.pt")
+    raw, ema = ckpt["unet"], ckpt["unet_ema"]
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    assert ckpt["lr_scheduler"]["last_epoch"] == 2  # warm-up and decay stepped once per iteration
+    unet = trained_unet(ckpt, ckpt_dir / "latest_checkpoint.pt", "cpu")
+    assert all(torch.equal(unet.state_dict()[k], ema[k]) for k in ema)  # sampling reads the EMA weights
+    # resumed, the average continues from the saved one, not from a fresh copy of the raw weights
+    run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(
+            dataset_dir,
+            autoencoder_ckpt,
+            tmp_path,
+            ema_decay=0.5,
+            n_epochs=2,
+            resume_from=str(ckpt_dir / "latest_checkpoint.pt"),
+        ),
+    )
+    resumed = load_checkpoint(ckpt_dir / "latest_checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["iteration"] == 4
+    key = next(k for k in ema if ema[k].dtype.is_floating_point and not torch.equal(raw[k], ema[k]))
+    # the resumed average moved from the saved one towards the new weights, so it is neither of them
+    assert not torch.equal(resumed["unet_ema"][key], ema[key])
+    assert not torch.equal(resumed["unet_ema"][key], resumed["unet"][key])
+
+
+def test_augmented_latent_cache_holds_every_symmetry(dataset_dir, autoencoder_ckpt):
+    from scripts.data import RandFlipRotated, symmetries
+    from scripts.latents import LatentVariants, latent_items
+
+    ckpt = load_checkpoint(autoencoder_ckpt)
+    autoencoder = frozen_autoencoder(ckpt, autoencoder_ckpt, "cpu")
+    datalist = list_volumes(dataset_dir / "train")[:2]
+    transform = volume_transforms((16, 16, 16))
+    augmentation = RandFlipRotated((16, 16, 16), (312.5, 300.0, 37.5))  # x and y not interchangeable: 4 elements
+    dataset = latent_items("memory", autoencoder, datalist, transform, "cpu", 2, None, "k", augmentation)
+    assert isinstance(dataset, LatentVariants) and [len(v) for v in dataset.items] == [4, 4]
+    elements = symmetries((16, 16, 16), (312.5, 300.0, 37.5))
+    with torch.no_grad():
+        for element, variant in zip(elements, dataset.items[1]):
+            image = element.grid(transform(datalist[1])["image"][None])
+            torch.testing.assert_close(variant["z_mu"], autoencoder.encode(image)[0][0], rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    drawn = {id(dataset[0]) for _ in range(40)}
+    assert len(drawn) == 4  # each access draws one of the four

@@ -1,0 +1,72 @@
+"""The fine stage on its own: a grid in (NIfTI, its geometry in the affine), points at localization precision out
+(CSV in nm, inside the grid's box)::
+
+    python scripts/refine.py --grid outputs/samples/nifti/sample_0000.nii.gz --output sample_0000_refined.csv
+
+Works on any grid of the voxel size the fine stage was trained on: a generated one, or a real one converted by
+``scripts/convert_h5_to_nifti.py``.
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from scripts.cli import main  # noqa: E402
+from scripts.errors import UserError  # noqa: E402
+from scripts.pointcloud_io import write_points_csv  # noqa: E402
+from scripts.refiner import check_spacing, load_refiner_checkpoint, refine_grid, trained_refiner  # noqa: E402
+from scripts.settings import check_values  # noqa: E402
+from scripts.volume_io import load_nifti  # noqa: E402
+from scripts.voxelize import point_count  # noqa: E402
+
+
+def refine(
+    grid,
+    refiner="outputs/refiner/best_model.pt",
+    output=None,
+    num_points=None,
+    threshold=0.1,
+    flow_steps=None,
+    seed=0,
+    overwrite=False,
+):
+    """Turn ``grid`` into a point cloud with the fine stage's checkpoint ``refiner``.
+
+    Args:
+        grid: a NIfTI volume (values in [0, 1]; a grid with a larger maximum is divided by it, as the converter's
+            default normalisation does).
+        refiner: the fine stage's ``best_model.pt``.
+        output: the CSV to write (default: ``grid`` with ``.csv``); refused if it exists, unless ``overwrite``.
+        num_points: how many points (default: the training data's points per unit of grid mass).
+        threshold: only voxels above it anchor points.
+        flow_steps: Euler steps of the flow (default: those the checkpoint was validated with).
+        seed: the same seed writes the same file.
+    """
+    check_values({"num_points": num_points, "threshold": threshold, "seed": seed}, "inference")
+    if flow_steps is not None:
+        check_values({"flow_steps": flow_steps}, "train_refiner")
+    grid_path = Path(grid)
+    output = Path(output) if output else grid_path.with_name(grid_path.name.split(".nii")[0] + ".csv")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: already exists; pass --overwrite true to replace it")
+    values, geometry = load_nifti(grid_path)
+    if values.max() > 1:
+        values = values / values.max()
+    checkpoint = load_refiner_checkpoint(refiner)
+    check_spacing(checkpoint, geometry, grid_path)
+    network = trained_refiner(checkpoint, refiner)
+    ppm = (checkpoint["dataset_info"].get("points_per_mass") or {}).get("mean")
+    n = point_count(np.clip(values, 0, None), geometry, num_points, ppm)
+    steps = flow_steps or checkpoint["sampling"]["flow_steps"]
+    points = refine_grid(network, values, geometry, n, threshold, steps, torch.Generator().manual_seed(int(seed)))
+    write_points_csv(output, points)
+    print(f"wrote {len(points)} points to {output} (nm, inside the box of {grid_path.name})")
+
+
+if __name__ == "__main__":
+    main(refine)
