@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
 from monai.engines import Evaluator, Trainer
+from monai.networks.schedulers import RFlowScheduler
 from monai.utils import CommonKeys
 
 from scripts.errors import UserError, interrupted
@@ -235,16 +236,18 @@ class VaeGanTrainer(MixedPrecisionTrainer):
 
 
 def diffusion_loss(unet, scheduler, latents, autocast, generator=None):
-    """MSE between the noise added at random timesteps and the UNet's prediction of it."""
+    """MSE of the UNet's prediction at uniformly drawn timesteps: of the velocity ``latents - noise`` for a
+    rectified-flow scheduler, of the noise for DDPM."""
     device = latents.device
     cpu_or = "cpu" if generator is not None else device
     noise = torch.randn(latents.shape, generator=generator, device=cpu_or).to(device)
     t = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), generator=generator, device=cpu_or)
     t = t.to(device)
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=t)
+    target = latents - noise if isinstance(scheduler, RFlowScheduler) else noise
     with autocast:
         prediction = unet(noisy, timesteps=t)
-    return torch.nn.functional.mse_loss(prediction.float(), noise)
+    return torch.nn.functional.mse_loss(prediction.float(), target)
 
 
 class LatentDiffusionTrainer(MixedPrecisionTrainer):

@@ -208,10 +208,11 @@ class ProgressBar:
 
 
 class SampleImageHandler:
-    """Every ``interval`` epochs, samples ``num_samples`` grids with DDIM and logs their projections to TensorBoard
-    beside real validation volumes; also logs the scale factor once at the start.
+    """Every ``interval`` epochs, samples ``num_samples`` grids (rectified-flow Euler steps, or DDIM for the ddpm
+    objective) and logs their projections to TensorBoard beside real validation volumes; also logs the scale factor
+    once at the start.
 
-    DDIM with eta 0 is deterministic and the start noise comes from a private seeded generator, so monitoring
+    Both samplers are deterministic and the start noise comes from a private seeded generator, so monitoring
     neither changes the training's random stream nor varies between epochs except through the weights.
     """
 
@@ -254,7 +255,7 @@ class SampleImageHandler:
         epoch = engine.state.epoch
         if epoch % self.interval:
             return
-        scheduler = make_scheduler(self.scheduler_settings, "DDIM", self.steps)
+        scheduler = make_scheduler(self.scheduler_settings, None, self.steps)
         was_training = self.unet.training
         self.unet.eval()
         grids = sample_grids(

@@ -67,7 +67,8 @@ class Sampler:
         diffusion_checkpoint: the stage-2 checkpoint (scale factor, noise schedule, latent shape, data geometry).
         output_dir: output folder (created; see ``overwrite``).
         num_samples, batch_size: how many grids, and how many are denoised at once.
-        scheduler: 'DDPM' or 'DDIM'; num_inference_steps: its steps (``None``: all training timesteps).
+        scheduler: 'RFlow' (rectified-flow checkpoints), 'DDPM' or 'DDIM' (ddpm ones); ``None``: RFlow or DDIM, as
+            the checkpoint was trained; num_inference_steps: its steps (``None``: all training timesteps).
         seed: the same seed writes the same files.
         method, threshold, num_points: point export: 'refine' (the fine stage, ``refiner``, places points at
             localization precision) or a voxel export of :func:`scripts.voxelize.grid_to_points`; both draw voxels
@@ -88,7 +89,7 @@ class Sampler:
         output_dir,
         num_samples=8,
         batch_size=2,
-        scheduler="DDIM",
+        scheduler=None,
         num_inference_steps=50,
         seed=0,
         method="probabilistic",

@@ -1,15 +1,24 @@
-"""The built-in demo: the whole pipeline on simulated SMLM microtubules, with the commands a user would type.
+"""The demo: the whole pipeline, on built-in simulated microtubules or on your own clouds, with the commands a user
+would type.
 
 Usage from the bundle root::
 
-    python scripts/run_demo.py
+    python scripts/run_demo.py                                        # simulated microtubules
+    python scripts/run_demo.py --input my_clouds.h5 --output_dir D    # your clouds, any format the converter reads
 
-Steps: simulate clouds → convert to grids → train the autoencoder → train the latent diffusion model → sample
-NIfTI volumes, point clouds and a preview. Everything goes to the demo's own folders (``data/demo``,
-``outputs/demo``, ``logs/demo``); re-running the demo replaces the demo's files there and nothing else.
-Each command is printed before it runs, so any step can be re-run or changed by hand.
+Steps: (simulate clouds and a separate test set) → convert to grids → train the autoencoder → train the latent
+diffusion model → train the fine stage → sample as many clouds as there are reference clouds → evaluate them
+against the reference (the fresh test set, or for your data the validation split) and print the metric table; the
+side-by-side figure of held-out and generated clouds is ``evaluation/renderings.png``. Each command is printed
+before it runs, so any step can be re-run or changed by hand. Everything goes to the demo's own folders
+(``data/demo``, ``outputs/demo``, ``logs/demo``, or ``D/data``, ``D/outputs``, ``D/logs``); re-running replaces
+the demo's files there and nothing else.
+
+For your clouds the grid's box comes from the data; one large acquisition (a single cloud, e.g. a ThunderSTORM
+CSV) is cut into tiles of a size chosen from its extent, which is printed.
 """
 
+import json
 import subprocess
 import sys
 import time
@@ -22,10 +31,10 @@ from scripts.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Settings chosen for about 10 minutes on 2 CPU cores (see README.md); real data wants the config defaults.
-VOXEL_SIZE = "[32,32,16]"
+# The recipe: settings chosen for about 10 minutes on 2 CPU cores, pip included (see docs/README.md); real data at
+# real sizes wants the config defaults on a GPU.
+VOXEL_SIZE = [32, 32, 16]
 AUTOENCODER = {
-    "voxel_size": VOXEL_SIZE,
     "num_channels": "[16,32,32]",
     "norm_num_groups": 8,
     "attention_levels": "[False,False,False]",
@@ -49,6 +58,17 @@ DIFFUSION = {
     "val_interval": 10,
     "generate_samples_interval": 40,
 }
+REFINER = {"batch_size": 8, "val_interval": 50}
+SUMMARY = (
+    ("NN W1 (nm)", "nn_distance_nm", "wasserstein", 1, 2),
+    ("z W1 (nm)", "z_nm", "wasserstein", 1, 1),
+    ("linearity W1", "linearity", "wasserstein", 1, 3),
+    ("pair W1 (nm)", "pair_distance_nm", "wasserstein", 1, 1),
+    ("MMD-CD ×10³", "cd", "mmd", 1e3, 3),
+    ("COV-CD %", "cd", "cov", 100, 1),
+    ("1-NNA-CD %", "cd", "1nna", 100, 1),
+    ("foreground %", "foreground_fraction", "mean", 100, 1),
+)
 
 
 def _run(args):
@@ -63,80 +83,190 @@ def _bundle(config, settings):
     _run(args)
 
 
-def run_demo(n_clouds=128, autoencoder_epochs=25, diffusion_epochs=120, num_samples=8, seed=0):
-    """Run every stage of the pipeline on simulated microtubules; see the module docstring."""
-    start = time.perf_counter()
-    data, outputs, logs = "data/demo", "outputs/demo", "logs/demo"
-    _run(
-        [
-            sys.executable,
-            "scripts/simulate_smlm.py",
-            "--output",
-            f"{data}/microtubules.h5",
-            "--n_clouds",
-            n_clouds,
-            "--seed",
-            seed,
-            "--overwrite",
-        ]
+def _user_data(source, tiles, tile_size, seed):
+    """The converter's flags for the user's clouds: tiles for one large acquisition (the count and size chosen
+    from the data unless given), a grid of the demo's size in the data's box."""
+    from scripts.convert_h5_to_nifti import suggest_tiles
+    from scripts.pointcloud_io import read_point_clouds
+
+    clouds, meta = read_point_clouds(source)
+    flags = []
+    if len(clouds) == 1 or tiles:
+        n, size = suggest_tiles(clouds)
+        n, size = tiles or n, tile_size or size
+        print(
+            f"{source}: one acquisition of {len(clouds[0])} localizations: cutting {n} tiles of {size} nm "
+            "(--tiles and --tile_size change this)",
+            flush=True,
+        )
+        flags = ["--tiles", n, "--tile_size", json.dumps([float(v) for v in size])]
+    return flags
+
+
+def summary(metrics):
+    """The demo's metric table (Markdown) from ``metrics.json``: each row's figures, the floor first."""
+    rows = metrics["rows"]
+    lines = ["| set | " + " | ".join(name for name, *_ in SUMMARY) + " |", "|---|" + "---:|" * len(SUMMARY)]
+    for name, row in rows.items():
+        cells = []
+        for _, key, field, scale, digits in SUMMARY:
+            value = row.get(key, {}).get(field)
+            cells.append("–" if value is None else f"{value * scale:.{digits}f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    held = next(iter(rows.values()))
+    lines.append(
+        f"| held-out | 0 | 0 | 0 | 0 | – | – | – | {held['foreground_fraction']['reference_mean'] * 100:.1f} |"
     )
+    return "\n".join(lines)
+
+
+def run_demo(
+    input=None,
+    output_dir=None,
+    n_clouds=128,
+    n_test=100,
+    autoencoder_epochs=25,
+    diffusion_epochs=120,
+    refiner_epochs=150,
+    num_samples=None,
+    tiles=None,
+    tile_size=None,
+    seed=0,
+):
+    """Run every stage of the pipeline; see the module docstring.
+
+    Args:
+        input: your point clouds (any format the converter reads); ``None``: simulated microtubules.
+        output_dir: where everything goes (``data/``, ``outputs/``, ``logs/`` inside); default: the bundle's
+            ``data/demo``, ``outputs/demo`` and ``logs/demo``.
+        n_clouds, n_test: simulated training clouds, and simulated test clouds (another seed) to evaluate against.
+        autoencoder_epochs, diffusion_epochs, refiner_epochs: training length of each stage.
+        num_samples: clouds to sample (default: as many as the reference holds).
+        tiles, tile_size: cut this many tiles of this size (nm) out of your clouds (default for one acquisition:
+            chosen from its extent).
+        seed: every random choice of the run.
+    """
+    start = time.perf_counter()
+    base = Path(output_dir) if output_dir else None
+    data, outputs, logs = (
+        (base / "data", base / "outputs", base / "logs")
+        if base
+        else (Path("data/demo"), Path("outputs/demo"), Path("logs/demo"))
+    )
+    convert_flags = []
+    reference = None
+    if input is None:
+        source = data / "microtubules.h5"
+        reference = data / "test_clouds.h5"
+        for path, n, s in ((source, n_clouds, seed), (reference, n_test, seed + 1)):
+            _run(
+                [
+                    sys.executable,
+                    "scripts/simulate_smlm.py",
+                    "--output",
+                    path,
+                    "--n_clouds",
+                    n,
+                    "--seed",
+                    s,
+                    "--overwrite",
+                    "true",
+                ]
+            )
+    else:
+        source = Path(input)
+        convert_flags = _user_data(source, tiles, tile_size, seed)
+    dataset = data / "voxels_nifti"
     _run(
         [
             sys.executable,
             "scripts/convert_h5_to_nifti.py",
             "--h5_file",
-            f"{data}/microtubules.h5",
+            source,
             "--output_dir",
-            f"{data}/voxels_nifti",
+            dataset,
             "--voxel_size",
-            VOXEL_SIZE,
+            json.dumps(VOXEL_SIZE),
             "--method",
             "gaussian",
             "--sigma",
             "1.0",
             "--seed",
             seed,
+            *convert_flags,
             "--overwrite",
+            "true",
         ]
     )
+    common = {"dataset_dir": dataset, "seed": seed, "overwrite": "true"}
     _bundle(
         "train_autoencoder.json",
         {
             **AUTOENCODER,
-            "dataset_dir": f"{data}/voxels_nifti",
-            "seed": seed,
+            **common,
+            "voxel_size": json.dumps(VOXEL_SIZE),
             "n_epochs": autoencoder_epochs,
-            "ckpt_dir": f"{outputs}/autoencoder",
-            "log_dir": f"{logs}/autoencoder",
-            "overwrite": "true",
+            "ckpt_dir": outputs / "autoencoder",
+            "log_dir": logs / "autoencoder",
         },
     )
+    autoencoder = outputs / "autoencoder" / "best_model.pt"
     _bundle(
         "train_diffusion.json",
         {
             **DIFFUSION,
-            "dataset_dir": f"{data}/voxels_nifti",
-            "seed": seed,
+            **common,
             "n_epochs": diffusion_epochs,
-            "ckpt_dir": f"{outputs}/diffusion",
-            "log_dir": f"{logs}/diffusion",
-            "autoencoder_path": f"{outputs}/autoencoder/best_model.pt",
-            "overwrite": "true",
+            "ckpt_dir": outputs / "diffusion",
+            "log_dir": logs / "diffusion",
+            "autoencoder_path": autoencoder,
         },
     )
+    _bundle(
+        "train_refiner.json",
+        {
+            **REFINER,
+            **common,
+            "n_epochs": refiner_epochs,
+            "ckpt_dir": outputs / "refiner",
+            "log_dir": logs / "refiner",
+            "autoencoder_path": autoencoder,
+        },
+    )
+    info = json.loads((dataset / "dataset_info.json").read_text())
+    n_reference = n_test if reference else info["counts"]["n_val"]
     _bundle(
         "inference.json",
         {
             "model_dir": outputs,
-            "output_dir": f"{outputs}/samples",
-            "num_samples": num_samples,
+            "output_dir": outputs / "samples",
             "seed": seed,
+            "num_samples": num_samples or n_reference,
+            "batch_size": 10,
             "overwrite": "true",
         },
     )
+    evaluation = outputs / "evaluation"
+    _bundle(
+        "evaluate.json",
+        {
+            "dataset_dir": dataset,
+            "samples_dir": outputs / "samples",
+            "model_dir": outputs,
+            "output_dir": evaluation,
+            "emd_points": 0,
+            "num_workers": 2,
+            "seed": seed,
+            "overwrite": "true",
+            **({"reference_file": reference} if reference else {}),
+        },
+    )
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    print("\n" + summary(metrics) + "\n")
     print(
-        f"demo finished in {time.perf_counter() - start:.0f} s: samples in {outputs}/samples "
-        f"(preview.png, nifti/, pointcloud/), TensorBoard logs in {logs}"
+        f"demo finished in {time.perf_counter() - start:.0f} s: samples in {outputs / 'samples'} (nifti/, "
+        f"pointcloud/, preview.png); held-out beside generated clouds: {evaluation / 'renderings.png'}; all metrics: "
+        f"{evaluation / 'metrics.md'}; TensorBoard logs in {logs}"
     )
 
 

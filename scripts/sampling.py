@@ -1,23 +1,48 @@
-"""Sampling new grids: noise → DDPM/DDIM denoising in latent space → decoded by the autoencoder."""
+"""Sampling new grids: noise → denoising in latent space (rectified flow, or DDPM/DDIM) → decoded by the autoencoder.
+
+Two training objectives, recorded in the stage-2 checkpoint's ``scheduler`` settings as ``objective``:
+
+- ``rflow`` (the default, as MONAI's MAISI bundle): the UNet predicts the velocity ``latent - noise`` along the
+  straight path between them; sampling integrates it in a few Euler steps (``RFlowScheduler``);
+- ``ddpm`` (MONAI's 3D LDM tutorial, and checkpoints without ``objective``): the UNet predicts the noise; sampling
+  with DDPM (all steps) or DDIM (few).
+"""
 
 import torch
 from monai.inferers import LatentDiffusionInferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 from scripts.engines import autocast_context
 from scripts.errors import UserError
 
-SCHEDULERS = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}
+SAMPLERS = {"rflow": ("RFlow",), "ddpm": ("DDIM", "DDPM")}  # the first is the default
+DDPM_SETTINGS = ("num_train_timesteps", "schedule", "beta_start", "beta_end")
 
 
-def make_scheduler(settings, kind="DDPM", num_inference_steps=None):
-    """A scheduler of ``kind`` ('DDPM' or 'DDIM') with the training noise schedule ``settings``
-    (``num_train_timesteps``, ``schedule``, ``beta_start``, ``beta_end``)."""
-    kind = str(kind).upper()
-    if kind not in SCHEDULERS:
-        raise UserError(f"scheduler: expected DDPM or DDIM, got {kind!r}")
-    extra = {"clip_sample": False} if kind == "DDIM" else {}
-    scheduler = SCHEDULERS[kind](**settings, **extra)
+def objective(settings):
+    return settings.get("objective", "ddpm")
+
+
+def make_scheduler(settings, kind=None, num_inference_steps=None):
+    """A scheduler of ``kind`` ('RFlow' for the rflow objective; 'DDPM' or 'DDIM' for ddpm; ``None``: the first of
+    these) with the training settings ``settings`` (``objective``, ``num_train_timesteps``, and for ddpm
+    ``schedule``, ``beta_start``, ``beta_end``); with ``num_inference_steps`` its timesteps are set for sampling."""
+    allowed = SAMPLERS[objective(settings)]
+    kind = allowed[0] if kind is None else next((k for k in allowed if k.upper() == str(kind).upper()), None)
+    if kind is None:
+        raise UserError(
+            f"scheduler: the model was trained with the {objective(settings)} objective, which samples with "
+            f"{' or '.join(allowed)}"
+        )
+    if kind == "RFlow":
+        scheduler = RFlowScheduler(
+            settings["num_train_timesteps"], use_discrete_timesteps=True, sample_method="uniform"
+        )
+    else:
+        extra = {"clip_sample": False} if kind == "DDIM" else {}
+        scheduler = (DDIMScheduler if kind == "DDIM" else DDPMScheduler)(
+            **{k: settings[k] for k in DDPM_SETTINGS}, **extra
+        )
     if num_inference_steps is not None:
         steps = int(num_inference_steps)
         if not 0 < steps <= settings["num_train_timesteps"]:

@@ -223,7 +223,8 @@ SETTINGS = {
     "flow_steps": integer(1, optional=True),  # None: the fine stage's checkpoint's
     # sampling and evaluation
     "num_samples": _POSITIVE,
-    "scheduler": choice("DDPM", "DDIM"),
+    "scheduler": choice("RFlow", "DDPM", "DDIM", "rflow", "ddpm", "ddim", optional=True),
+    "objective": choice("rflow", "ddpm"),
     "method": choice("probabilistic", "weighted", "center", "random"),
     "threshold": number(0, 1),
     "num_points": integer(1, optional=True),

@@ -204,3 +204,27 @@ def test_augmented_latent_cache_holds_every_symmetry(dataset_dir, autoencoder_ck
     torch.manual_seed(0)
     drawn = {id(dataset[0]) for _ in range(40)}
     assert len(drawn) == 4  # each access draws one of the four
+
+
+def test_the_ddpm_objective_trains_and_samples_with_ddpm_and_ddim(dataset_dir, autoencoder_ckpt, tmp_path):
+    run_workflow(
+        "train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, objective="ddpm")
+    )
+    models = tmp_path / "models"
+    (models / "autoencoder").mkdir(parents=True)
+    shutil.copy(autoencoder_ckpt, models / "autoencoder" / "best_model.pt")
+    shutil.copytree(tmp_path / "outputs" / "diffusion", models / "diffusion")
+    assert load_checkpoint(models / "diffusion" / "best_model.pt")["scheduler"]["objective"] == "ddpm"
+    for kind in ("DDPM", "DDIM"):
+        run_workflow(
+            "inference.json",
+            model_dir=str(models),
+            output_dir=str(tmp_path / kind),
+            num_samples=1,
+            num_inference_steps=3,
+            scheduler=kind,
+        )
+        assert (tmp_path / kind / "pointcloud" / "sample_0000.csv").is_file()
+    with pytest.raises(Exception) as info:
+        run_workflow("inference.json", model_dir=str(models), output_dir=str(tmp_path / "r"), scheduler="RFlow")
+    assert "trained with the ddpm objective, which samples with DDIM or DDPM" in str(user_error(info.value))
