@@ -72,7 +72,11 @@ QUICK = {
 def _config_network():
     """The fine stage's network as ``configs/train_refiner.json`` builds it."""
     cfg = json.loads((ROOT / "configs" / "train_refiner.json").read_text())
-    return {"channels": cfg["refiner_channels"], "hidden": cfg["refiner_hidden"], "num_layers": cfg["refiner_layers"]}, cfg
+    return {
+        "channels": cfg["refiner_channels"],
+        "hidden": cfg["refiner_hidden"],
+        "num_layers": cfg["refiner_layers"],
+    }, cfg
 
 
 def speed(cfg):
@@ -80,8 +84,14 @@ def speed(cfg):
     grid_shape, field = cfg["grid"], np.asarray(cfg["field_nm"])
     geometry = GridGeometry((0.0, 0.0, 0.0), tuple(field), grid_shape)
     area = field[0] * field[1] / 25e6  # in demo fields (5 × 5 µm)
-    clouds = simulate_microtubules(1, seed=SEED, box_size_nm=field, box_min_nm=(0, 0, 0), mean_points=int(10_000 * area),
-                                   filaments_per_cloud=(int(4 * area), int(4 * area)))
+    clouds = simulate_microtubules(
+        1,
+        seed=SEED,
+        box_size_nm=field,
+        box_min_nm=(0, 0, 0),
+        mean_points=int(10_000 * area),
+        filaments_per_cloud=(int(4 * area), int(4 * area)),
+    )
     grid = voxelize(clouds[0], geometry, "gaussian", 1.0, "trilinear")[0]
     normalize_(grid, "max")
     torch.manual_seed(SEED)
@@ -91,7 +101,14 @@ def speed(cfg):
     for _ in range(cfg["repeat"]):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         seconds, points = common.timed(
-            refine_grid, refiner, grid, geometry, cfg["num_points"], 0.0, config["flow_steps"], torch.Generator().manual_seed(0)
+            refine_grid,
+            refiner,
+            grid,
+            geometry,
+            cfg["num_points"],
+            0.0,
+            config["flow_steps"],
+            torch.Generator().manual_seed(0),
         )
         peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
         ours.append(seconds)
@@ -116,8 +133,14 @@ def _split_tiles(work, cfg):
     for name, half, n, seed in (("left", cloud[left], cfg["tiles"][0], 1), ("right", cloud[~left], cfg["tiles"][1], 2)):
         tiles, _ = cut_tiles([half], n, cfg["tile_nm"], seed=seed, min_points=50)
         write_point_clouds_h5(work / f"{name}.h5", tiles)
-        parts[name] = convert(work / f"{name}.h5", work / name, voxel_size=cfg["tile_grid"], train_ratio=1.0,
-                              volume_dims=cfg["tile_nm"], seed=seed)
+        parts[name] = convert(
+            work / f"{name}.h5",
+            work / name,
+            voxel_size=cfg["tile_grid"],
+            train_ratio=1.0,
+            volume_dims=cfg["tile_nm"],
+            seed=seed,
+        )
     data = work / "tiles"
     (data / "val").mkdir(parents=True)
     shutil.copytree(work / "left" / "train", data / "train")
@@ -145,8 +168,9 @@ def real(cfg, work):
     }
     start = time.perf_counter()
     with common.monai_logs_to_stderr():
-        workflow = ConfigWorkflow(config_file=str(ROOT / "configs" / "train_refiner.json"), workflow_type="train",
-                                  **overrides)
+        workflow = ConfigWorkflow(
+            config_file=str(ROOT / "configs" / "train_refiner.json"), workflow_type="train", **overrides
+        )
         workflow.initialize()
         workflow.run()
         workflow.finalize()
@@ -157,8 +181,17 @@ def real(cfg, work):
     grids = [load_nifti(p) for p in sorted((data / "val").glob("*.nii.gz"))]
     sets = {"original": clouds, "fine stage": [], "voxel-uniform": []}
     for i, ((grid, geometry), cloud) in enumerate(zip(grids, clouds)):
-        sets["fine stage"].append(refine_grid(refiner, grid, geometry, len(cloud), 0.0, checkpoint["sampling"]["flow_steps"],
-                                              torch.Generator().manual_seed(i)))
+        sets["fine stage"].append(
+            refine_grid(
+                refiner,
+                grid,
+                geometry,
+                len(cloud),
+                0.0,
+                checkpoint["sampling"]["flow_steps"],
+                torch.Generator().manual_seed(i),
+            )
+        )
         sets["voxel-uniform"].append(grid_to_points(grid, geometry, "probabilistic", 0.0, len(cloud), rng=i))
     stats = {}
     for name, cl in sets.items():
@@ -170,7 +203,9 @@ def real(cfg, work):
     rows = []
     for name in ("fine stage", "voxel-uniform"):
         w1 = {k: wasserstein_distance(stats[name][k], stats["original"][k]) for k in ("nn", "z", "linearity")}
-        rows.append(f"| {name} | {stats[name]['nn'].mean():.1f} | {w1['nn']:.2f} | {w1['z']:.2f} | {w1['linearity']:.3f} |")
+        rows.append(
+            f"| {name} | {stats[name]['nn'].mean():.1f} | {w1['nn']:.2f} | {w1['z']:.2f} | {w1['linearity']:.3f} |"
+        )
     ratio = wasserstein_distance(stats["fine stage"]["nn"], stats["original"]["nn"]) / wasserstein_distance(
         stats["voxel-uniform"]["nn"], stats["original"]["nn"]
     )
@@ -178,8 +213,8 @@ def real(cfg, work):
     return [
         "## Real localizations, refined back",
         "",
-        f"{REAL.name}: {cfg['tiles'][0]} training tiles from the left half, {cfg['tiles'][1]} evaluation tiles from the "
-        f"right half, {common.fmt_shape(cfg['tile_grid'])} voxels of {common.fmt_shape(np.round(spacing, 1))} nm; "
+        f"{REAL.name}: {cfg['tiles'][0]} training tiles from the left half, {cfg['tiles'][1]} evaluation tiles from "
+        f"the right half, {common.fmt_shape(cfg['tile_grid'])} voxels of {common.fmt_shape(np.round(spacing, 1))} nm; "
         f"{sum(map(len, clouds))} original localizations in the evaluation tiles (mean NN distance "
         f"{stats['original']['nn'].mean():.1f} nm); the fine stage trained for {cfg['epochs']} epochs "
         f"({train_seconds:.0f} s).",

@@ -20,6 +20,7 @@ from scripts.latents import sample_latents
 from scripts.losses import kl_loss
 from scripts.metrics import histogram_w1, nn_distances_nm
 from scripts.networks import unwrap
+from scripts.refiner import couple, refine_grid
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +382,6 @@ class RefinerTrainer(MixedPrecisionTrainer):
 
 def couple_batch(points, shape, sigma_voxels, splat):
     """:func:`scripts.refiner.couple` for a batch of point sets (B, n, 3): anchors, offsets and volume indices."""
-    from scripts.refiner import couple
-
     anchors, offsets, index = [], [], []
     for b, pts in enumerate(points):
         a, o, _ = couple(pts, tuple(shape), sigma_voxels, splat)
@@ -453,8 +452,6 @@ class RefinerEvaluator(Evaluator):
         super().run(global_epoch)
 
     def _iteration(self, engine, batchdata):
-        from scripts.refiner import refine_grid
-
         unwrap(self.refiner).eval()
         grids, points = batchdata["image"], batchdata["points"]
         generated, real = [], []

@@ -46,6 +46,7 @@ from scripts.pictures import projection_grid
 from scripts.pointcloud_io import read_point_clouds
 from scripts.refiner import check_spacing, refine_grid
 from scripts.render import render_points
+from scripts.settings import closest
 from scripts.volume_io import load_nifti
 from scripts.voxelize import EXPORT_METHODS, grid_to_points, point_count, voxelize_like
 
@@ -89,6 +90,8 @@ class Evaluation:
         max_reference_clouds: use at most this many held-out clouds (seeded choice); ``None``: all.
         structure_radius_nm: neighbourhood radius of the linearity and planarity statistics.
         pair_range_nm: ``[r_min, r_max]`` of the pair-distance statistic (and of Ripley's L).
+        sets: the rows to compute (names of :data:`ROWS`); ``None``: all (the refined and voxel-uniform rows need a
+            fine stage).
         batch_size: volumes per autoencoder forward pass.
         num_pictures: clouds and grids shown per set in the figures (``renderings.png``: held-out above,
             generated below, one renderer and scale); pixel_nm: rendering pixel size in nm.
@@ -119,6 +122,7 @@ class Evaluation:
         max_reference_clouds=None,
         structure_radius_nm=150.0,
         pair_range_nm=(20.0, 500.0),
+        sets=None,
         batch_size=2,
         num_pictures=6,
         pixel_nm=15.0,
@@ -190,6 +194,12 @@ class Evaluation:
             check_spacing(refiner_checkpoint, self.geometry.with_shape(self.voxel_size), "the autoencoder's grids")
             self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
         self.structure_radius_nm, self.pair_range_nm = float(structure_radius_nm), tuple(map(float, pair_range_nm))
+        unknown = [name for name in sets or () if name not in ROWS]
+        if unknown or (sets is not None and not sets):
+            raise UserError(
+                f"sets: expected some of {', '.join(ROWS)}, got {sets!r}{closest(unknown[0], ROWS) if unknown else ''}"
+            )
+        self.sets = list(sets) if sets else None
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -350,21 +360,29 @@ class Evaluation:
         train_clouds, train_grids, mean_grid = self._training(n)
         logger.info(f"reconstructing {len(real_grids)} held-out grids")
         recon_grids = self._reconstruct(real_grids)
-        sets = {
-            "train_vs_heldout": (train_clouds, train_grids),
-            "reconstruction": (
+        builders = {
+            "train_vs_heldout": lambda: (train_clouds, train_grids),
+            "reconstruction": lambda: (
                 [self._export(g, self.threshold, (2, i)) for i, g in enumerate(recon_grids)],
                 recon_grids,
             ),
+            "reconstruction_refined": lambda: (
+                [self._refine(g, (7, i)) for i, g in enumerate(recon_grids)],
+                recon_grids,
+            ),
+            # the mean grid is faint and diffuse: every voxel takes part, whatever the threshold
+            "mean_grid_baseline": lambda: ([self._export(mean_grid, 0.0, (3, i)) for i in range(n)], [mean_grid]),
+            "samples": lambda: (sample_clouds, sample_grids),
+            "samples_voxel_uniform": lambda: (
+                [self._export(g, self.threshold, (8, i)) for i, g in enumerate(sample_grids)],
+                sample_grids,
+            ),
         }
-        if self.refiner is not None:
-            sets["reconstruction_refined"] = ([self._refine(g, (7, i)) for i, g in enumerate(recon_grids)], recon_grids)
-        # the mean grid is faint and diffuse: every voxel takes part, whatever the threshold
-        sets["mean_grid_baseline"] = ([self._export(mean_grid, 0.0, (3, i)) for i in range(n)], [mean_grid])
-        sets["samples"] = (sample_clouds, sample_grids)
-        if self.refiner is not None and sample_grids:
-            voxel_uniform = [self._export(g, self.threshold, (8, i)) for i, g in enumerate(sample_grids)]
-            sets["samples_voxel_uniform"] = (voxel_uniform, sample_grids)
+        available = {
+            "reconstruction_refined": self.refiner is not None,
+            "samples_voxel_uniform": self.refiner is not None and bool(sample_grids),
+        }
+        sets = {name: builders[name]() for name in self.sets or ROWS if available.get(name, True)}
 
         full, small = self._prepare(real_clouds, (4,))
         reference = {"cd_clouds": full, "cd": chamfer_matrix(full, workers=self.workers)}
@@ -383,11 +401,11 @@ class Evaluation:
                 row.update(self._grid_stats(grids, real_grids))
             rows[name] = row
         per_volume = [{**dice_iou(r, g, self.threshold), "psnr": psnr(r, g)} for r, g in zip(recon_grids, real_grids)]
-        rows["reconstruction"]["grid"] = {
+        reconstructions = {
             k: {"mean": float(np.mean([v[k] for v in per_volume])), "std": float(np.std([v[k] for v in per_volume]))}
             for k in ("dice", "iou", "psnr")
         }
-        results = {"settings": self._settings(len(real_clouds)), "rows": rows}
+        results = {"settings": self._settings(len(real_clouds)), "rows": rows, "reconstruction_grids": reconstructions}
         with self.staged as folder:
             (folder / "metrics.json").write_text(json.dumps(results, indent=4) + "\n")
             (folder / "metrics.md").write_text(markdown_report(results))
@@ -560,7 +578,7 @@ def markdown_report(results):
         "## Structure statistics",
         "",
         f"Linearity (λ1 − λ2) / λ1 and planarity (λ2 − λ3) / λ1 of the covariance of the points within "
-        f"{settings['structure_radius_nm']:g} nm of each of up to 2048 points per cloud; pair distances: every "
+        f"{settings['structure_radius_nm']:g} nm of each of up to 512 points per cloud; pair distances: every "
         f"distance between {settings['pair_range_nm'][0]:g} and {settings['pair_range_nm'][1]:g} nm among 1000 "
         "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution.",
         "",
@@ -598,7 +616,7 @@ def markdown_report(results):
                 f"| {name} | {_mean_std(fraction, '', 100, 2)} | {_num(fraction['wasserstein'], 100, 2)} | "
                 f"{_mean_std(intensity, '', 1, 3)} | {_num(intensity['wasserstein'], 1, 3)} |"
             )
-    grid = rows["reconstruction"]["grid"]
+    grid = results["reconstruction_grids"]
     lines += [
         "",
         "## Autoencoder reconstructions of the held-out grids",

@@ -247,7 +247,7 @@ def histogram_w1(counts_a, counts_b, bin_width):
     return float(np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum()).sum() * bin_width)
 
 
-def local_shape(points, radius_nm=150.0, num_queries=2048, min_neighbours=5, rng=None):
+def local_shape(points, radius_nm=150.0, num_queries=512, min_neighbours=5, rng=None):
     """Linearity and planarity of a cloud around each of ``num_queries`` random points (all points if fewer).
 
     The eigenvalues l1 >= l2 >= l3 of the covariance of every point within ``radius_nm`` of a query point (itself

@@ -21,7 +21,7 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
 def as_bool(value, name):
-    """``value`` as a bool: True/False, 1/0 or the words true/false/yes/no/1/0 in any case; anything else is refused."""
+    """``value`` as a bool: True/False, 1/0, or true/false/yes/no/1/0 in any case; anything else is refused."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)) and value in (0, 1):
@@ -79,10 +79,12 @@ def number(lo=None, hi=None, above=False, optional=False):
     return check
 
 
-def choice(*options, optional=False):
+def choice(*options, optional=False, ignore_case=False):
     def check(value, name):
         if value is None and optional:
             return None
+        if ignore_case and isinstance(value, str):
+            value = next((o for o in options if o.lower() == value.lower()), value)
         if value not in options:
             raise UserError(
                 f"{name}: expected one of {', '.join(map(str, options))}, got {value!r}{closest(value, options)}"
@@ -92,8 +94,10 @@ def choice(*options, optional=False):
     return check
 
 
-def list_of(item, at_least=1):
+def list_of(item, at_least=1, optional=False):
     def check(value, name):
+        if value is None and optional:
+            return None
         if isinstance(value, str) and value.strip()[:1] == "[" and value.strip()[-1:] == "]":
             value = [_literal(v.strip()) for v in value.strip()[1:-1].split(",") if v.strip()]  # [false,true]
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) < at_least:
@@ -215,6 +219,8 @@ SETTINGS = {
     # the fine stage
     "points_per_volume": _POSITIVE,
     "lr_warmup_fraction": number(0, 0.5),
+    "lr_decay": flag,
+    "ema_decay": number(0, 1),
     "use_reconstructions": flag,
     "reconstruction_fraction": _FRACTION,
     "refiner_channels": list_of(_POSITIVE),
@@ -223,7 +229,7 @@ SETTINGS = {
     "flow_steps": integer(1, optional=True),  # None: the fine stage's checkpoint's
     # sampling and evaluation
     "num_samples": _POSITIVE,
-    "scheduler": choice("RFlow", "DDPM", "DDIM", "rflow", "ddpm", "ddim", optional=True),
+    "scheduler": choice("RFlow", "DDPM", "DDIM", optional=True, ignore_case=True),
     "objective": choice("rflow", "ddpm"),
     "method": choice("probabilistic", "weighted", "center", "random"),
     "threshold": number(0, 1),
@@ -238,6 +244,17 @@ SETTINGS = {
     "reference_file": existing_file(optional=True),
     "structure_radius_nm": number(0, above=True),
     "pair_range_nm": list_of(number(0)),
+    "sets": list_of(
+        choice(
+            "train_vs_heldout",
+            "reconstruction",
+            "reconstruction_refined",
+            "mean_grid_baseline",
+            "samples",
+            "samples_voxel_uniform",
+        ),
+        optional=True,
+    ),
     "nn_bins": _POSITIVE,
     "z_bins": _POSITIVE,
 }

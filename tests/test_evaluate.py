@@ -53,7 +53,7 @@ def test_evaluate_writes_metrics_json(evaluated):
         for key in ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm"):
             assert row[key]["wasserstein"] >= 0 and row[key]["reference_mean"] is not None
         assert 0 <= row["foreground_fraction"]["mean"] <= 1 and "wasserstein" in row["foreground_intensity"]
-    grid = results["rows"]["reconstruction"]["grid"]
+    grid = results["reconstruction_grids"]
     assert 0 <= grid["dice"]["mean"] <= 1 and 0 <= grid["iou"]["mean"] <= grid["dice"]["mean"]
     assert grid["psnr"]["mean"] > 0
     # training clouds are real clouds: their NN distances are far closer to the held-out ones than the baseline's

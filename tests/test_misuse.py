@@ -546,7 +546,7 @@ CASES = [
     Case(
         "sample unknown scheduler",
         ["--scheduler", "PNDM", "--output_dir", "{ws}/new"],
-        r"scheduler: expected one of " "DDPM, DDIM",
+        r"scheduler: expected one of RFlow, DDPM, DDIM",
         "inference",
     ),
     Case(

@@ -114,3 +114,26 @@ def test_two_processes_train_both_stages(dataset_dir, tmp_path):
     assert len(list((stage2 / "logs" / "diffusion").glob("events.out.tfevents.*"))) == 1
     rank0, rank1 = _seen(stage2)
     assert rank0 and rank1 and not rank0 & rank1
+
+    # the fine stage under the same overlay: each rank trains on its own half, validation is reduced across ranks
+    fine = tmp_path / "fine"
+    settings = {
+        "dataset_dir": str(dataset_dir),
+        "autoencoder_path": str(ckpt_dir / "best_model.pt"),
+        "ckpt_dir": str(fine / "outputs" / "refiner"),
+        "log_dir": str(fine / "logs" / "refiner"),
+        "refiner_channels": "[8,8]",
+        "refiner_hidden": 16,
+        "batch_size": 1,
+        "points_per_volume": 32,
+        "fast_dev_run": "true",
+        "n_epochs": 1,
+        "val_interval": 1,
+        "flow_steps": 2,
+    }
+    result = _torchrun("train_refiner", settings, fine)
+    assert result.returncode == 0, _explain(result, fine)
+    assert load_checkpoint(fine / "outputs" / "refiner" / "best_model.pt", "refiner")["best_metric"] > 0
+    assert len(list((fine / "logs" / "refiner").glob("events.out.tfevents.*"))) == 1
+    rank0, rank1 = _seen(fine)
+    assert rank0 and rank1 and not rank0 & rank1

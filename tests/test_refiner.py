@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, run_workflow
 from scripts.checkpoint import load_checkpoint
-from scripts.data import FlipRotate, symmetries
+from scripts.data import symmetries
 from scripts.geometry import GridGeometry
 from scripts.pointcloud_io import read_point_clouds
 from scripts.refiner import Refiner, couple, draw_anchors, offset_scale, refine_grid, splat_voxel

@@ -49,7 +49,9 @@ def test_values_are_checked_and_parsed():
     }
     with pytest.raises(UserError, match=r"^num_points: must be 1 or more, got -5"):
         check_values({"num_points": -5}, "inference")
-    with pytest.raises(UserError, match=r"^scheduler: expected one of DDPM, DDIM, got 'DDIN'; did you mean DDIM\?"):
+    with pytest.raises(
+        UserError, match=r"^scheduler: expected one of RFlow, DDPM, DDIM, got 'DDIN'; did you mean DDIM\?"
+    ):
         check_values({"scheduler": "DDIN"}, "inference")
 
 
