@@ -1,9 +1,13 @@
 """The packages the bundle imports, some only through MONAI's ``optional_import`` (which fails late, mid-run, with
 a traceback when one is missing): checked at start-up so a missing one is one line."""
 
+import importlib.metadata
 import importlib.util
+import re
 
 from scripts.errors import UserError
+
+MONAI_MINIMUM = (1, 5)  # RFlowScheduler, the default stage-2 objective
 
 # module -> (pip name, what needs it)
 PACKAGES = {
@@ -34,3 +38,10 @@ def check_dependencies(modules=PACKAGES):
     if missing:
         names = ", ".join(f"{modules[m][0]} (for {modules[m][1]})" for m in missing)
         raise UserError(f"requirements: {names} not installed; pip install -r requirements.txt (from the bundle root)")
+    if "monai" in modules:
+        version = importlib.metadata.version("monai")
+        if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) < MONAI_MINIMUM:
+            raise UserError(
+                f"requirements: monai {version} is installed, but the bundle needs monai >= "
+                f"{'.'.join(map(str, MONAI_MINIMUM))} (RFlowScheduler); pip install -r requirements.txt"
+            )

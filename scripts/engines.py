@@ -286,7 +286,31 @@ class LatentDiffusionTrainer(MixedPrecisionTrainer):
         return {CommonKeys.LOSS: loss.detach().item()}
 
 
-class LatentDiffusionEvaluator(Evaluator):
+class SeededEvaluator(Evaluator):
+    """An evaluator whose random draws repeat at every validation (a generator reseeded with ``seed`` at each run),
+    so epochs compare fairly; ``key_metric`` is ``{name: metric}``, compared as :func:`metric_cmp_fn` says."""
+
+    def __init__(self, device, val_data_loader, key_metric, seed=0, epoch_length=None, val_handlers=None):
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            decollate=False,
+            key_val_metric=key_metric,
+            metric_cmp_fn=metric_cmp_fn(next(iter(key_metric))),
+            val_handlers=None,
+        )
+        self.seed, self.generator = seed, torch.Generator()
+        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
+        if val_handlers:
+            self._register_handlers(val_handlers)
+
+    def run(self, global_epoch=1):
+        self.generator.manual_seed(self.seed)
+        super().run(global_epoch)
+
+
+class LatentDiffusionEvaluator(SeededEvaluator):
     """Validation loss of stage 2 with the same noise and timesteps at every validation (a seeded generator), so
     epochs compare fairly. The key metric is ``val_loss``."""
 
@@ -306,25 +330,10 @@ class LatentDiffusionEvaluator(Evaluator):
     ):
         from ignite.metrics import Average
 
-        super().__init__(
-            device=device,
-            val_data_loader=val_data_loader,
-            epoch_length=epoch_length,
-            decollate=False,
-            key_val_metric={"val_loss": Average(output_transform=lambda out: out[CommonKeys.LOSS])},
-            metric_cmp_fn=metric_cmp_fn("val_loss"),
-            val_handlers=None,
-        )
+        metric = {"val_loss": Average(output_transform=lambda out: out[CommonKeys.LOSS])}
+        super().__init__(device, val_data_loader, metric, seed, epoch_length, val_handlers)
         self.unet, self.scheduler, self.autoencoder, self.scale_factor = unet, scheduler, autoencoder, scale_factor
-        self.seed, self.amp_dtype = seed, autocast_dtype(device, amp, cpu_bf16)
-        self.generator = torch.Generator()
-        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
-        if val_handlers:
-            self._register_handlers(val_handlers)
-
-    def run(self, global_epoch=1):
-        self.generator.manual_seed(self.seed)
-        super().run(global_epoch)
+        self.amp_dtype = autocast_dtype(device, amp, cpu_bf16)
 
     def _iteration(self, engine, batchdata):
         self.unet.eval()
@@ -415,7 +424,7 @@ class HistogramW1(Metric):
         return histogram_w1(counts[0].numpy(), counts[1].numpy(), self.edges[1] - self.edges[0])
 
 
-class RefinerEvaluator(Evaluator):
+class RefinerEvaluator(SeededEvaluator):
     """Validation of the fine stage on real grids: each held-out grid is turned into as many points as its cloud
     holds, and the key metric ``val_nn_w1`` is the 1D Wasserstein distance (nm) between the generated and the real
     clouds' nearest-neighbour distances (lower is better)."""
@@ -432,24 +441,9 @@ class RefinerEvaluator(Evaluator):
         epoch_length=None,
         val_handlers=None,
     ):
-        super().__init__(
-            device=device,
-            val_data_loader=val_data_loader,
-            epoch_length=epoch_length,
-            decollate=False,
-            key_val_metric={"val_nn_w1": HistogramW1(output_transform=lambda out: (out["generated"], out["real"]))},
-            metric_cmp_fn=metric_cmp_fn("val_nn_w1"),
-            val_handlers=None,
-        )
+        metric = {"val_nn_w1": HistogramW1(output_transform=lambda out: (out["generated"], out["real"]))}
+        super().__init__(device, val_data_loader, metric, seed, epoch_length, val_handlers)
         self.refiner, self.geometry, self.threshold, self.flow_steps = refiner, geometry, threshold, flow_steps
-        self.seed, self.generator = seed, torch.Generator()
-        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
-        if val_handlers:
-            self._register_handlers(val_handlers)
-
-    def run(self, global_epoch=1):
-        self.generator.manual_seed(self.seed)
-        super().run(global_epoch)
 
     def _iteration(self, engine, batchdata):
         unwrap(self.refiner).eval()

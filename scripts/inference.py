@@ -135,6 +135,8 @@ class Sampler:
         if refiner is not None:
             check_spacing(refiner_checkpoint, self.geometry.with_shape(tuple(ckpt["voxel_size"])), "the sampled grids")
             self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
+        points = f"the fine stage, {self.flow_steps} flow steps" if refiner is not None else f"{method} in voxels"
+        logger.info(f"sampling with {type(self.scheduler).__name__}, {steps} steps; points placed by {points}")
 
     def run(self):
         """Sample, write every file into a staging folder, then swap the whole set into ``output_dir``."""

@@ -112,3 +112,12 @@ def test_a_missing_package_is_one_line(monkeypatch):
         r"install -r requirements.txt",
     ):
         check_dependencies()
+
+
+def test_an_old_monai_is_one_line(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.4.0" if name == "monai" else real(name))
+    with pytest.raises(UserError, match=r"^requirements: monai 1.4.0 is installed, but the bundle needs monai >= 1.5"):
+        check_dependencies()
