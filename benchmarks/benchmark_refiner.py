@@ -326,7 +326,9 @@ def main():
     args = parser.parse_args()
     cfg = common.pick_config(args, QUICK, FULL)
     load = common.load_average()
-    print("\n".join(common.machine_header("Fine stage benchmark", args.quick, load, (torch, monai, np), torch_info=True)))
+    print(
+        "\n".join(common.machine_header("Fine stage benchmark", args.quick, load, (torch, monai, np), torch_info=True))
+    )
     if args.case in ("speed", "all"):
         print("\n".join(speed(cfg)), flush=True)
     for name, case in (("real", real), ("shapes", shapes)):
