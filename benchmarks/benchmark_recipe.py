@@ -51,7 +51,6 @@ STEPS = [
     ("+ flips and rotations", {"flip_x": "true", "flip_y": "true", "rotate_z": "true"}),
     ("+ warm-up and cosine decay", {"lr_warmup_fraction": 0.05, "lr_decay": "true"}),
 ]
-COLUMNS = run_demo.SUMMARY
 
 
 def main():
@@ -89,6 +88,7 @@ def main():
                     **settings,
                     "dataset_dir": data / "voxels_nifti",
                     "n_epochs": epochs,
+                    "val_interval": min(epochs, run_demo.DIFFUSION["val_interval"]),  # best_model.pt in short runs too
                     "ckpt_dir": models / "diffusion",
                     "log_dir": work / f"logs{k}",
                     "seed": args.seed,
@@ -131,20 +131,14 @@ def main():
         f"Stage 2 trained for {epochs} epochs per row on the demo's data and autoencoder (seed {args.seed}); 100 "
         "samples through the demo's fine stage against the demo's 100 test clouds.",
         "",
-        "| recipe | stage-2 minutes | " + " | ".join(name for name, *_ in COLUMNS) + " |",
-        "|---|---:|" + "---:|" * len(COLUMNS),
+        "| recipe | stage-2 minutes | " + " | ".join(name for name, *_ in run_demo.SUMMARY) + " |",
+        "|---|---:|" + "---:|" * len(run_demo.SUMMARY),
     ]
 
-    def cells(row):
-        return " | ".join(
-            "–" if row.get(key, {}).get(field) is None else f"{row[key][field] * scale:.{digits}f}"
-            for _, key, field, scale, digits in COLUMNS
-        )
-
     for label, minutes, rows in results:
-        lines.append(f"| {label} | {minutes:.1f} | {cells(rows['samples'])} |")
-    lines.append(f"| floor: training clouds | – | {cells(results[-1][2]['train_vs_heldout'])} |")
-    lines.append(f"| mean-grid baseline | – | {cells(results[-1][2]['mean_grid_baseline'])} |")
+        lines.append(f"| {label} | {minutes:.1f} | {run_demo.summary_cells(rows['samples'])} |")
+    lines.append(f"| floor: training clouds | – | {run_demo.summary_cells(results[-1][2]['train_vs_heldout'])} |")
+    lines.append(f"| mean-grid baseline | – | {run_demo.summary_cells(results[-1][2]['mean_grid_baseline'])} |")
     print("\n".join(lines))
 
 

@@ -139,7 +139,7 @@ def _real_tiles(cfg):
     return train, test
 
 
-def _noisy(points, rng, background=0.03, box=None):
+def _noisy(points, rng, box, background=0.03):
     """Localization noise (10 nm lateral, 40 nm axial) and a uniform background over ``box``."""
     points = points + rng.normal(0.0, (10.0, 10.0, 40.0), points.shape)
     n_background = int(background * len(points))
@@ -170,7 +170,7 @@ def simulate_shape(kind, box, rng):
             parts.append(centre + rng.normal(0.0, (sigma, sigma, max(sigma, 40.0)), (int(rng.integers(60, 250)), 3)))
     else:
         raise ValueError(kind)
-    points = _noisy(np.concatenate(parts), rng, box=box)
+    points = _noisy(np.concatenate(parts), rng, box)
     return points[np.all((points >= 0) & (points < box), axis=1)]
 
 

@@ -46,7 +46,7 @@ from scripts.pictures import projection_grid
 from scripts.pointcloud_io import read_point_clouds
 from scripts.refiner import check_spacing, refine_grid
 from scripts.render import render_points
-from scripts.settings import closest
+from scripts.settings import check_values
 from scripts.volume_io import load_nifti
 from scripts.voxelize import EXPORT_METHODS, grid_to_points, point_count, voxelize_like
 
@@ -194,12 +194,7 @@ class Evaluation:
             check_spacing(refiner_checkpoint, self.geometry.with_shape(self.voxel_size), "the autoencoder's grids")
             self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
         self.structure_radius_nm, self.pair_range_nm = float(structure_radius_nm), tuple(map(float, pair_range_nm))
-        unknown = [name for name in sets or () if name not in ROWS]
-        if unknown or (sets is not None and not sets):
-            raise UserError(
-                f"sets: expected some of {', '.join(ROWS)}, got {sets!r}{closest(unknown[0], ROWS) if unknown else ''}"
-            )
-        self.sets = list(sets) if sets else None
+        self.sets = check_values({"sets": sets}, "evaluate")["sets"]
 
     # ------------------------------------------------------------------------------------------------ inputs
 

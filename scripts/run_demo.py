@@ -115,17 +115,20 @@ def _tile_flags(source, tiles, tile_size):
     return ["--tiles", n, "--tile_size", json.dumps([float(v) for v in size])]
 
 
+def summary_cells(row):
+    """One row of ``metrics.json`` as the Markdown cells of :data:`SUMMARY` ("–" where a figure is missing)."""
+    return " | ".join(
+        "–" if row.get(key, {}).get(field) is None else f"{row[key][field] * scale:.{digits}f}"
+        for _, key, field, scale, digits in SUMMARY
+    )
+
+
 def summary(metrics):
     """The demo's metric table (Markdown) from ``metrics.json``: each set's figures against the reference clouds,
     the floor (training clouds) first, and the reference's own foreground fraction."""
     rows = metrics["rows"]
     lines = ["| set | " + " | ".join(name for name, *_ in SUMMARY) + " |", "|---|" + "---:|" * len(SUMMARY)]
-    for name, row in rows.items():
-        cells = []
-        for _, key, field, scale, digits in SUMMARY:
-            value = row.get(key, {}).get(field)
-            cells.append("–" if value is None else f"{value * scale:.{digits}f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} | {summary_cells(row)} |" for name, row in rows.items()]
     held = next(iter(rows.values()))["foreground_fraction"]["reference_mean"]
     lines += [
         "",
