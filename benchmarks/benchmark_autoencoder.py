@@ -35,8 +35,7 @@ import torch  # noqa: E402
 from monai.losses import PatchAdversarialLoss  # noqa: E402
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
-
-from scripts.engines import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.amp import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
 from scripts.losses import ReconstructionLoss, kl_loss  # noqa: E402
 
 CONFIG = ROOT / "configs" / "train_autoencoder.json"
@@ -296,7 +295,7 @@ def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
     n, voxel = cfg["iterations"], cfg["voxel"]
     c1 = f"1: {voxel}³, batch {BATCH}, {n} iterations, {case1['device']}"
     note = (
-        f"native CPU bf16 (`scripts.engines.cpu_has_bf16`): {cpu_has_bf16()}, so `autocast_dtype(cpu, amp=True)` = "
+        f"native CPU bf16 (`scripts.amp.cpu_has_bf16`): {cpu_has_bf16()}, so `autocast_dtype(cpu, amp=True)` = "
         f"{autocast_dtype('cpu', True)}"
     )
     modules = (torch, monai, ignite, np, nib)

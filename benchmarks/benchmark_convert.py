@@ -39,7 +39,6 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
-
 from scripts.convert_h5_to_nifti import convert  # noqa: E402
 from scripts.geometry import GridGeometry  # noqa: E402
 from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402

@@ -35,7 +35,6 @@ from benchmarks.common import SEED  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import torch  # noqa: E402
-
 from scripts.geometry import GridGeometry  # noqa: E402
 from scripts.metrics import (  # noqa: E402
     box_normalize,

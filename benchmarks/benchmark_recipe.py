@@ -32,7 +32,6 @@ from benchmarks.common import ROOT  # noqa: E402
 import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from scripts import run_demo  # noqa: E402
 
 ANCHOR = {

@@ -42,15 +42,15 @@ import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import wasserstein_distance  # noqa: E402
-
 from scripts.convert_h5_to_nifti import convert, cut_tiles  # noqa: E402
 from scripts.geometry import GridGeometry  # noqa: E402
 from scripts.metrics import local_shape, nn_distances_nm  # noqa: E402
 from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
-from scripts.refiner import Refiner, load_refiner_checkpoint, offset_scale, refine_grid, trained_refiner  # noqa: E402
+from scripts.refiner import Refiner, offset_scale, refine_grid  # noqa: E402
 from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 from scripts.volume_io import load_nifti  # noqa: E402
 from scripts.voxelize import grid_to_points, normalize_, voxelize  # noqa: E402
+from scripts.weights import load_refiner_checkpoint, trained_refiner  # noqa: E402
 
 REAL = ROOT / "tests" / "data" / "ts3d_leterrier_real3d.csv"
 FULL = {

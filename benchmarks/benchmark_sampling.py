@@ -4,7 +4,7 @@ Run from the bundle root::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_sampling.py [--quick]
 
-Cases: (1) seconds per generated sample with ``scripts.sampling.make_scheduler`` + ``sample_grids`` (noise →
+Cases: (1) seconds per generated sample with ``scripts.denoising.make_scheduler`` + ``sample_grids`` (noise →
 denoising loop → decode), DDPM with all 1000 training timesteps against DDIM with 50, at the demo's grid size with
 the demo's networks (``scripts/run_demo.py``) and at 64³ with the configs' default networks; (2) grid → 100 000
 points with ``scripts.voxelize.grid_to_points`` ('probabilistic', and 'center'/'random' for comparison) against
@@ -32,12 +32,12 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
-
 from scripts import run_demo  # noqa: E402
-from scripts.engines import autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.amp import autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.denoising import make_scheduler, sample_grids  # noqa: E402
 from scripts.geometry import GridGeometry  # noqa: E402
-from scripts.networks import build_autoencoder, build_unet, check_autoencoder, latent_shape  # noqa: E402
-from scripts.sampling import make_scheduler, sample_grids  # noqa: E402
+from scripts.network_checks import check_autoencoder, latent_shape  # noqa: E402
+from scripts.networks import build_autoencoder, build_unet  # noqa: E402
 from scripts.voxelize import grid_to_points  # noqa: E402
 
 BATCH = 2  # configs/inference.json's batch_size: grids denoised at once
@@ -296,7 +296,7 @@ def print_report(cfg, quick, load, device, amp_dtype, sampling, export):
     if quick:
         demo_note += "; the second size uses the tests' tiny networks (tests/conftest.py)"
     lines += [
-        f"- Case 1 measures one `scripts.sampling.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
+        f"- Case 1 measures one `scripts.denoising.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
         f"scheduler from `make_scheduler(settings, kind, steps)` → decode → `.float().cpu()`) of {BATCH} samples "
         f"(`configs/inference.json` batch_size); seconds/sample = call / {BATCH}. Networks: "
         f"`scripts.networks.build_autoencoder`/`build_unet` on the `autoencoder_args`/`unet_args` parsed from "

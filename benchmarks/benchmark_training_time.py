@@ -27,7 +27,6 @@ from benchmarks import common  # noqa: E402
 import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from scripts import run_demo  # noqa: E402
 
 QUICK = {"scales": [1], "epochs": (2, 10, 2), "n_clouds": 16, "n_test": 8}  # every stage validates
@@ -98,15 +97,7 @@ def main():
             )
             minutes = (time.perf_counter() - start) / 60
             metrics = json.loads((work / f"x{scale:g}" / "outputs" / "evaluation" / "metrics.json").read_text())
-            results.append(
-                (
-                    scale,
-                    epochs,
-                    minutes,
-                    targets(metrics["rows"]),
-                    run_demo.summary(metrics),
-                )
-            )
+            results.append((scale, epochs, minutes, targets(metrics["rows"]), run_demo.summary(metrics)))
     lines = common.machine_header(
         "Training time against the targets", args.quick, load, (torch, monai, np), torch_info=True
     )

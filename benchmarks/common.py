@@ -266,7 +266,7 @@ def parse_config(config, overrides, *keys):
 def unet_values(overrides, latent):
     """``(unet_args, scheduler_settings, learning_rate)`` of ``configs/train_diffusion.json`` with ``overrides`` for
     latents of shape ``latent`` (the config reads that from the stage-1 checkpoint); the UNet is checked to fit."""
-    from scripts.networks import check_diffusion
+    from scripts.network_checks import check_diffusion
 
     config = ROOT / "configs" / "train_diffusion.json"
     keys = ("unet_args", "scheduler_settings", "learning_rate")

@@ -1,6 +1,17 @@
-"""Checkpoints as plain dicts: saved atomically, loaded with ``weights_only=True`` only, refused with one line."""
+"""Checkpoints as plain dicts: saved atomically, loaded with ``weights_only=True`` only, refused with one line.
+
+Two layouts hold them:
+
+- training (``outputs/<stage>/best_model.pt``): one dict per stage with its weights, settings, optimizer and RNG
+  state, so training resumes from it;
+- shipped (``models/``, the MONAI Model Zoo's): ``model.pt`` (the diffusion UNet, the zoo's main network),
+  ``model_autoencoder.pt`` and ``model_refiner.pt`` are plain state dicts, and ``checkpoints.json`` holds what
+  sampling needs besides weights (network settings, data geometry, scale factor, noise schedule) and each file's
+  SHA-256. :func:`load_checkpoint` reads either as the same dict.
+"""
 
 import hashlib
+import json
 import pickle
 import random
 import zipfile
@@ -8,11 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.atomic import atomic_path
 from scripts.errors import UserError
 
 FORMAT_VERSION = 1
+SHIPPED_FILES = {"diffusion": "model.pt", "autoencoder": "model_autoencoder.pt", "refiner": "model_refiner.pt"}
+SHIPPED_INFO = "checkpoints.json"
+WEIGHTS = {"diffusion": "unet", "autoencoder": "autoencoder", "refiner": "refiner"}
+# what travels beside the weights in checkpoints.json (no optimizer, discriminator or RNG state)
+SHIPPED_KEYS = (
+    "stage",
+    "epoch",
+    "network_config",
+    "dataset_info",
+    "voxel_size",
+    "latent_shape",
+    "scheduler",
+    "scale_factor",
+    "autoencoder_weights_sha256",
+    "best_metric",
+    "key_metric_name",
+    "coupling",
+    "sampling",
+)
 
 
 def save_checkpoint(path, payload):
@@ -41,11 +70,39 @@ def load_checkpoint(path, stage=None, hint=""):
         raise UserError(f"{path}: refused, it holds objects that are not plain weights ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(e)})") from None
+    if isinstance(ckpt, dict) and "format_version" not in ckpt and (path.parent / SHIPPED_INFO).is_file():
+        ckpt = _shipped_checkpoint(path, ckpt)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this bundle (no format_version entry)")
     if stage is not None and ckpt.get("stage") != stage:
         raise UserError(f"{path}: is a {ckpt.get('stage')!r} checkpoint, expected {stage!r}")
     return ckpt
+
+
+def _shipped_checkpoint(path, state):
+    """A plain state dict of the shipped layout with its entry of ``checkpoints.json``, as one checkpoint dict."""
+    info_path = path.parent / SHIPPED_INFO
+    try:
+        info = json.loads(info_path.read_text())[path.name]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{info_path}: has no valid entry for {path.name}; re-download the bundle") from None
+    if file_sha256(path) != info.get("sha256"):
+        raise UserError(f"{path}: its SHA-256 differs from the one in {info_path}; re-download the bundle")
+    return dict(info["checkpoint"], **{WEIGHTS[info["checkpoint"]["stage"]]: state}, format_version=FORMAT_VERSION)
+
+
+def ship_checkpoint(ckpt, models_dir):
+    """Write ``ckpt``'s sampling weights as a plain state dict in ``models_dir`` (the shipped layout) and return its
+    ``checkpoints.json`` entry; the diffusion UNet ships its moving average of weights where it has one."""
+    stage = ckpt["stage"]
+    key = "unet_ema" if stage == "diffusion" and "unet_ema" in ckpt else WEIGHTS[stage]
+    path = Path(models_dir) / SHIPPED_FILES[stage]
+    with atomic_path(path) as tmp:
+        torch.save(dict(ckpt[key]), tmp)
+    entry = {k: _plain(ckpt[k]) for k in SHIPPED_KEYS if k in ckpt}
+    if "dataset_info" in entry:  # the training files' list stays with the user
+        entry["dataset_info"] = {k: v for k, v in entry["dataset_info"].items() if k != "files"}
+    return path, {"sha256": file_sha256(path), "checkpoint": entry}
 
 
 def _first_line(e):
@@ -70,27 +127,6 @@ def weights_sha256(state_dict):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-SAMPLING_KEYS = (
-    "stage",
-    "epoch",
-    "network_config",
-    "dataset_info",
-    "voxel_size",
-    "latent_shape",
-    "scheduler",
-    "scale_factor",
-    "autoencoder_weights_sha256",
-    "best_metric",
-    "key_metric_name",
-    "autoencoder",
-    "unet",
-    "unet_ema",
-    "refiner",
-    "coupling",
-    "sampling",
-)
 
 
 def check_resume(resume_from, stage, expected):
@@ -124,12 +160,6 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def slim_checkpoint(src, dst):
-    """Copy what sampling needs from a best_model.pt (no optimizer, discriminator or RNG state) to ``dst``."""
-    ckpt = load_checkpoint(src)
-    return save_checkpoint(dst, {k: v for k, v in ckpt.items() if k in SAMPLING_KEYS})
 
 
 def load_state(module, state, path, name):

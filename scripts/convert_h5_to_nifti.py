@@ -19,19 +19,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
 from scripts.cli import main  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
 from scripts.geometry import GridGeometry, as_shape, as_triple  # noqa: E402
 from scripts.outputs import StagedOutput  # noqa: E402
 from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.progress import progress  # noqa: E402
 from scripts.settings import check_memory  # noqa: E402
 from scripts.volume_io import save_nifti  # noqa: E402
 from scripts.voxelize import (  # noqa: E402
     METHODS,
     NORMALIZATIONS,
     SPLATS,
+    dataset_percentile,
     grid_mass_um3,
     normalize_,
     sigma_in_voxels,
@@ -106,8 +106,8 @@ def _convert_one(job):
 def _map(func, jobs, num_workers, desc):
     if num_workers > 1:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            return list(tqdm(pool.imap(func, jobs), total=len(jobs), desc=desc, unit="cloud", disable=None))
-    return [func(job) for job in tqdm(jobs, desc=desc, unit="cloud", disable=None)]
+            return list(progress(pool.imap(func, jobs), desc, "cloud", total=len(jobs)))
+    return [func(job) for job in progress(jobs, desc, "cloud")]
 
 
 def suggest_tiles(clouds):
@@ -138,6 +138,129 @@ def _remove_legacy_staging(output_dir):
     for stale in output_dir.parent.glob(f".{output_dir.name}.convert-*"):
         print(f"warning: removing {stale}, left by a conversion that was stopped", file=sys.stderr)
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_arguments(shape, method, splat, normalize, sigma, sigma_unit, train_ratio, num_workers, tiles, percentile):
+    """Refuse bad settings with one line before anything is read."""
+    if method not in METHODS:
+        raise UserError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if splat not in SPLATS:
+        raise UserError(f"splat: expected one of {', '.join(SPLATS)}, got {splat!r}")
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"normalize: expected one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if method == "gaussian":
+        sigma_in_voxels(sigma, sigma_unit, GridGeometry((0, 0, 0), (1, 1, 1), shape))  # positive, known unit
+    if not isinstance(train_ratio, (int, float)) or isinstance(train_ratio, bool) or not 0 < train_ratio <= 1:
+        raise UserError(f"train_ratio: must be in (0, 1], got {train_ratio!r}")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+        raise UserError(f"num_workers: must be a positive integer, got {num_workers!r}")
+    if tiles is not None and (not isinstance(tiles, int) or isinstance(tiles, bool) or tiles < 1):
+        raise UserError(f"tiles: must be a positive integer, got {tiles!r}")
+    if not 0 < percentile <= 100:
+        raise UserError(f"percentile: must be in (0, 100], got {percentile!r}")
+    check_memory(
+        2 * 4 * int(np.prod(shape, dtype=np.float64)) * num_workers,
+        f"voxel_size: {list(shape)}",
+        "use a smaller voxel_size (or fewer --num_workers)",
+    )
+
+
+def _read_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict, allow_2d):
+    """The input's clouds and metadata; 2D data are refused unless ``allow_2d``."""
+    clouds, meta = read_point_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict)
+    flat_z = meta["dims"] == 2 or np.ptp(np.concatenate([c[:, 2] for c in clouds])) == 0
+    if flat_z and not allow_2d:
+        raise UserError(
+            f"{source}: the points have no z (2D data); this bundle makes 3D grids. Pass --allow_2d true to "
+            "convert them with z = 0 in a 1-nm-deep box"
+        )
+    if flat_z:
+        print("note: 2D data: z = 0 for every point, the box is 1 nm deep (--allow_2d)", file=sys.stderr)
+    return clouds, meta
+
+
+def _box(source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor):
+    """The clouds (cut into tiles when asked), the source index of each, the tiling and the common grid geometry."""
+    tile_info = None
+    if tiles:
+        clouds, tile_sources = cut_tiles(clouds, int(tiles), tile_size, seed)
+        tile_info = {"n_tiles": int(tiles), "tile_size_nm": list(as_triple(tile_size, "tile_size")), "seed": seed}
+        corners = np.array([[0.0, 0.0, 0.0], tile_info["tile_size_nm"]])
+        geometry = GridGeometry.around(corners, shape, padding, volume_dims, box_anchor)
+    else:
+        tile_sources = list(range(len(clouds)))
+        geometry = GridGeometry.around(clouds, shape, padding, volume_dims, box_anchor)
+        far = _outliers(np.concatenate(clouds), geometry) if volume_dims is None else None
+        if far:
+            n, axis, lo, hi = far
+            print(
+                f"warning: {source}: {n} points lie far outside the others along {'xyz'[axis]} (99.8 % are within "
+                f"{lo:.0f}–{hi:.0f} nm), so the box is {geometry.size_nm[axis]:.3g} nm wide and voxels "
+                f"{geometry.spacing_nm[axis]:.3g} nm; pass --volume_dims (and --padding) to set the box",
+                file=sys.stderr,
+            )
+    return clouds, tile_sources, tile_info, geometry
+
+
+def _split(source, clouds, geometry, train_ratio, seed, strict):
+    """The seeded train/val split of the clouds with points in the box, and the indices of those without."""
+    inside = np.array([int(geometry.inside(c).sum()) for c in clouds])
+    skipped = [int(i) for i in np.flatnonzero(inside == 0)]
+    if len(skipped) == len(clouds):
+        raise UserError(f"{source}: no points inside the box for any of the {len(clouds)} clouds")
+    if skipped and strict:
+        raise UserError(f"{source}: no points inside the box for {len(skipped)} clouds ({skipped[:5]}; --strict)")
+    if skipped:
+        print(
+            f"warning: {len(skipped)} of {len(clouds)} clouds have no point inside the box and are skipped",
+            file=sys.stderr,
+        )
+    usable = [i for i in range(len(clouds)) if inside[i] > 0]
+    order = np.random.default_rng(seed).permutation(usable)
+    n_train = int(round(len(usable) * float(train_ratio)))
+    n_train = len(usable) if train_ratio == 1 else max(1, min(n_train, len(usable) - 1))
+    if n_train == len(usable) and train_ratio < 1:
+        n_tiles, size = suggest_tiles(clouds)
+        raise UserError(
+            f"{source}: holds {len(usable)} usable cloud, so the split has no validation grid and stage 1 cannot "
+            f"validate; cut it into tiles (--tiles {n_tiles} --tile_size {[round(v) for v in size]} fits this data) "
+            "or pass --train_ratio 1"
+        )
+    splits = {"train": sorted(order[:n_train].tolist()), "val": sorted(order[n_train:].tolist())}
+    return splits, skipped
+
+
+def _dataset_info(source, meta, geometry, recipe, splits, skipped, records, clouds, tile_sources):
+    """``dataset_info.json``: how the grids were made (``recipe``: the box, voxelization, normalization, split and
+    tiles entries), the counts, the points per unit of grid mass and each file's record."""
+    points = np.array([r["points"] for r in records["train"] if r["mass_um3"] > 0], np.float64)
+    masses = np.array([r["mass_um3"] for r in records["train"] if r["mass_um3"] > 0], np.float64)
+    return {
+        "format_version": 1,
+        "source": {"file": str(Path(source).resolve()), **{k: v for k, v in meta.items() if k != "source"}},
+        "geometry": geometry.to_dict(),
+        **recipe,
+        "skipped_no_points_in_box": skipped,
+        "counts": {
+            "n_train": len(splits["train"]),
+            "n_val": len(splits["val"]),
+            "n_skipped": len(skipped),
+            "points_inside": int(sum(r["points"] for rs in records.values() for r in rs)),
+            "points_outside_box": int(sum(r["outside"] for rs in records.values() for r in rs))
+            + int(sum(len(clouds[i]) for i in skipped)),
+        },
+        # the training set's points per unit of grid mass (its total points over its total mass: per-cloud
+        # ratios vary with each grid's maximum, and their mean overestimates counts, by 11 % on the demo data)
+        "points_per_mass": {
+            "mean": float(points.sum() / masses.sum()),
+            "std_per_cloud": float(np.std(points / masses)),
+            "unit": "points per (intensity * um^3)",
+        },
+        "files": {
+            split: [dict(r, source_index=int(tile_sources[i])) for r, i in zip(records[split], splits[split])]
+            for split in splits
+        },
+    }
 
 
 def convert(
@@ -199,94 +322,26 @@ def convert(
     source = h5_file if h5_file is not None else input
     if source is None:
         raise UserError("--h5_file: give the input point-cloud file")
-    shape = as_shape(voxel_size)
-    output_dir = Path(output_dir)
-    if method not in METHODS:
-        raise UserError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    if splat not in SPLATS:
-        raise UserError(f"splat: expected one of {', '.join(SPLATS)}, got {splat!r}")
-    if normalize not in NORMALIZATIONS:
-        raise UserError(f"normalize: expected one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-    if method == "gaussian":
-        sigma_in_voxels(sigma, sigma_unit, GridGeometry((0, 0, 0), (1, 1, 1), shape))  # positive, known unit
-    if not isinstance(train_ratio, (int, float)) or isinstance(train_ratio, bool) or not 0 < train_ratio <= 1:
-        raise UserError(f"train_ratio: must be in (0, 1], got {train_ratio!r}")
-    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-        raise UserError(f"num_workers: must be a positive integer, got {num_workers!r}")
-    if tiles is not None and (not isinstance(tiles, int) or isinstance(tiles, bool) or tiles < 1):
-        raise UserError(f"tiles: must be a positive integer, got {tiles!r}")
-    if not 0 < percentile <= 100:
-        raise UserError(f"percentile: must be in (0, 100], got {percentile!r}")
-    check_memory(
-        2 * 4 * int(np.prod(shape, dtype=np.float64)) * num_workers,
-        f"voxel_size: {list(shape)}",
-        "use a smaller voxel_size (or fewer --num_workers)",
-    )
+    shape, output_dir = as_shape(voxel_size), Path(output_dir)
+    _check_arguments(shape, method, splat, normalize, sigma, sigma_unit, train_ratio, num_workers, tiles, percentile)
     staged = StagedOutput(output_dir, "a conversion", OUTPUT_PATTERNS, overwrite, "--output_dir")
     staged.check()
     _remove_legacy_staging(output_dir)
 
-    clouds, meta = read_point_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict)
-    flat_z = meta["dims"] == 2 or np.ptp(np.concatenate([c[:, 2] for c in clouds])) == 0
-    if flat_z and not allow_2d:
-        raise UserError(
-            f"{source}: the points have no z (2D data); this bundle makes 3D grids. Pass --allow_2d true to "
-            "convert them with z = 0 in a 1-nm-deep box"
-        )
-    if flat_z:
-        print("note: 2D data: z = 0 for every point, the box is 1 nm deep (--allow_2d)", file=sys.stderr)
-    tile_info = None
-    if tiles:
-        clouds, tile_sources = cut_tiles(clouds, int(tiles), tile_size, seed)
-        tile_info = {"n_tiles": int(tiles), "tile_size_nm": list(as_triple(tile_size, "tile_size")), "seed": seed}
-        corners = np.array([[0.0, 0.0, 0.0], tile_info["tile_size_nm"]])
-        geometry = GridGeometry.around(corners, shape, padding, volume_dims, box_anchor)
-    else:
-        tile_sources = list(range(len(clouds)))
-        geometry = GridGeometry.around(clouds, shape, padding, volume_dims, box_anchor)
-        far = _outliers(np.concatenate(clouds), geometry) if volume_dims is None else None
-        if far:
-            n, axis, lo, hi = far
-            print(
-                f"warning: {source}: {n} points lie far outside the others along {'xyz'[axis]} (99.8 % are within "
-                f"{lo:.0f}–{hi:.0f} nm), so the box is {geometry.size_nm[axis]:.3g} nm wide and voxels "
-                f"{geometry.spacing_nm[axis]:.3g} nm; pass --volume_dims (and --padding) to set the box",
-                file=sys.stderr,
-            )
+    clouds, meta = _read_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict, allow_2d)
+    clouds, tile_sources, tile_info, geometry = _box(
+        source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor
+    )
     sigma_voxels = sigma_in_voxels(sigma, sigma_unit, geometry) if method == "gaussian" else np.zeros(3)
 
-    inside = np.array([int(geometry.inside(c).sum()) for c in clouds])
-    skipped = [int(i) for i in np.flatnonzero(inside == 0)]
-    if len(skipped) == len(clouds):
-        raise UserError(f"{source}: no points inside the box for any of the {len(clouds)} clouds")
-    if skipped and strict:
-        raise UserError(f"{source}: no points inside the box for {len(skipped)} clouds ({skipped[:5]}; --strict)")
-    if skipped:
-        print(
-            f"warning: {len(skipped)} of {len(clouds)} clouds have no point inside the box and are skipped",
-            file=sys.stderr,
-        )
-    usable = [i for i in range(len(clouds)) if inside[i] > 0]
-    order = np.random.default_rng(seed).permutation(usable)
-    n_train = int(round(len(usable) * float(train_ratio)))
-    n_train = len(usable) if train_ratio == 1 else max(1, min(n_train, len(usable) - 1))
-    if n_train == len(usable) and train_ratio < 1:
-        n_tiles, size = suggest_tiles(clouds)
-        raise UserError(
-            f"{source}: holds {len(usable)} usable cloud, so the split has no validation grid and stage 1 cannot "
-            f"validate; cut it into tiles (--tiles {n_tiles} --tile_size {[round(v) for v in size]} fits this data) "
-            "or pass --train_ratio 1"
-        )
-    splits = {"train": sorted(order[:n_train].tolist()), "val": sorted(order[n_train:].tolist())}
+    splits, skipped = _split(source, clouds, geometry, train_ratio, seed, strict)
     width = max(4, len(str(len(clouds) - 1)))
     suffix = ".nii" if no_compression else ".nii.gz"
 
     constant = None
     if normalize == "percentile":
         jobs = [(clouds[i], geometry, method, sigma_voxels, splat, seed + i) for i in splits["train"]]
-        constant = float(
-            np.percentile(np.concatenate(_map(_percentile_sample, jobs, num_workers, "percentile")), percentile)
-        )
+        constant = dataset_percentile(_map(_percentile_sample, jobs, num_workers, "percentile"), percentile)
 
     with staged as tmp:
         jobs = []
@@ -310,12 +365,7 @@ def convert(
         for split, members in splits.items():
             if members:
                 write_point_clouds_h5(tmp / f"{split}_points.h5", [clouds[i] for i in members], members)
-        points = np.array([r["points"] for r in records["train"] if r["mass_um3"] > 0], np.float64)
-        masses = np.array([r["mass_um3"] for r in records["train"] if r["mass_um3"] > 0], np.float64)
-        info = {
-            "format_version": 1,
-            "source": {"file": str(Path(source).resolve()), **{k: v for k, v in meta.items() if k != "source"}},
-            "geometry": geometry.to_dict(),
+        recipe = {
             "box": {"volume_dims_nm": volume_dims, "padding_nm": padding, "anchor": box_anchor},
             "voxelization": {
                 "method": method,
@@ -329,29 +379,10 @@ def convert(
                 "percentile": percentile if normalize == "percentile" else None,
                 "constant": constant,
             },
-            "split": {"train_ratio": float(train_ratio), "seed": seed, "train": splits["train"], "val": splits["val"]},
+            "split": {"train_ratio": float(train_ratio), "seed": seed, **splits},
             "tiles": tile_info,
-            "skipped_no_points_in_box": skipped,
-            "counts": {
-                "n_train": len(splits["train"]),
-                "n_val": len(splits["val"]),
-                "n_skipped": len(skipped),
-                "points_inside": int(sum(r["points"] for rs in records.values() for r in rs)),
-                "points_outside_box": int(sum(r["outside"] for rs in records.values() for r in rs))
-                + int(sum(len(clouds[i]) for i in skipped)),
-            },
-            # the training set's points per unit of grid mass (its total points over its total mass: per-cloud
-            # ratios vary with each grid's maximum, and their mean overestimates counts, by 11 % on the demo data)
-            "points_per_mass": {
-                "mean": float(points.sum() / masses.sum()),
-                "std_per_cloud": float(np.std(points / masses)),
-                "unit": "points per (intensity * um^3)",
-            },
-            "files": {
-                split: [dict(r, source_index=int(tile_sources[i])) for r, i in zip(records[split], splits[split])]
-                for split in splits
-            },
         }
+        info = _dataset_info(source, meta, geometry, recipe, splits, skipped, records, clouds, tile_sources)
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=4) + "\n")
     counts = info["counts"]
     print(

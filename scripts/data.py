@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import RandomizableTrait
-
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
 

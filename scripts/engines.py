@@ -1,7 +1,6 @@
 """Thin MONAI trainers: each differs from ``monai.engines.Trainer`` only in its ``_iteration``.
 
-Mixed precision follows the device: fp16 autocast with a grad scaler on CUDA, bf16 autocast (no scaler needed)
-on CPUs with native bf16, full precision elsewhere. MONAI's own ``amp=True`` only knows CUDA.
+Mixed precision follows the device (:mod:`scripts.amp`), with a grad scaler for fp16 on CUDA.
 """
 
 import contextlib
@@ -14,7 +13,7 @@ from ignite.metrics import Metric
 from monai.engines import Evaluator, Trainer
 from monai.networks.schedulers import RFlowScheduler
 from monai.utils import CommonKeys
-
+from scripts.amp import autocast_context, autocast_dtype
 from scripts.errors import UserError, interrupted
 from scripts.latents import sample_latents
 from scripts.losses import kl_loss
@@ -23,34 +22,6 @@ from scripts.networks import unwrap
 from scripts.refiner import couple, refine_grid
 
 logger = logging.getLogger(__name__)
-
-
-def cpu_has_bf16():
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast_dtype(device, amp, cpu_bf16=True):
-    """The autocast dtype for ``device``, or ``None`` when mixed precision is off or not worth it there.
-
-    ``cpu_bf16=False`` keeps a CPU in fp32: the diffusion UNet's deepest levels (2×2×1 voxels) got NaN weight
-    gradients from the bf16 conv3d backward of torch 2.13's CPU kernels within 5–20 steps, while the same
-    gradient recomputed by ``torch.nn.grad.conv3d_weight`` was finite (see docs/README.md).
-    """
-    device = torch.device(device)
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_bf16 and cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast_context(device, dtype):
-    """Autocast to ``dtype`` on ``device``'s type, or a no-op context when ``dtype`` is ``None``."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _reraise(engine, e):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.data import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.errors import UserError
+from scripts.evaluation_report import markdown_report, write_figures
 from scripts.geometry import GridGeometry
 from scripts.metrics import (
     box_normalize,
@@ -42,13 +42,11 @@ from scripts.metrics import (
     subsample,
 )
 from scripts.outputs import StagedOutput, listed_files
-from scripts.pictures import projection_grid
 from scripts.pointcloud_io import read_point_clouds
 from scripts.refiner import check_spacing, refine_grid
-from scripts.render import render_points
 from scripts.settings import check_values
 from scripts.volume_io import load_nifti
-from scripts.voxelize import EXPORT_METHODS, grid_to_points, point_count, voxelize_like
+from scripts.voxelize import grid_to_points, point_count, voxelize_like
 
 logger = logging.getLogger(__name__)
 CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
@@ -133,15 +131,13 @@ class Evaluation:
         overwrite=False,
     ):
         self.dataset_dir, self.samples_dir, self.output_dir = Path(dataset_dir), Path(samples_dir), Path(output_dir)
-        for name, value in (("num_points", num_points), ("num_pictures", num_pictures), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"{name}: must be a positive integer, got {value!r}")
-        if emd_points is not None and (not isinstance(emd_points, int) or not 0 <= emd_points <= num_points):
+        checked = {"num_points": num_points, "num_pictures": num_pictures, "batch_size": batch_size, "sets": sets}
+        checked.update(emd_points=emd_points, structure_radius_nm=structure_radius_nm, pair_range_nm=pair_range_nm)
+        checked = check_values(checked, "evaluate")
+        if emd_points is not None and emd_points > num_points:
             raise UserError(
                 f"emd_points: must be an integer in [0, num_points={num_points}] or null, got {emd_points!r}"
             )
-        if method not in EXPORT_METHODS:
-            raise UserError(f"method: expected one of {', '.join(EXPORT_METHODS)}, got {method!r}")
         if not self.dataset_dir.is_dir():
             raise UserError(f"{self.dataset_dir}: no such dataset folder; {CONVERT_HINT}")
         for name in ("dataset_info.json", "val_points.h5", "train_points.h5"):
@@ -151,22 +147,7 @@ class Evaluation:
             raise UserError(f"{self.samples_dir}: no such samples folder; {SAMPLE_HINT}")
         self.staged = StagedOutput(self.output_dir, "an evaluation", EVALUATION_FILES, overwrite)
         self.staged.check()
-        # the sampler's manifest names exactly one run's files; without one, whatever the folders hold
-        listed = listed_files(self.samples_dir)
-        if listed is not None:
-            self.sample_files = [
-                self.samples_dir / f for f in listed if f.startswith("pointcloud/") and f.endswith(".csv")
-            ]
-            self.sample_grid_files = [self.samples_dir / f for f in listed if f.startswith("nifti/")]
-        else:
-            self.sample_files = sorted((self.samples_dir / "pointcloud").glob("*.csv"))
-            folder = self.samples_dir / "nifti"
-            self.sample_grid_files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
-        if not self.sample_files and (self.samples_dir / "pointcloud" / "samples.h5").is_file():
-            self.sample_files = [self.samples_dir / "pointcloud" / "samples.h5"]
-        if not self.sample_files:
-            raise UserError(f"{self.samples_dir / 'pointcloud'}: no sample point clouds (*.csv); {SAMPLE_HINT}")
-
+        self.sample_files, self.sample_grid_files = self._find_samples()
         self.info = load_dataset_info(self.dataset_dir / "val")
         self.geometry = GridGeometry.from_dict(self.info["geometry"])
         trained_on = (autoencoder_checkpoint.get("dataset_info") or {}).get("geometry")
@@ -194,9 +175,26 @@ class Evaluation:
             check_spacing(refiner_checkpoint, self.geometry.with_shape(self.voxel_size), "the autoencoder's grids")
             self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
         self.structure_radius_nm, self.pair_range_nm = float(structure_radius_nm), tuple(map(float, pair_range_nm))
-        self.sets = check_values({"sets": sets}, "evaluate")["sets"]
+        self.sets = checked["sets"]
 
     # ------------------------------------------------------------------------------------------------ inputs
+
+    def _find_samples(self):
+        """The sample clouds (and grids) of one sampling run: those its manifest lists, else what the folders hold."""
+        # the sampler's manifest names exactly one run's files; without one, whatever the folders hold
+        listed = listed_files(self.samples_dir)
+        if listed is not None:
+            files = [self.samples_dir / f for f in listed if f.startswith("pointcloud/") and f.endswith(".csv")]
+            grid_files = [self.samples_dir / f for f in listed if f.startswith("nifti/")]
+        else:
+            files = sorted((self.samples_dir / "pointcloud").glob("*.csv"))
+            folder = self.samples_dir / "nifti"
+            grid_files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
+        if not files and (self.samples_dir / "pointcloud" / "samples.h5").is_file():
+            files = [self.samples_dir / "pointcloud" / "samples.h5"]
+        if not files:
+            raise UserError(f"{self.samples_dir / 'pointcloud'}: no sample point clouds (*.csv); {SAMPLE_HINT}")
+        return files, grid_files
 
     def _rng(self, *stream):
         return np.random.default_rng([self.seed, *stream])
@@ -355,6 +353,23 @@ class Evaluation:
         train_clouds, train_grids, mean_grid = self._training(n)
         logger.info(f"reconstructing {len(real_grids)} held-out grids")
         recon_grids = self._reconstruct(real_grids)
+        sets = self._build_sets(n, train_clouds, train_grids, mean_grid, recon_grids, sample_clouds, sample_grids)
+        rows, curves = self._score(sets, real_clouds, real_grids)
+        per_volume = [{**dice_iou(r, g, self.threshold), "psnr": psnr(r, g)} for r, g in zip(recon_grids, real_grids)]
+        reconstructions = {
+            k: {"mean": float(np.mean([v[k] for v in per_volume])), "std": float(np.std([v[k] for v in per_volume]))}
+            for k in ("dice", "iou", "psnr")
+        }
+        results = {"settings": self._settings(len(real_clouds)), "rows": rows, "reconstruction_grids": reconstructions}
+        with self.staged as folder:
+            (folder / "metrics.json").write_text(json.dumps(results, indent=4) + "\n")
+            (folder / "metrics.md").write_text(markdown_report(results))
+            write_figures(folder, self, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows)
+        logger.info(f"wrote metrics.json, metrics.md and figures to {self.output_dir}")
+        return results
+
+    def _build_sets(self, n, train_clouds, train_grids, mean_grid, recon_grids, sample_clouds, sample_grids):
+        """``{row name: (clouds, grids)}`` for the rows asked for (:data:`ROWS`) that can be computed."""
         builders = {
             "train_vs_heldout": lambda: (train_clouds, train_grids),
             "reconstruction": lambda: (
@@ -377,8 +392,10 @@ class Evaluation:
             "reconstruction_refined": self.refiner is not None,
             "samples_voxel_uniform": self.refiner is not None and bool(sample_grids),
         }
-        sets = {name: builders[name]() for name in self.sets or ROWS if available.get(name, True)}
+        return {name: builders[name]() for name in self.sets or ROWS if available.get(name, True)}
 
+    def _score(self, sets, real_clouds, real_grids):
+        """Every set's metrics against the held-out clouds (and grids), and the curves of the figures."""
         full, small = self._prepare(real_clouds, (4,))
         reference = {"cd_clouds": full, "cd": chamfer_matrix(full, workers=self.workers)}
         if small is not None:
@@ -395,18 +412,7 @@ class Evaluation:
             if grids is not None:
                 row.update(self._grid_stats(grids, real_grids))
             rows[name] = row
-        per_volume = [{**dice_iou(r, g, self.threshold), "psnr": psnr(r, g)} for r, g in zip(recon_grids, real_grids)]
-        reconstructions = {
-            k: {"mean": float(np.mean([v[k] for v in per_volume])), "std": float(np.std([v[k] for v in per_volume]))}
-            for k in ("dice", "iou", "psnr")
-        }
-        results = {"settings": self._settings(len(real_clouds)), "rows": rows, "reconstruction_grids": reconstructions}
-        with self.staged as folder:
-            (folder / "metrics.json").write_text(json.dumps(results, indent=4) + "\n")
-            (folder / "metrics.md").write_text(markdown_report(results))
-            self._figures(folder, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows)
-        logger.info(f"wrote metrics.json, metrics.md and figures to {self.output_dir}")
-        return results
+        return rows, curves
 
     def _settings(self, n_reference):
         return {
@@ -430,202 +436,8 @@ class Evaluation:
             "rows": ROWS,
         }
 
-    # ------------------------------------------------------------------------------------------------ figures
-
-    def _figures(self, folder, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        n = self.num_pictures
-        columns = [("held-out", real_grids), ("reconstruction", recon_grids), ("generated", sample_grids or [])]
-        canvases = [(label, projection_grid([[g] for g in grids[:n]])) for label, grids in columns if grids]
-        height = 4 * max(c.shape[0] / c.shape[1] for _, c in canvases) + 0.5
-        fig, axes = plt.subplots(1, len(canvases), figsize=(4 * len(canvases), height), squeeze=False)
-        for ax, (label, canvas) in zip(axes[0], canvases):
-            ax.imshow(canvas, cmap="magma", vmin=0, vmax=1)
-            ax.set_title(f"{label}: maximum projections: xy, xz below, zy right", fontsize=9)
-            ax.axis("off")
-        _save(fig, folder / "projections.png")
-
-        box = [(self.geometry.box_min_nm[a], self.geometry.box_max_nm[a]) for a in range(3)]
-        pairs = [("held-out", real_clouds), ("generated", [c for c in sample_clouds if len(c)])]
-        fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
-        for r, (label, clouds) in enumerate(pairs):
-            for i, ax in enumerate(axes[r]):
-                ax.axis("off")
-                if i < len(clouds):
-                    image, meta = render_points(clouds[i], self.pixel_nm, xy_range=box[:2], z_range=box[2])
-                    ax.imshow(image)
-                    ax.set_title(f"{label} {i}: {len(clouds[i])} pts, bar {meta['bar_nm']} nm", fontsize=8)
-        _save(fig, folder / "renderings.png")
-
-        top = 1.5 * max(float(np.percentile(v, 95)) for v in curves["nn_distance_nm"].values() if len(v))
-        specs = (
-            ("nn_distance_nm", np.linspace(0, top, self.nn_bins + 1), "nearest-neighbour distance (nm)", " nm"),
-            ("z_nm", np.linspace(*box[2], self.z_bins + 1), "z (nm)", " nm"),
-            ("linearity", np.linspace(0, 1, 41), "local linearity", ""),
-            ("planarity", np.linspace(0, 1, 41), "local planarity", ""),
-            ("pair_distance_nm", np.linspace(*self.pair_range_nm, 49), "distance between point pairs (nm)", " nm"),
-        )
-        for key, edges, xlabel, unit in specs:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for label, values in curves[key].items():
-                if not len(values):
-                    continue
-                density, _ = np.histogram(values, edges, density=True)
-                if label == "held-out":
-                    ax.stairs(density, edges, label=label, linewidth=2.5, color="k")
-                else:
-                    w1 = rows[label][key]["wasserstein"]
-                    ax.stairs(density, edges, label=f"{label} (W1 {w1:.3g}{unit})", linewidth=1.2)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("density")
-            ax.set_title(f"{xlabel.split(' (')[0]}: generated sets against the held-out clouds", fontsize=9)
-            ax.legend(fontsize=8)
-            _save(fig, folder / f"{key.replace('_nm', '')}.png")
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
-
 
 def _has_rows(csv_path):
     with open(csv_path, errors="replace") as f:
         f.readline()
         return any(line.strip() for line in f)
-
-
-def _num(value, scale=1.0, digits=2):
-    return "–" if value is None else f"{value * scale:.{digits}f}"
-
-
-def _mean_std(stats, prefix="", scale=1.0, digits=1):
-    return f"{_num(stats[prefix + 'mean'], scale, digits)} ± {_num(stats[prefix + 'std'], scale, digits)}"
-
-
-def markdown_report(results):
-    """The Markdown tables of ``metrics.md`` from the ``metrics.json`` dict."""
-    settings, rows = results["settings"], results["rows"]
-    emd = f"emd{settings['emd_points']}" if settings["emd_points"] else None
-    lines = [
-        "# Evaluation: generated point clouds against the held-out set",
-        "",
-        f"Held-out set: {settings['n_heldout']} clouds of `{settings['dataset_dir']}`; samples: "
-        f"`{settings['samples_dir']}`. Rows: " + "; ".join(f"`{k}`: {v}" for k, v in settings["rows"].items()) + ".",
-        "",
-        "## Point-cloud metrics",
-        "",
-        f"Clouds subsampled to {settings['num_points']} points (seed {settings['seed']}), centred on the training box "
-        f"and divided by its largest extent ({settings['largest_extent_nm']:.0f} nm). CD: the sum of the two mean "
-        "squared nearest-neighbour distances"
-        + (
-            f"; EMD{settings['emd_points']}: mean matched distance of the exact assignment on the first "
-            f"{settings['emd_points']} points of each subsample"
-            if emd
-            else ""
-        )
-        + ". 1-NNA: mean of the leave-one-out 1-NN accuracies on the generated and on the held-out clouds, each in "
-        "brackets (50 % ideal, 100 % every cloud told apart, below 50 % copies of held-out clouds: expected for "
-        "`reconstruction`, whose every cloud has its original in the held-out set; a high generated and a low held-out "
-        "accuracy: generated clouds that sit between all real ones, such as blurred ones). COV is at most n gen / n "
-        "ref and MMD falls as n gen grows: compare rows of equal size (sample as many clouds as are held out).",
-        "",
-    ]
-    header = "| set | n gen / n ref (empty) | MMD-CD (×10³) | COV-CD (%) | 1-NNA-CD (%) (gen / ref) |"
-    rule = "|---|---:|---:|---:|---:|"
-    if emd:
-        header += f" MMD-EMD{settings['emd_points']} (×10²) | COV-EMD (%) | 1-NNA-EMD (%) (gen / ref) |"
-        rule += "---:|---:|---:|"
-    lines += [header, rule]
-    for name, row in rows.items():
-        line = f"| {name} | {row['n_generated']} / {row['n_reference']} ({row['n_empty']}) |"
-        for key, scale in (("cd", 1e3),) + (((emd, 1e2),) if emd else ()):
-            m = row.get(key, {})
-            line += f" {_num(m.get('mmd'), scale, 3)} | {_num(m.get('cov'), 100, 1)} | {_num(m.get('1nna'), 100, 1)}"
-            line += f" ({_num(m.get('1nna_generated'), 100, 0)} / {_num(m.get('1nna_reference'), 100, 0)}) |"
-        lines.append(line)
-
-    first = next(iter(rows.values()))
-    lines += [
-        "",
-        "## SMLM statistics",
-        "",
-        "Pooled over each set's full clouds (nm); W1: 1D Wasserstein distance to the held-out distribution (nm).",
-        "",
-        "| set | NN distance mean ± std (nm) | NN distance W1 (nm) | z mean ± std (nm) | z W1 (nm) |",
-        "|---|---:|---:|---:|---:|",
-        f"| held-out | {_mean_std(first['nn_distance_nm'], 'reference_')} | – | "
-        f"{_mean_std(first['z_nm'], 'reference_')} | – |",
-    ]
-    for name, row in rows.items():
-        nn, z = row["nn_distance_nm"], row["z_nm"]
-        lines.append(
-            f"| {name} | {_mean_std(nn)} | {_num(nn['wasserstein'])} | {_mean_std(z)} | {_num(z['wasserstein'])} |"
-        )
-    lines += [
-        "",
-        "## Structure statistics",
-        "",
-        f"Linearity (λ1 − λ2) / λ1 and planarity (λ2 − λ3) / λ1 of the covariance of the points within "
-        f"{settings['structure_radius_nm']:g} nm of each of up to 512 points per cloud; pair distances: every "
-        f"distance between {settings['pair_range_nm'][0]:g} and {settings['pair_range_nm'][1]:g} nm among 1000 "
-        "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution.",
-        "",
-        "| set | linearity | W1 | planarity | W1 | pair distance (nm) | W1 (nm) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| held-out | {_mean_std(first['linearity'], 'reference_', 1, 3)} | – | "
-        f"{_mean_std(first['planarity'], 'reference_', 1, 3)} | – | "
-        f"{_mean_std(first['pair_distance_nm'], 'reference_')} | – |",
-    ]
-    for name, row in rows.items():
-        lin, pla, pair = row["linearity"], row["planarity"], row["pair_distance_nm"]
-        lines.append(
-            f"| {name} | {_mean_std(lin, '', 1, 3)} | {_num(lin['wasserstein'], 1, 3)} | {_mean_std(pla, '', 1, 3)} | "
-            f"{_num(pla['wasserstein'], 1, 3)} | {_mean_std(pair)} | {_num(pair['wasserstein'])} |"
-        )
-
-    with_grids = {k: v for k, v in rows.items() if "foreground_fraction" in v}
-    if with_grids:
-        ref = next(iter(with_grids.values()))
-        lines += [
-            "",
-            "## Grid statistics",
-            "",
-            f"Grids at the autoencoder's size {settings['voxel_size']}; foreground: values > {settings['threshold']}; "
-            "intensity: values of foreground voxels; W1 against the held-out grids.",
-            "",
-            "| set | foreground fraction (%) | W1 (%) | foreground intensity | W1 |",
-            "|---|---:|---:|---:|---:|",
-            f"| held-out | {_mean_std(ref['foreground_fraction'], 'reference_', 100, 2)} | – | "
-            f"{_mean_std(ref['foreground_intensity'], 'reference_', 1, 3)} | – |",
-        ]
-        for name, row in with_grids.items():
-            fraction, intensity = row["foreground_fraction"], row["foreground_intensity"]
-            lines.append(
-                f"| {name} | {_mean_std(fraction, '', 100, 2)} | {_num(fraction['wasserstein'], 100, 2)} | "
-                f"{_mean_std(intensity, '', 1, 3)} | {_num(intensity['wasserstein'], 1, 3)} |"
-            )
-    grid = results["reconstruction_grids"]
-    lines += [
-        "",
-        "## Autoencoder reconstructions of the held-out grids",
-        "",
-        f"Per volume, mean ± std; foreground: values > {settings['threshold']}; PSNR with a data range of 1.",
-        "",
-        "| Dice | IoU | PSNR (dB) |",
-        "|---:|---:|---:|",
-        f"| {_mean_std(grid['dice'], '', 1, 3)} | {_mean_std(grid['iou'], '', 1, 3)} | "
-        f"{_mean_std(grid['psnr'], '', 1, 2)} |",
-        "",
-        "Figures: `projections.png` (held-out | reconstruction | generated grids), `renderings.png` (held-out clouds "
-        "above, generated below, one renderer and scale), and the distributions `nn_distance.png`, `z.png`, "
-        "`linearity.png`, `planarity.png`, `pair_distance.png`.",
-        "",
-    ]
-    return "\n".join(lines)

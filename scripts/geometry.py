@@ -9,7 +9,6 @@ the same nanometre box as the training clouds.
 from dataclasses import dataclass
 
 import numpy as np
-
 from scripts.errors import UserError
 
 

@@ -7,12 +7,12 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.utils import CommonKeys
-
 from scripts.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from scripts.errors import UserError
 from scripts.networks import unwrap
 from scripts.outputs import CHECKPOINT_NAMES
 from scripts.pictures import projection_grid
+from scripts.progress import interactive
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,14 @@ class CheckpointSaver:
         objects: name → network or optimizer whose ``state_dict`` is saved.
         metadata: plain values saved as they are (network hyper-parameters, dataset geometry, ...).
         evaluator: the validation evaluator; without it no ``best_model.pt`` is written.
-        extra: a callable returning more plain values at save time (e.g. the scale factor).
         overwrite: the run replaces an earlier run's checkpoints in ``save_dir`` (the configs refuse such a folder
             otherwise): those this run has not rewritten are removed at its first save, so the folder never holds
             checkpoints of two runs.
     """
 
-    def __init__(self, save_dir, stage, objects, metadata=None, evaluator=None, extra=None, overwrite=False):
+    def __init__(self, save_dir, stage, objects, metadata=None, evaluator=None, overwrite=False):
         self.save_dir, self.stage, self.objects = Path(save_dir), stage, objects
-        self.metadata, self.evaluator, self.extra = metadata or {}, evaluator, extra
+        self.metadata, self.evaluator = metadata or {}, evaluator
         self.stale = [p for p in map(self.save_dir.joinpath, CHECKPOINT_NAMES) if p.exists()] if overwrite else []
         self.trainer = None
 
@@ -87,7 +86,6 @@ class CheckpointSaver:
             "best_metric_epoch": None if ev is None else int(ev.best_metric_epoch),
             "key_metric_name": None if ev is None else ev.key_metric_name,
             **self.metadata,
-            **(self.extra() if self.extra else {}),
         }
 
     def save_latest(self, engine):
@@ -194,17 +192,35 @@ def _numpy(x):
 
 
 class ProgressBar:
-    """A console progress bar over the iterations of each epoch, showing the named outputs (e.g. the loss)."""
+    """A progress bar over the iterations of each epoch on a terminal, showing the named outputs (e.g. the loss);
+    in a file or a pipe, one line per epoch instead: the epoch, the outputs' means and its time."""
 
     def __init__(self, output_keys=("loss",)):
         self.output_keys = output_keys
 
-    def attach(self, engine):
-        from ignite.handlers import ProgressBar as IgniteProgressBar
+    def _outputs(self, out):
+        return {k: out[k] for k in self.output_keys if k in out}
 
-        IgniteProgressBar(persist=True).attach(
-            engine, output_transform=lambda out: {k: out[k] for k in self.output_keys if k in out}
-        )
+    def attach(self, engine):
+        if interactive():
+            from ignite.handlers import ProgressBar as IgniteProgressBar
+
+            IgniteProgressBar(persist=True).attach(engine, output_transform=self._outputs)
+            return
+        sums = {}
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: sums.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self._add(sums, e.state.output))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: self._line(sums, e))
+
+    def _add(self, sums, output):
+        for key, value in self._outputs(output).items():
+            total, n = sums.get(key, (0.0, 0))
+            sums[key] = (total + float(value), n + 1)
+
+    def _line(self, sums, engine):
+        means = ", ".join(f"{k} {total / max(n, 1):.4g}" for k, (total, n) in sums.items())
+        seconds = engine.state.times.get("EPOCH_COMPLETED") or 0.0
+        print(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {means} ({seconds:.1f} s)", flush=True)
 
 
 class SampleImageHandler:
@@ -250,7 +266,7 @@ class SampleImageHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine):
-        from scripts.sampling import make_scheduler, sample_grids
+        from scripts.denoising import make_scheduler, sample_grids
 
         epoch = engine.state.epoch
         if epoch % self.interval:

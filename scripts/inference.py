@@ -6,54 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
+from scripts.amp import autocast_dtype
 from scripts.atomic import atomic_path
-from scripts.checkpoint import load_checkpoint, load_state, weights_sha256
-from scripts.engines import autocast_dtype
+from scripts.denoising import make_scheduler, sample_grids
 from scripts.errors import UserError, interrupted
 from scripts.geometry import GridGeometry
-from scripts.networks import build_unet
 from scripts.outputs import StagedOutput
 from scripts.pictures import projections
 from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
-from scripts.refiner import REFINER_HINT, check_spacing, refine_grid
+from scripts.progress import interactive, progress
+from scripts.refiner import check_spacing, refine_grid
 from scripts.render import render_points
-from scripts.sampling import make_scheduler, sample_grids
 from scripts.settings import check_values
 from scripts.volume_io import save_nifti
 from scripts.voxelize import grid_to_points, point_count
+from scripts.weights import REFINER_HINT
 
 logger = logging.getLogger(__name__)
-STAGE2_HINT = "train stage 2 first: python -m monai.bundle run --config_file configs/train_diffusion.json"
 FORMATS = ("nifti", "csv", "h5")
 # the sampler's own files (an earlier run without a manifest is recognised by them)
 SAMPLE_FILES = ("nifti/sample_*.nii.gz", "pointcloud/sample_*.csv", "pointcloud/samples.h5", "preview.png")
-
-
-def load_diffusion_checkpoint(diffusion_path, autoencoder_checkpoint, autoencoder_path):
-    """The stage-2 checkpoint, refused when it was trained on another autoencoder or lacks the data geometry."""
-    ckpt = load_checkpoint(diffusion_path, "diffusion", hint=STAGE2_HINT)
-    sha = weights_sha256(autoencoder_checkpoint["autoencoder"])
-    if ckpt.get("autoencoder_weights_sha256") != sha:
-        raise UserError(
-            f"{diffusion_path}: was trained on other autoencoder weights ({ckpt.get('autoencoder_path')}, sha256 "
-            f"{str(ckpt.get('autoencoder_weights_sha256'))[:12]}) than those in {autoencoder_path} (sha256 "
-            f"{sha[:12]}); sample with that autoencoder or retrain stage 2"
-        )
-    geometry = (ckpt.get("dataset_info") or {}).get("geometry")
-    if not geometry:
-        raise UserError(f"{diffusion_path}: holds no data geometry (dataset_info); retrain on converted data")
-    return ckpt
-
-
-def trained_unet(checkpoint, path, device):
-    """The diffusion UNet built from the hyper-parameters in its checkpoint, with its exponential moving average
-    of weights (``unet_ema``; the raw ``unet`` weights for checkpoints without one), in eval mode."""
-    unet = build_unet(checkpoint["network_config"]["unet"])
-    key = "unet_ema" if "unet_ema" in checkpoint else "unet"
-    load_state(unet, checkpoint[key], path, key)
-    return unet.to(device).eval()
 
 
 class Sampler:
@@ -152,7 +124,7 @@ class Sampler:
         torch.manual_seed(self.seed)  # DDPM steps draw from the global generator
         generator = torch.Generator().manual_seed(self.seed)
         grids, clouds = [], []
-        for start in tqdm(range(0, self.num_samples, self.batch_size), desc="sampling", unit="batch"):
+        for start in progress(range(0, self.num_samples, self.batch_size), "sampling", "batch", units="batches"):
             n = min(self.batch_size, self.num_samples - start)
             batch = sample_grids(
                 self.autoencoder,
@@ -164,7 +136,7 @@ class Sampler:
                 self.device,
                 generator,
                 self.amp_dtype,
-                verbose=True,
+                verbose=interactive(),
             )
             for i, grid in enumerate(batch[:, 0].numpy().clip(0, 1), start=start):
                 grids.append(grid)

@@ -1,4 +1,4 @@
-"""The frozen autoencoder of stage 2, its latents cached per volume, and the latent scale factor."""
+"""Stage 2's latents: encoded once per volume by the frozen autoencoder, cached, and scaled (the scale factor)."""
 
 import hashlib
 import logging
@@ -8,31 +8,11 @@ import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler
 from monai.transforms import Compose
-
-from scripts.checkpoint import load_checkpoint, load_state, save_checkpoint
+from scripts.checkpoint import load_checkpoint, save_checkpoint
 from scripts.errors import UserError
-from scripts.networks import build_autoencoder
 
 logger = logging.getLogger(__name__)
-STAGE1_HINT = "train stage 1 first: python -m monai.bundle run --config_file configs/train_autoencoder.json"
 CACHE_MODES = ("memory", "disk", "none")
-
-
-def load_autoencoder_checkpoint(path):
-    """The stage-1 checkpoint, refused with one line when missing, corrupt or of another stage."""
-    ckpt = load_checkpoint(path, "autoencoder", hint=STAGE1_HINT)
-    for key in ("network_config", "autoencoder", "voxel_size"):
-        if key not in ckpt:
-            raise UserError(f"{path}: has no {key!r}; {STAGE1_HINT}")
-    return ckpt
-
-
-def frozen_autoencoder(checkpoint, path, device):
-    """The AutoencoderKL built from the hyper-parameters stored in its checkpoint, in eval mode, without grads."""
-    network = build_autoencoder(checkpoint["network_config"]["autoencoder"])
-    load_state(network, checkpoint["autoencoder"], path, "autoencoder")
-    network.to(device).eval().requires_grad_(False)
-    return network
 
 
 def encode_volumes(autoencoder, datalist, transform, device, batch_size=2, cache_dir=None, key="", symmetries=(None,)):

@@ -1,6 +1,9 @@
 """Losses of the autoencoder stage. Every weight is an argument, set in the config."""
 
+from pathlib import Path
+
 import torch
+from scripts.errors import UserError
 from torch import nn
 
 
@@ -49,3 +52,24 @@ def kl_loss(z_mu, z_sigma):
     dims = tuple(range(1, z_mu.ndim))
     kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1).sum(dims)
     return kl.mean()
+
+
+def perceptual_loss(weight, weights_path):
+    """The perceptual loss on a local weights file, or ``None`` (off) when no file is given or the weight is 0.
+
+    MONAI's perceptual networks download their weights unless given a file; nothing is downloaded here, so a
+    missing file or a missing torchvision is an error at start-up.
+    """
+    if not weight or not weights_path:
+        return None
+    if not Path(weights_path).is_file():
+        raise UserError(f"{weights_path}: perceptual_weights_path does not exist (the weights are never downloaded)")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        raise UserError("perceptual loss: needs torchvision (pip install torchvision)") from None
+    from monai.losses import PerceptualLoss
+
+    return PerceptualLoss(
+        spatial_dims=3, network_type="resnet50", is_fake_3d=True, pretrained=True, pretrained_path=str(weights_path)
+    )

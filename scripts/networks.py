@@ -1,110 +1,12 @@
-"""Checks of network settings against the data, done at start-up so a bad config gets a message, not a trace."""
+"""The bundle's networks: MONAI's AutoencoderKL and DiffusionModelUNet built from their stored settings, and the
+forms of them that ``ckpt_export`` turns into TorchScript."""
 
 import warnings
-from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import torch
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
-
-from scripts.errors import UserError
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from scripts.geometry import as_shape
-from scripts.settings import check_memory
-
-
-def check_divisible(voxel_size, levels, what):
-    """Refuse a ``voxel_size`` the network's ``levels`` halvings cannot take."""
-    shape, factor = as_shape(voxel_size), 2**levels
-    if any(s % factor for s in shape):
-        raise UserError(
-            f"voxel_size: {list(shape)} is not divisible by {factor}, which the {what}'s {levels} downsamplings need; "
-            f"use e.g. {[max(factor, int(round(s / factor)) * factor) for s in shape]}"
-        )
-    return shape
-
-
-def _check_channels(args, what):
-    channels = list(args["channels"])
-    groups = args.get("norm_num_groups", 32)
-    bad = [c for c in channels if c % groups]
-    if bad:
-        raise UserError(f"{what}: norm_num_groups {groups} does not divide channels {bad}")
-    for key in ("attention_levels",):
-        if key in args and len(args[key]) != len(channels):
-            raise UserError(f"{what}: {key} has {len(args[key])} entries for {len(channels)} channel levels")
-    return channels
-
-
-def check_autoencoder(autoencoder_args, voxel_size):
-    """The grid must survive the encoder's halvings; channel settings must agree."""
-    channels = _check_channels(autoencoder_args, "autoencoder")
-    return check_divisible(voxel_size, len(channels) - 1, "autoencoder")
-
-
-def latent_shape(autoencoder_args, voxel_size):
-    """(C, X, Y, Z) of the autoencoder's latent for a ``voxel_size`` grid."""
-    factor = 2 ** (len(autoencoder_args["channels"]) - 1)
-    return (autoencoder_args["latent_channels"], *(s // factor for s in as_shape(voxel_size)))
-
-
-def check_training_memory(autoencoder_args, voxel_size, batch_size, device="cpu"):
-    """Refuse, before any data is loaded, a grid whose training step cannot fit in memory.
-
-    The estimate counts about 16 float32 activations per channel and voxel at each level of the AutoencoderKL
-    (kept for the backward pass, with their gradients), for the generator and the discriminator: a floor, not a
-    measurement, so only grids that cannot possibly fit are refused.
-    """
-    voxels = float(np.prod(as_shape(voxel_size), dtype=np.float64))
-    per_voxel = sum(c / 8.0**level for level, c in enumerate(autoencoder_args["channels"]))
-    needed = 16 * 4 * per_voxel * voxels * batch_size * 2
-    device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        if needed > total:
-            raise UserError(
-                f"voxel_size: {list(as_shape(voxel_size))} needs about {needed / 2**30:.3g} GiB to train at batch "
-                f"{batch_size} (estimated), but {torch.cuda.get_device_name(device)} has {total / 2**30:.3g} GiB; "
-                "use a smaller voxel_size or batch_size"
-            )
-        return needed
-    check_memory(
-        needed,
-        f"voxel_size: {list(as_shape(voxel_size))} at batch {batch_size}",
-        "use a smaller voxel_size or batch_size",
-    )
-    return needed
-
-
-def check_discriminator(discriminator_args, voxel_size, batch_size, n_volumes=None):
-    """Run the discriminator on shape-only tensors for the smallest batch the loader can produce.
-
-    A 3-layer PatchDiscriminator with batch norm leaves one value per channel on a 16³ grid at batch 1, which
-    fails in training; this finds that (and grids too small for the convolutions) before any data is loaded.
-    """
-    shape = as_shape(voxel_size)
-    smallest = batch_size if not n_volumes else (n_volumes % batch_size or batch_size)
-    smallest = min(smallest, n_volumes or batch_size)
-    with torch.device("meta"):
-        net = PatchDiscriminator(**discriminator_args).train()
-        try:
-            net(torch.empty(smallest, discriminator_args.get("in_channels", 1), *shape))
-        except (ValueError, RuntimeError) as e:
-            raise UserError(
-                f"discriminator: num_layers_d={discriminator_args.get('num_layers_d', 3)} with norm "
-                f"{discriminator_args.get('norm', 'BATCH')} does not fit a {list(shape)} grid at batch {smallest} "
-                f"({str(e).splitlines()[0]}); use fewer layers (discriminator_num_layers) or norm INSTANCE/"
-                "a larger batch"
-            ) from None
-    return shape
-
-
-def check_diffusion(unet_args, latent):
-    """The diffusion UNet's halvings must fit the latent grid; channel settings must agree."""
-    channels = _check_channels(unet_args, "diffusion UNet")
-    heads = unet_args.get("num_head_channels")
-    if isinstance(heads, (list, tuple)) and len(heads) != len(channels):
-        raise UserError(f"diffusion UNet: num_head_channels has {len(heads)} entries for {len(channels)} levels")
-    check_divisible(list(latent[1:]), len(channels) - 1, "diffusion UNet (on the latent grid)")
 
 
 def unwrap(network):
@@ -120,53 +22,70 @@ def build_unet(args):
     return DiffusionModelUNet(**args)
 
 
-def perceptual_loss(weight, weights_path, network_type="resnet50"):
-    """The perceptual loss on a local weights file, or ``None`` (off) when no file is given or the weight is 0.
+class _TracedUNet(torch.nn.Module):
+    """A scriptable shell around a traced UNet: TorchScript keeps ``timesteps`` optional."""
 
-    MONAI's perceptual networks download their weights unless given a file; nothing is downloaded here, so a
-    missing file or a missing torchvision is an error at start-up.
+    def __init__(self, traced):
+        super().__init__()
+        self.net = traced
+
+    def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if timesteps is None:
+            timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.net(x, timesteps)
+
+
+class _TracedAutoencoder(torch.nn.Module):
+    """A scriptable shell around a traced autoencoder (``torch.jit.script`` does not take a trace itself)."""
+
+    def __init__(self, traced):
+        super().__init__()
+        self.net = traced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _trace(net, example):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(net.eval(), example)
+
+
+class ExportableUNet(DiffusionModelUNet):
+    """The diffusion UNet as ``network_def``: the same parameters (a plain UNet state dict loads as is), and
+    ``forward(latents, timesteps=None)``, where ``timesteps`` defaults to 0 (the last denoising step), so the
+    network also runs on latents alone, as the Model Zoo's shape check calls it.
+
+    MONAI's networks do not script, so ``torch.jit.script`` (what ``ckpt_export`` calls) gets a trace of it on a
+    ``latent_shape`` example, in a scripted shell that keeps ``timesteps`` optional.
     """
-    if not weight or not weights_path:
-        return None
-    if not Path(weights_path).is_file():
-        raise UserError(f"{weights_path}: perceptual_weights_path does not exist (the weights are never downloaded)")
-    if network_type != "resnet50":
-        raise UserError(f"perceptual_network_type: only 'resnet50' loads from a local file, got {network_type!r}")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        raise UserError("perceptual loss: needs torchvision (pip install torchvision)") from None
-    from monai.losses import PerceptualLoss
 
-    return PerceptualLoss(
-        spatial_dims=3, network_type="resnet50", is_fake_3d=True, pretrained=True, pretrained_path=str(weights_path)
-    )
+    def __init__(self, unet_args, latent_shape):
+        super().__init__(**unet_args)
+        self.latent_shape = tuple(latent_shape)
+
+    def forward(self, x, timesteps=None):
+        if timesteps is None:
+            timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return super().forward(x, timesteps)
+
+    def __prepare_scriptable__(self):
+        example = (torch.rand(1, *self.latent_shape), torch.ones(1, dtype=torch.long))
+        return _TracedUNet(_trace(self, example))
 
 
-class ReconstructingAutoencoderKL(AutoencoderKL):
-    """An AutoencoderKL whose ``forward`` is the deterministic reconstruction (decode of the encoder mean).
+class ExportableAutoencoder(AutoencoderKL):
+    """The autoencoder as ``autoencoder_def``: the same parameters as AutoencoderKL, and ``forward`` is the
+    deterministic reconstruction (decode of the encoder mean; AutoencoderKL's own forward draws a random latent,
+    which a trace would freeze). Scripted as a trace on a ``voxel_size`` example, like :class:`ExportableUNet`."""
 
-    Same parameters as AutoencoderKL, so its checkpoint loads as is; this is what the TorchScript export traces
-    (the plain forward draws a random latent, which a traced module would not reproduce).
-    """
+    def __init__(self, autoencoder_args, voxel_size):
+        super().__init__(**autoencoder_args)
+        self.example_shape = (autoencoder_args.get("in_channels", 1), *as_shape(voxel_size))
 
     def forward(self, x):
         return self.reconstruct(x)
 
-
-def traced_autoencoder(args, voxel_size):
-    """A TorchScript trace of :class:`ReconstructingAutoencoderKL` for ``voxel_size`` grids (weights load after)."""
-    net = ReconstructingAutoencoderKL(**args).eval()
-    example = torch.rand(1, args.get("in_channels", 1), *as_shape(voxel_size))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.trace(net, example)
-
-
-def traced_unet(args, latent_shape):
-    """A TorchScript trace of the diffusion UNet taking ``(latents, timesteps)`` (weights load after)."""
-    net = build_unet(args).eval()
-    example = (torch.rand(1, *latent_shape), torch.tensor([1], dtype=torch.long))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.trace(net, example)
+    def __prepare_scriptable__(self):
+        return _TracedAutoencoder(_trace(self, torch.rand(1, *self.example_shape)))

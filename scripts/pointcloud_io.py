@@ -12,7 +12,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
 from scripts.atomic import atomic_path
 from scripts.errors import UserError
 

@@ -15,32 +15,23 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from scripts.cli import main  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
 from scripts.pointcloud_io import write_points_csv  # noqa: E402
-from scripts.refiner import check_spacing, load_refiner_checkpoint, refine_grid, trained_refiner  # noqa: E402
+from scripts.refiner import check_spacing, refine_grid  # noqa: E402
 from scripts.settings import check_values  # noqa: E402
 from scripts.volume_io import load_nifti  # noqa: E402
 from scripts.voxelize import point_count  # noqa: E402
+from scripts.weights import checkpoint_path, default_model_dir, load_refiner_checkpoint, trained_refiner  # noqa: E402
 
 
-def refine(
-    grid,
-    refiner="outputs/refiner/best_model.pt",
-    output=None,
-    num_points=None,
-    threshold=0.1,
-    flow_steps=None,
-    seed=0,
-    overwrite=False,
-):
+def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow_steps=None, seed=0, overwrite=False):
     """Turn ``grid`` into a point cloud with the fine stage's checkpoint ``refiner``.
 
     Args:
         grid: a NIfTI volume (values in [0, 1]; a grid with a larger maximum is divided by it, as the converter's
             default normalisation does).
-        refiner: the fine stage's ``best_model.pt``.
+        refiner: the fine stage's checkpoint (``None``: the trained one in ``outputs/``, else the shipped one).
         output: the CSV to write (default: ``grid`` with ``.csv``); refused if it exists, unless ``overwrite``.
         num_points: how many points (default: the training data's points per unit of grid mass).
         threshold: only voxels above it anchor points.
@@ -57,6 +48,7 @@ def refine(
     values, geometry = load_nifti(grid_path)
     if values.max() > 1:
         values = values / values.max()
+    refiner = refiner or checkpoint_path(default_model_dir("."), "refiner")
     checkpoint = load_refiner_checkpoint(refiner)
     check_spacing(checkpoint, geometry, grid_path)
     network = trained_refiner(checkpoint, refiner)

@@ -19,11 +19,10 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
-
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
 from scripts.voxelize import gaussian_kernel
+from torch import nn
 
 
 class GridFeatures(nn.Module):
@@ -250,22 +249,6 @@ def coupling(dataset_info, geometry):
     return {"sigma_voxels": (sigma_nm / geometry.spacing_nm).tolist(), "splat": voxelization.get("splat", "nearest")}
 
 
-def load_refiner_checkpoint(path):
-    """The fine stage's checkpoint, refused with one line when missing, corrupt or of another stage."""
-    from scripts.checkpoint import load_checkpoint
-
-    return load_checkpoint(path, "refiner", hint=REFINER_HINT)
-
-
-def trained_refiner(checkpoint, path, device="cpu"):
-    """The fine stage's network built from the settings in its checkpoint, with its weights, in eval mode."""
-    from scripts.checkpoint import load_state
-
-    refiner = Refiner(**checkpoint["network_config"]["refiner"])
-    load_state(refiner, checkpoint["refiner"], path, "refiner")
-    return refiner.to(device).eval().requires_grad_(False)
-
-
 def check_spacing(refiner_checkpoint, geometry, what="this grid"):
     """Refuse a grid whose voxels differ from those the fine stage was trained on (the box may differ: large
     fields)."""
@@ -279,6 +262,3 @@ def check_spacing(refiner_checkpoint, geometry, what="this grid"):
             f"{what}: has voxels of {np.round(geometry.spacing_nm, 1).tolist()} nm, but the fine stage was trained on "
             f"{np.round(trained, 1).tolist()} nm; resample the grid or train the fine stage on such grids"
         )
-
-
-REFINER_HINT = "train the fine stage first: python -m monai.bundle run --config_file configs/train_refiner.json"

@@ -12,7 +12,6 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
-
 from scripts.atomic import atomic_path  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
 
@@ -79,7 +78,6 @@ def render_points(points, pixel_nm=15.0, blur_px=1.0, xy_range=None, z_range=Non
 def main(input, output=None, pixel_nm=15.0, blur_px=1.0, key=None, index=0, pixel_size=None):
     """Render cloud ``index`` of ``input`` (CSV or HDF5, nm) to a PNG (default: ``input`` with ``.png``)."""
     import matplotlib.pyplot as plt
-
     from scripts.pointcloud_io import read_point_clouds
 
     clouds, _ = read_point_clouds(input, key=key, pixel_size_nm=pixel_size)

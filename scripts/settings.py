@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from scripts.errors import UserError
 from scripts.geometry import as_shape
 

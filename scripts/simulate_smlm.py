@@ -17,7 +17,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-
 from scripts import cli  # noqa: E402
 from scripts.errors import UserError, fail  # noqa: E402
 from scripts.geometry import as_triple  # noqa: E402

@@ -1,7 +1,7 @@
 """Check both trained networks against ``configs/metadata.json``, through encode → latent → UNet → decode.
 
-MONAI's ``verify_net_in_out`` feeds one tensor to one network; the diffusion UNet also needs timesteps and its
-input is the autoencoder's latent, so this script checks the chain instead::
+MONAI's ``verify_net_in_out`` (what the Model Zoo runs) checks each network on its own with random input; this
+script checks the chain, where the UNet's input is the autoencoder's latent of a real-sized grid::
 
     python scripts/verify_networks.py [--model_dir outputs] [--meta_file configs/metadata.json]
 """
@@ -15,7 +15,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from scripts.cli import main  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
 

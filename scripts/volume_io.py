@@ -5,7 +5,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from isal import igzip
-
 from scripts.atomic import atomic_path
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry

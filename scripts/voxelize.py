@@ -5,7 +5,6 @@ Pure functions over arrays. Grids are float32 arrays indexed (X, Y, Z).
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
-
 from scripts.errors import UserError
 from scripts.geometry import as_triple
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny converted dataset and helpers that run bundle configs with tiny networks on CPU."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,17 @@ TINY_AUTOENCODER = {
     "n_epochs": 1,
     "image_log_interval": 1,
 }
+
+
+@pytest.fixture(scope="session")
+def picasso_file(tmp_path_factory):
+    """The real Picasso HDF5 with its ``.yaml`` beside it. The yaml is kept in tests/data as ``.yaml.txt``: it holds
+    several YAML documents, which the Model Zoo's check-yaml hook refuses in a bundle."""
+    folder = tmp_path_factory.mktemp("picasso")
+    data = ROOT / "tests" / "data"
+    shutil.copy(data / "picasso_egfr_mols_real2d.hdf5", folder / "picasso_egfr_mols_real2d.hdf5")
+    shutil.copy(data / "picasso_egfr_mols_real2d.yaml.txt", folder / "picasso_egfr_mols_real2d.yaml")
+    return folder / "picasso_egfr_mols_real2d.hdf5"
 
 
 @pytest.fixture(scope="session")

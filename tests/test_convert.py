@@ -7,7 +7,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import write_h5
 from scripts.convert_h5_to_nifti import convert, cut_tiles
 from scripts.errors import UserError
@@ -97,6 +96,16 @@ def test_split_is_seeded_and_percentile_rule(clouds_file, tmp_path):
     assert constant > 0 and constant == b["normalization"]["constant"]
     grid, _ = load_nifti(next((tmp_path / "a" / "train").iterdir()))
     assert grid.max() <= 1.0
+
+
+def test_percentile_over_empty_grids_is_one_line_and_writes_nothing(clouds_file, tmp_path, monkeypatch):
+    import scripts.convert_h5_to_nifti as converter
+
+    real = converter._grid
+    monkeypatch.setattr(converter, "_grid", lambda *a: (real(*a)[0] * 0, *real(*a)[1:]))  # every grid empty
+    with pytest.raises(UserError, match="every grid is empty"):
+        convert(clouds_file, tmp_path / "out", voxel_size=16, normalize="percentile", num_workers=1)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_two_workers_write_the_same_files(clouds_file, tmp_path):
@@ -256,10 +265,10 @@ def test_clouds_with_no_point_in_the_box_are_skipped_and_recorded(tmp_path):
     assert len(read_point_clouds(tmp_path / "o" / "val_points.h5")[0]) == info["counts"]["n_val"]
 
 
-def test_2d_data_convert_only_when_asked(tmp_path):
+def test_2d_data_convert_only_when_asked(picasso_file, tmp_path):
     result = _cli(
         "--h5_file",
-        DATA / "picasso_egfr_mols_real2d.hdf5",
+        picasso_file,
         "--output_dir",
         tmp_path / "o",
         "--voxel_size",

@@ -3,7 +3,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, run_workflow, user_error
 from scripts.pointcloud_io import write_points_csv
 

@@ -4,11 +4,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_cli, run_workflow, user_error
 from scripts.checkpoint import load_checkpoint, save_checkpoint
 from scripts.geometry import GridGeometry
-from scripts.networks import ReconstructingAutoencoderKL, build_unet
+from scripts.networks import ExportableAutoencoder, build_unet
 from scripts.pointcloud_io import read_point_clouds
 from scripts.volume_io import load_nifti
 
@@ -136,7 +135,7 @@ def run_cli_export(net_id, ckpt_file, key, filepath, model_dir):
 def test_torchscript_export_matches_eager(model_dir, tmp_path):
     ae_ckpt = load_checkpoint(model_dir / "autoencoder" / "best_model.pt")
     df_ckpt = load_checkpoint(model_dir / "diffusion" / "best_model.pt")
-    autoencoder = ReconstructingAutoencoderKL(**ae_ckpt["network_config"]["autoencoder"]).eval()
+    autoencoder = ExportableAutoencoder(ae_ckpt["network_config"]["autoencoder"], ae_ckpt["voxel_size"]).eval()
     autoencoder.load_state_dict(ae_ckpt["autoencoder"])
     unet = build_unet(df_ckpt["network_config"]["unet"]).eval()
     unet.load_state_dict(df_ckpt["unet"])
@@ -186,4 +185,6 @@ def test_overwrite_replaces_an_earlier_run_without_mixing_the_two(model_dir, tmp
 def test_false_from_the_command_line_means_false(model_dir, tmp_path):
     result = run_cli("inference.json", model_dir=model_dir, output_dir=tmp_path / "s", preview="false", **SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
+    # output to a pipe: a line per block of batches, no progress-bar redraws
+    assert "\r" not in result.stdout + result.stderr and "sampling: 2/2 batches" in result.stdout
     assert not (tmp_path / "s" / "preview.png").exists() and (tmp_path / "s" / "nifti").is_dir()

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, overrides
 from scripts.checkpoint import load_checkpoint
 from scripts.pointcloud_io import write_point_clouds_h5

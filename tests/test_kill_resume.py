@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, diffusion_overrides, overrides
 from scripts.checkpoint import load_checkpoint
 

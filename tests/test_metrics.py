@@ -2,7 +2,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from scripts.geometry import GridGeometry
 from scripts.metrics import (
     box_normalize,
@@ -196,7 +195,6 @@ def test_pair_distances_and_ripley_l_on_known_clouds():
 
 def test_histogram_w1_matches_scipy():
     from scipy.stats import wasserstein_distance
-
     from scripts.metrics import histogram_w1
 
     rng = np.random.default_rng(2)

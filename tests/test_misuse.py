@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY_AUTOENCODER, TINY_DIFFUSION, run_workflow, write_h5
 from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
 from scripts.simulate_smlm import simulate_microtubules
@@ -611,8 +610,9 @@ def workspace(dataset_dir, autoencoder_ckpt, model_dir, tmp_path_factory):
     inputs = ws / "in"
     inputs.mkdir()
     write_point_clouds_h5(inputs / "mt.h5", simulate_microtubules(6, seed=2, mean_points=800))
-    for name in ("ts3d_leterrier_real3d.csv", "picasso_egfr_mols_real2d.hdf5", "picasso_egfr_mols_real2d.yaml"):
+    for name in ("ts3d_leterrier_real3d.csv", "picasso_egfr_mols_real2d.hdf5"):
         shutil.copy(DATA / name, inputs / name)
+    shutil.copy(DATA / "picasso_egfr_mols_real2d.yaml.txt", inputs / "picasso_egfr_mols_real2d.yaml")
     rng = np.random.default_rng(0)
     (inputs / "xy.csv").write_text("x,y\n" + "\n".join(f"{a:.1f},{b:.1f}" for a, b in rng.uniform(0, 5000, (50, 2))))
     write_points_csv(inputs / "xyz.csv", rng.uniform(0, 5000, (100, 3)))

@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from monai.bundle import ConfigParser
-
 from conftest import ROOT, diffusion_overrides, overrides, run_workflow
+from monai.bundle import ConfigParser
 from scripts.checkpoint import load_checkpoint
 
 HOOKS = "$__import__('tests.bundle_hooks').bundle_hooks"  # its own id: MONAI parses any "import" text before refs

@@ -3,7 +3,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import write_h5
 from scripts.errors import UserError
 from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5, write_points_csv
@@ -21,9 +20,9 @@ def test_thunderstorm_csv_real_file():
     np.testing.assert_allclose(pts.max(axis=0), [27777.44517, 22316.13222, 264.314])
 
 
-def test_picasso_reads_pixel_size_from_yaml():
-    clouds, meta = read_point_clouds(DATA / "picasso_egfr_mols_real2d.hdf5")
-    with h5py.File(DATA / "picasso_egfr_mols_real2d.hdf5") as f:
+def test_picasso_reads_pixel_size_from_yaml(picasso_file):
+    clouds, meta = read_point_clouds(picasso_file)
+    with h5py.File(picasso_file) as f:
         locs = f["locs"][()]
     assert meta["format"] == "picasso" and meta["pixel_size_nm"] == 130.0
     np.testing.assert_allclose(clouds[0][:, 0], locs["x"].astype(np.float64) * 130.0)

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_workflow
 from scripts.checkpoint import load_checkpoint
 from scripts.data import symmetries
@@ -118,13 +117,15 @@ def test_refined_points_lie_closer_to_the_filaments_than_voxel_uniform_ones():
     grids = grids / grids.amax(dim=(1, 2, 3), keepdim=True)
     refiner = Refiner((16, 16, 16), 64, 3, offset_scale(sigma, "trilinear"))
     optimizer = torch.optim.Adam(refiner.parameters(), lr=3e-3)
-    for step in range(300):
+    for _ in range(300):
         pick = torch.randint(len(clouds), (4,))
         anchors, offsets, index = [], [], []
         for b, i in enumerate(pick.tolist()):
             pts = torch.from_numpy(geometry.to_voxel(clouds[i][rng.choice(len(clouds[i]), 512)]))
             a, o, _ = couple(pts, geometry.shape, sigma, "trilinear")
-            anchors.append(a), offsets.append(o), index.append(torch.full((len(a),), b))
+            anchors.append(a)
+            offsets.append(o)
+            index.append(torch.full((len(a),), b))
         loss = refiner.loss(grids[pick][:, None], torch.cat(index), torch.cat(anchors), torch.cat(offsets))
         optimizer.zero_grad()
         loss.backward()

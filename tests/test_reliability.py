@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.checkpoint import load_checkpoint, save_checkpoint
 from scripts.errors import UserError
 
@@ -101,7 +100,6 @@ def test_disk_full_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
 
 def test_sample_write_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     import numpy as np
-
     from scripts.pointcloud_io import write_points_csv
 
     write_points_csv(tmp_path / "sample_0000.csv", np.zeros((3, 3)))

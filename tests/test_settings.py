@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from scripts.cli import check_flags, flag_names
 from scripts.dependencies import PACKAGES, check_dependencies
 from scripts.errors import UserError

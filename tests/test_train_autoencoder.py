@@ -5,14 +5,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, overrides, run_cli, run_workflow, user_error
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import ROOT, overrides, run_cli, run_workflow, user_error
 from scripts.checkpoint import load_checkpoint
 from scripts.errors import UserError
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def test_config_defaults_follow_the_seed_and_build():
@@ -193,8 +192,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(dataset_dir, tmp_pat
     ],
 )
 def test_config_errors_are_one_line(dataset_dir, tmp_path, extra, message):
+    data = extra.pop("dataset_dir", dataset_dir)
     with pytest.raises(Exception) as info:
-        data = extra.pop("dataset_dir", dataset_dir)
         run_workflow("train_autoencoder.json", **overrides(data, tmp_path, **extra))
     error = user_error(info.value)
     assert error is not None, info.value

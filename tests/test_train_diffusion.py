@@ -1,17 +1,18 @@
+import re
 import shutil
 
 import pytest
 import torch
+from conftest import ROOT, diffusion_overrides, run_cli, run_workflow, user_error
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import Dataset
 from monai.networks.nets import DiffusionModelUNet
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import ROOT, diffusion_overrides, run_cli, run_workflow, user_error
 from scripts.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from scripts.data import list_volumes, volume_transforms
-from scripts.latents import compute_scale_factor, encode_volumes, frozen_autoencoder
+from scripts.latents import compute_scale_factor, encode_volumes
+from scripts.weights import frozen_autoencoder
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def test_config_defaults_build(dataset_dir, autoencoder_ckpt):
@@ -38,6 +39,10 @@ def test_config_defaults_build(dataset_dir, autoencoder_ckpt):
 def test_fast_dev_run_checkpoints_samples_and_resume(dataset_dir, autoencoder_ckpt, tmp_path):
     result = run_cli("train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
+    # output to a pipe: one line per epoch, no progress-bar redraws
+    assert "\r" not in result.stdout + result.stderr and re.search(
+        r"^epoch 1/1: loss [0-9.e-]+ \(", result.stdout, re.M
+    )
     ckpt_dir = tmp_path / "outputs" / "diffusion"
     latest = load_checkpoint(ckpt_dir / "latest_checkpoint.pt", "diffusion")
     best = load_checkpoint(ckpt_dir / "best_model.pt", "diffusion")
@@ -155,7 +160,7 @@ def test_missing_and_mismatched_autoencoder(dataset_dir, autoencoder_ckpt, tmp_p
 
 
 def test_ema_weights_differ_from_the_raw_ones_resume_and_are_what_is_sampled(dataset_dir, autoencoder_ckpt, tmp_path):
-    from scripts.inference import trained_unet
+    from scripts.weights import trained_unet
 
     run_workflow("train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, ema_decay=0.5))
     ckpt_dir = tmp_path / "outputs" / "diffusion"

@@ -11,8 +11,7 @@ Two training objectives, recorded in the stage-2 checkpoint's ``scheduler`` sett
 import torch
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
-
-from scripts.engines import autocast_context
+from scripts.amp import autocast_context
 from scripts.errors import UserError
 
 SAMPLERS = {"rflow": ("RFlow",), "ddpm": ("DDIM", "DDPM")}  # the first is the default

@@ -1,0 +1,219 @@
+"""What an evaluation writes besides ``metrics.json``: the Markdown tables of ``metrics.md`` and the figures."""
+
+import numpy as np
+from scripts.pictures import projection_grid
+from scripts.render import render_points
+
+
+def _num(value, scale=1.0, digits=2):
+    return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _mean_std(stats, prefix="", scale=1.0, digits=1):
+    return f"{_num(stats[prefix + 'mean'], scale, digits)} ± {_num(stats[prefix + 'std'], scale, digits)}"
+
+
+def markdown_report(results):
+    """The Markdown tables of ``metrics.md`` from the ``metrics.json`` dict."""
+    settings, rows = results["settings"], results["rows"]
+    sections = [_point_metrics(settings, rows), _smlm_statistics(rows), _structure_statistics(settings, rows)]
+    sections += [_grid_statistics(settings, rows), _reconstructions(settings, results["reconstruction_grids"])]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _point_metrics(settings, rows):
+    emd = f"emd{settings['emd_points']}" if settings["emd_points"] else None
+    lines = [
+        "# Evaluation: generated point clouds against the held-out set",
+        "",
+        f"Held-out set: {settings['n_heldout']} clouds of `{settings['dataset_dir']}`; samples: "
+        f"`{settings['samples_dir']}`. Rows: " + "; ".join(f"`{k}`: {v}" for k, v in settings["rows"].items()) + ".",
+        "",
+        "## Point-cloud metrics",
+        "",
+        f"Clouds subsampled to {settings['num_points']} points (seed {settings['seed']}), centred on the training box "
+        f"and divided by its largest extent ({settings['largest_extent_nm']:.0f} nm). CD: the sum of the two mean "
+        "squared nearest-neighbour distances"
+        + (
+            f"; EMD{settings['emd_points']}: mean matched distance of the exact assignment on the first "
+            f"{settings['emd_points']} points of each subsample"
+            if emd
+            else ""
+        )
+        + ". 1-NNA: mean of the leave-one-out 1-NN accuracies on the generated and on the held-out clouds, each in "
+        "brackets (50 % ideal, 100 % every cloud told apart, below 50 % copies of held-out clouds: expected for "
+        "`reconstruction`, whose every cloud has its original in the held-out set; a high generated and a low held-out "
+        "accuracy: generated clouds that sit between all real ones, such as blurred ones). COV is at most n gen / n "
+        "ref and MMD falls as n gen grows: compare rows of equal size (sample as many clouds as are held out).",
+        "",
+    ]
+    header = "| set | n gen / n ref (empty) | MMD-CD (×10³) | COV-CD (%) | 1-NNA-CD (%) (gen / ref) |"
+    rule = "|---|---:|---:|---:|---:|"
+    if emd:
+        header += f" MMD-EMD{settings['emd_points']} (×10²) | COV-EMD (%) | 1-NNA-EMD (%) (gen / ref) |"
+        rule += "---:|---:|---:|"
+    lines += [header, rule]
+    for name, row in rows.items():
+        line = f"| {name} | {row['n_generated']} / {row['n_reference']} ({row['n_empty']}) |"
+        for key, scale in (("cd", 1e3),) + (((emd, 1e2),) if emd else ()):
+            m = row.get(key, {})
+            line += f" {_num(m.get('mmd'), scale, 3)} | {_num(m.get('cov'), 100, 1)} | {_num(m.get('1nna'), 100, 1)}"
+            line += f" ({_num(m.get('1nna_generated'), 100, 0)} / {_num(m.get('1nna_reference'), 100, 0)}) |"
+        lines.append(line)
+    return lines
+
+
+def _smlm_statistics(rows):
+    first = next(iter(rows.values()))
+    lines = [
+        "",
+        "## SMLM statistics",
+        "",
+        "Pooled over each set's full clouds (nm); W1: 1D Wasserstein distance to the held-out distribution (nm).",
+        "",
+        "| set | NN distance mean ± std (nm) | NN distance W1 (nm) | z mean ± std (nm) | z W1 (nm) |",
+        "|---|---:|---:|---:|---:|",
+        f"| held-out | {_mean_std(first['nn_distance_nm'], 'reference_')} | – | "
+        f"{_mean_std(first['z_nm'], 'reference_')} | – |",
+    ]
+    for name, row in rows.items():
+        nn, z = row["nn_distance_nm"], row["z_nm"]
+        lines.append(
+            f"| {name} | {_mean_std(nn)} | {_num(nn['wasserstein'])} | {_mean_std(z)} | {_num(z['wasserstein'])} |"
+        )
+    return lines
+
+
+def _structure_statistics(settings, rows):
+    first = next(iter(rows.values()))
+    lines = [
+        "",
+        "## Structure statistics",
+        "",
+        f"Linearity (λ1 − λ2) / λ1 and planarity (λ2 − λ3) / λ1 of the covariance of the points within "
+        f"{settings['structure_radius_nm']:g} nm of each of up to 512 points per cloud; pair distances: every "
+        f"distance between {settings['pair_range_nm'][0]:g} and {settings['pair_range_nm'][1]:g} nm among 1000 "
+        "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution.",
+        "",
+        "| set | linearity | W1 | planarity | W1 | pair distance (nm) | W1 (nm) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| held-out | {_mean_std(first['linearity'], 'reference_', 1, 3)} | – | "
+        f"{_mean_std(first['planarity'], 'reference_', 1, 3)} | – | "
+        f"{_mean_std(first['pair_distance_nm'], 'reference_')} | – |",
+    ]
+    for name, row in rows.items():
+        lin, pla, pair = row["linearity"], row["planarity"], row["pair_distance_nm"]
+        lines.append(
+            f"| {name} | {_mean_std(lin, '', 1, 3)} | {_num(lin['wasserstein'], 1, 3)} | {_mean_std(pla, '', 1, 3)} | "
+            f"{_num(pla['wasserstein'], 1, 3)} | {_mean_std(pair)} | {_num(pair['wasserstein'])} |"
+        )
+    return lines
+
+
+def _grid_statistics(settings, rows):
+    with_grids = {k: v for k, v in rows.items() if "foreground_fraction" in v}
+    lines = []
+    if with_grids:
+        ref = next(iter(with_grids.values()))
+        lines += [
+            "",
+            "## Grid statistics",
+            "",
+            f"Grids at the autoencoder's size {settings['voxel_size']}; foreground: values > {settings['threshold']}; "
+            "intensity: values of foreground voxels; W1 against the held-out grids.",
+            "",
+            "| set | foreground fraction (%) | W1 (%) | foreground intensity | W1 |",
+            "|---|---:|---:|---:|---:|",
+            f"| held-out | {_mean_std(ref['foreground_fraction'], 'reference_', 100, 2)} | – | "
+            f"{_mean_std(ref['foreground_intensity'], 'reference_', 1, 3)} | – |",
+        ]
+        for name, row in with_grids.items():
+            fraction, intensity = row["foreground_fraction"], row["foreground_intensity"]
+            lines.append(
+                f"| {name} | {_mean_std(fraction, '', 100, 2)} | {_num(fraction['wasserstein'], 100, 2)} | "
+                f"{_mean_std(intensity, '', 1, 3)} | {_num(intensity['wasserstein'], 1, 3)} |"
+            )
+    return lines
+
+
+def _reconstructions(settings, grid):
+    return [
+        "",
+        "## Autoencoder reconstructions of the held-out grids",
+        "",
+        f"Per volume, mean ± std; foreground: values > {settings['threshold']}; PSNR with a data range of 1.",
+        "",
+        "| Dice | IoU | PSNR (dB) |",
+        "|---:|---:|---:|",
+        f"| {_mean_std(grid['dice'], '', 1, 3)} | {_mean_std(grid['iou'], '', 1, 3)} | "
+        f"{_mean_std(grid['psnr'], '', 1, 2)} |",
+        "",
+        "Figures: `projections.png` (held-out | reconstruction | generated grids), `renderings.png` (held-out clouds "
+        "above, generated below, one renderer and scale), and the distributions `nn_distance.png`, `z.png`, "
+        "`linearity.png`, `planarity.png`, `pair_distance.png`.",
+        "",
+    ]
+
+
+def write_figures(folder, ev, real_clouds, real_grids, recon_grids, sample_clouds, sample_grids, curves, rows):
+    """``projections.png``, ``renderings.png`` and one histogram per statistic, for the :class:`Evaluation` ``ev``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = ev.num_pictures
+    columns = [("held-out", real_grids), ("reconstruction", recon_grids), ("generated", sample_grids or [])]
+    canvases = [(label, projection_grid([[g] for g in grids[:n]])) for label, grids in columns if grids]
+    height = 4 * max(c.shape[0] / c.shape[1] for _, c in canvases) + 0.5
+    fig, axes = plt.subplots(1, len(canvases), figsize=(4 * len(canvases), height), squeeze=False)
+    for ax, (label, canvas) in zip(axes[0], canvases):
+        ax.imshow(canvas, cmap="magma", vmin=0, vmax=1)
+        ax.set_title(f"{label}: maximum projections: xy, xz below, zy right", fontsize=9)
+        ax.axis("off")
+    _save(fig, folder / "projections.png")
+
+    box = [(ev.geometry.box_min_nm[a], ev.geometry.box_max_nm[a]) for a in range(3)]
+    pairs = [("held-out", real_clouds), ("generated", [c for c in sample_clouds if len(c)])]
+    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
+    for r, (label, clouds) in enumerate(pairs):
+        for i, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if i < len(clouds):
+                image, meta = render_points(clouds[i], ev.pixel_nm, xy_range=box[:2], z_range=box[2])
+                ax.imshow(image)
+                ax.set_title(f"{label} {i}: {len(clouds[i])} pts, bar {meta['bar_nm']} nm", fontsize=8)
+    _save(fig, folder / "renderings.png")
+
+    top = 1.5 * max(float(np.percentile(v, 95)) for v in curves["nn_distance_nm"].values() if len(v))
+    specs = (
+        ("nn_distance_nm", np.linspace(0, top, ev.nn_bins + 1), "nearest-neighbour distance (nm)", " nm"),
+        ("z_nm", np.linspace(*box[2], ev.z_bins + 1), "z (nm)", " nm"),
+        ("linearity", np.linspace(0, 1, 41), "local linearity", ""),
+        ("planarity", np.linspace(0, 1, 41), "local planarity", ""),
+        ("pair_distance_nm", np.linspace(*ev.pair_range_nm, 49), "distance between point pairs (nm)", " nm"),
+    )
+    for key, edges, xlabel, unit in specs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, values in curves[key].items():
+            if not len(values):
+                continue
+            density, _ = np.histogram(values, edges, density=True)
+            if label == "held-out":
+                ax.stairs(density, edges, label=label, linewidth=2.5, color="k")
+            else:
+                w1 = rows[label][key]["wasserstein"]
+                ax.stairs(density, edges, label=f"{label} (W1 {w1:.3g}{unit})", linewidth=1.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.set_title(f"{xlabel.split(' (')[0]}: generated sets against the held-out clouds", fontsize=9)
+        ax.legend(fontsize=8)
+        _save(fig, folder / f"{key.replace('_nm', '')}.png")
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
