@@ -12,6 +12,7 @@ Writes ``D/train/*.nii.gz``, ``D/val/*.nii.gz``, ``D/train_points.h5``, ``D/val_
 import json
 import multiprocessing
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -103,9 +104,16 @@ def _convert_one(job):
     return {"name": path.name, "points": n_inside, "outside": n_outside, "scale": scale, "mass_um3": mass}
 
 
+def _worker_signals():
+    """Pool workers die quietly on the SIGTERM with which the pool ends them (the parent owns the staging folder
+    and unwinds on its own signals)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _map(func, jobs, num_workers, desc):
     if num_workers > 1:
-        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+        with multiprocessing.get_context("fork").Pool(num_workers, initializer=_worker_signals) as pool:
             return list(progress(pool.imap(func, jobs), desc, "cloud", total=len(jobs)))
     return [func(job) for job in progress(jobs, desc, "cloud")]
 

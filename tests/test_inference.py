@@ -38,6 +38,8 @@ def test_inference_writes_nifti_csv_preview_inside_the_training_box(model_dir, d
 
 
 def test_same_seed_same_files_other_seed_other_files(model_dir, tmp_path):
+    # the default objective and sampler: rectified flow (RFlow Euler steps)
+    assert load_checkpoint(model_dir / "diffusion" / "best_model.pt")["scheduler"]["objective"] == "rflow"
     for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
         _sample(model_dir, tmp_path / name, seed=seed, output_formats=["nifti", "csv", "h5"])
     csv = "pointcloud/sample_0001.csv"

@@ -211,10 +211,21 @@ def test_augmented_latent_cache_holds_every_symmetry(dataset_dir, autoencoder_ck
     assert len(drawn) == 4  # each access draws one of the four
 
 
-def test_the_ddpm_objective_trains_and_samples_with_ddpm_and_ddim(dataset_dir, autoencoder_ckpt, tmp_path):
+def test_the_ddpm_objective_trains_resumes_and_samples_with_ddpm_and_ddim(
+    dataset_dir, autoencoder_ckpt, model_dir, tmp_path
+):
     run_workflow(
         "train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, objective="ddpm")
     )
+    latest = tmp_path / "outputs" / "diffusion" / "latest_checkpoint.pt"
+    run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(
+            dataset_dir, autoencoder_ckpt, tmp_path, objective="ddpm", n_epochs=2, resume_from=str(latest)
+        ),
+    )
+    resumed = load_checkpoint(latest)
+    assert resumed["epoch"] == 2 and resumed["scheduler"]["objective"] == "ddpm"
     models = tmp_path / "models"
     (models / "autoencoder").mkdir(parents=True)
     shutil.copy(autoencoder_ckpt, models / "autoencoder" / "best_model.pt")
@@ -233,3 +244,9 @@ def test_the_ddpm_objective_trains_and_samples_with_ddpm_and_ddim(dataset_dir, a
     with pytest.raises(Exception) as info:
         run_workflow("inference.json", model_dir=str(models), output_dir=str(tmp_path / "r"), scheduler="RFlow")
     assert "trained with the ddpm objective, which samples with DDIM or DDPM" in str(user_error(info.value))
+    # and the other way round: the (default) rflow model refuses the ddpm samplers
+    assert load_checkpoint(model_dir / "diffusion" / "best_model.pt")["scheduler"]["objective"] == "rflow"
+    with pytest.raises(Exception) as info:
+        run_workflow("inference.json", model_dir=str(model_dir), output_dir=str(tmp_path / "d"), scheduler="DDIM")
+    error = user_error(info.value)
+    assert "trained with the rflow objective, which samples with RFlow" in str(error) and "\n" not in str(error)
