@@ -36,6 +36,7 @@ from benchmarks.common import BATCH, ROOT, SEED, TINY_AUTOENCODER, TINY_UNET  # 
 import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scripts.amp import autocast_context  # noqa: E402
 
 FULL = {"grid": 64, "timed": 5, "steps": {"RFlow": 10, "DDIM": 50, "DDPM": 1000}, "field": (256, 256, 32)}
 FULL.update(clouds=32, points=10_000, sample_batch=2, autoencoder={}, unet={}, refiner={})
@@ -76,6 +77,15 @@ def autoencoder_settings(cfg):
     return dict(args["autoencoder_args"]), dict(args["discriminator_args"])
 
 
+def diffusion_settings(cfg):
+    """The default autoencoder's settings, its latent shape for ``cfg['grid']``, and the UNet's settings."""
+    from scripts.network_checks import latent_shape
+
+    ae_args, _ = autoencoder_settings(cfg)
+    latent = latent_shape(ae_args, cfg["grid"])
+    return (ae_args, latent, *common.unet_values(cfg["unet"], latent))
+
+
 def stage1(cfg, device, amp):
     from monai.losses import PatchAdversarialLoss
     from monai.networks.nets import PatchDiscriminator
@@ -90,7 +100,7 @@ def stage1(cfg, device, amp):
     images = torch.rand(BATCH, 1, *(cfg["grid"],) * 3, device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast_context(device, amp):
             recon, z_mu, z_sigma = autoencoder(images)
             fake = discriminator(recon.float())[-1]
             g_loss = (recon - images).abs().mean() + 1e-6 * kl_loss(z_mu, z_sigma)
@@ -98,7 +108,7 @@ def stage1(cfg, device, amp):
         g_opt.zero_grad(set_to_none=True)
         scaler.scale(g_loss).backward()
         scaler.step(g_opt)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast_context(device, amp):
             d_loss = adversarial(
                 discriminator(recon.detach().float())[-1], target_is_real=False, for_discriminator=True
             )
@@ -115,12 +125,9 @@ def stage1(cfg, device, amp):
 def stage2(cfg, device, amp):
     from scripts.denoising import make_scheduler
     from scripts.engines import diffusion_loss
-    from scripts.network_checks import latent_shape
     from scripts.networks import build_unet
 
-    ae_args, _ = autoencoder_settings(cfg)
-    latent = latent_shape(ae_args, cfg["grid"])
-    unet_args, settings, lr = common.unet_values(cfg["unet"], latent)
+    _, latent, unet_args, settings, lr = diffusion_settings(cfg)
     unet = build_unet(unet_args).to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr)
     scheduler = make_scheduler(settings, "RFlow" if settings.get("objective") == "rflow" else "DDPM")
@@ -128,8 +135,7 @@ def stage2(cfg, device, amp):
     latents = torch.randn(BATCH, *latent, device=device)
 
     def step():
-        autocast = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-        loss = diffusion_loss(unet, scheduler, latents, autocast)
+        loss = diffusion_loss(unet, scheduler, latents, autocast_context(device, amp))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -162,7 +168,7 @@ def refiner_step(cfg, device, amp):
     anchors, offsets, index = (torch.cat(x).to(device) for x in (anchors, offsets, index))
 
     def step():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast_context(device, amp):
             loss = refiner.loss(grids, index, anchors, offsets)
         optimizer.zero_grad(set_to_none=True)
         loss.float().backward()
@@ -174,12 +180,9 @@ def refiner_step(cfg, device, amp):
 
 def sampling(cfg, device, amp):
     from scripts.denoising import make_scheduler, sample_grids
-    from scripts.network_checks import latent_shape
     from scripts.networks import build_autoencoder, build_unet
 
-    ae_args, _ = autoencoder_settings(cfg)
-    latent = latent_shape(ae_args, cfg["grid"])
-    unet_args, settings, _ = common.unet_values(cfg["unet"], latent)
+    ae_args, latent, unet_args, settings, _ = diffusion_settings(cfg)
     autoencoder, unet = build_autoencoder(ae_args).to(device).eval(), build_unet(unet_args).to(device).eval()
     rows, n = [], cfg["sample_batch"]
     for kind, steps in cfg["steps"].items():
@@ -201,7 +204,7 @@ def large_decode(cfg, device, amp):
     latent = torch.randn(1, *latent_shape(ae_args, cfg["field"]), device=device)
 
     def step():
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.no_grad(), autocast_context(device, amp):
             autoencoder.decode(latent)
 
     seconds, peak = timed_steps(step, device, 1)

@@ -63,77 +63,60 @@ def _point_metrics(settings, rows):
     return lines
 
 
-def _smlm_statistics(rows):
+def _statistics_table(rows, columns):
+    """A table of one set per row: for each of ``columns`` ``(key, header, W1 header, scale, digits, W1 digits)``,
+    the set's mean ± std and its W1 to the held-out distribution, under a first row of the held-out values."""
     first = next(iter(rows.values()))
     lines = [
-        "",
-        "## SMLM statistics",
-        "",
-        "Pooled over each set's full clouds (nm); W1: 1D Wasserstein distance to the held-out distribution (nm).",
-        "",
-        "| set | NN distance mean ± std (nm) | NN distance W1 (nm) | z mean ± std (nm) | z W1 (nm) |",
-        "|---|---:|---:|---:|---:|",
-        f"| held-out | {_mean_std(first['nn_distance_nm'], 'reference_')} | – | "
-        f"{_mean_std(first['z_nm'], 'reference_')} | – |",
+        "| set | " + " | ".join(f"{header} | {w1}" for _, header, w1, *_ in columns) + " |",
+        "|---|" + "---:|---:|" * len(columns),
+        "| held-out | "
+        + " | ".join(f"{_mean_std(first[k], 'reference_', s, d)} | –" for k, _, _, s, d, _ in columns)
+        + " |",
     ]
     for name, row in rows.items():
-        nn, z = row["nn_distance_nm"], row["z_nm"]
-        lines.append(
-            f"| {name} | {_mean_std(nn)} | {_num(nn['wasserstein'])} | {_mean_std(z)} | {_num(z['wasserstein'])} |"
-        )
+        cells = [f"{_mean_std(row[k], '', s, d)} | {_num(row[k]['wasserstein'], s, w)}" for k, _, _, s, d, w in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _smlm_statistics(rows):
+    intro = "Pooled over each set's full clouds (nm); W1: 1D Wasserstein distance to the held-out distribution (nm)."
+    columns = [
+        ("nn_distance_nm", "NN distance mean ± std (nm)", "NN distance W1 (nm)", 1, 1, 2),
+        ("z_nm", "z mean ± std (nm)", "z W1 (nm)", 1, 1, 2),
+    ]
+    return ["", "## SMLM statistics", "", intro, "", *_statistics_table(rows, columns)]
 
 
 def _structure_statistics(settings, rows):
-    first = next(iter(rows.values()))
-    lines = [
-        "",
-        "## Structure statistics",
-        "",
+    intro = (
         f"Linearity (λ1 − λ2) / λ1 and planarity (λ2 − λ3) / λ1 of the covariance of the points within "
         f"{settings['structure_radius_nm']:g} nm of each of up to 512 points per cloud; pair distances: every "
         f"distance between {settings['pair_range_nm'][0]:g} and {settings['pair_range_nm'][1]:g} nm among 1000 "
-        "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution.",
-        "",
-        "| set | linearity | W1 | planarity | W1 | pair distance (nm) | W1 (nm) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| held-out | {_mean_std(first['linearity'], 'reference_', 1, 3)} | – | "
-        f"{_mean_std(first['planarity'], 'reference_', 1, 3)} | – | "
-        f"{_mean_std(first['pair_distance_nm'], 'reference_')} | – |",
+        "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution."
+    )
+    columns = [
+        ("linearity", "linearity", "W1", 1, 3, 3),
+        ("planarity", "planarity", "W1", 1, 3, 3),
+        ("pair_distance_nm", "pair distance (nm)", "W1 (nm)", 1, 1, 2),
     ]
-    for name, row in rows.items():
-        lin, pla, pair = row["linearity"], row["planarity"], row["pair_distance_nm"]
-        lines.append(
-            f"| {name} | {_mean_std(lin, '', 1, 3)} | {_num(lin['wasserstein'], 1, 3)} | {_mean_std(pla, '', 1, 3)} | "
-            f"{_num(pla['wasserstein'], 1, 3)} | {_mean_std(pair)} | {_num(pair['wasserstein'])} |"
-        )
-    return lines
+    return ["", "## Structure statistics", "", intro, "", *_statistics_table(rows, columns)]
 
 
 def _grid_statistics(settings, rows):
     with_grids = {k: v for k, v in rows.items() if "foreground_fraction" in v}
-    lines = []
-    if with_grids:
-        ref = next(iter(with_grids.values()))
-        lines += [
-            "",
-            "## Grid statistics",
-            "",
-            f"Grids at the autoencoder's size {settings['voxel_size']}; foreground: values > {settings['threshold']}; "
-            "intensity: values of foreground voxels; W1 against the held-out grids.",
-            "",
-            "| set | foreground fraction (%) | W1 (%) | foreground intensity | W1 |",
-            "|---|---:|---:|---:|---:|",
-            f"| held-out | {_mean_std(ref['foreground_fraction'], 'reference_', 100, 2)} | – | "
-            f"{_mean_std(ref['foreground_intensity'], 'reference_', 1, 3)} | – |",
-        ]
-        for name, row in with_grids.items():
-            fraction, intensity = row["foreground_fraction"], row["foreground_intensity"]
-            lines.append(
-                f"| {name} | {_mean_std(fraction, '', 100, 2)} | {_num(fraction['wasserstein'], 100, 2)} | "
-                f"{_mean_std(intensity, '', 1, 3)} | {_num(intensity['wasserstein'], 1, 3)} |"
-            )
-    return lines
+    if not with_grids:
+        return []
+    intro = (
+        f"Grids at the autoencoder's size {settings['voxel_size']}; foreground: values > {settings['threshold']}; "
+        "intensity: values of foreground voxels; W1 against the held-out grids."
+    )
+    columns = [
+        ("foreground_fraction", "foreground fraction (%)", "W1 (%)", 100, 2, 2),
+        ("foreground_intensity", "foreground intensity", "W1", 1, 3, 3),
+    ]
+    return ["", "## Grid statistics", "", intro, "", *_statistics_table(with_grids, columns)]
 
 
 def _reconstructions(settings, grid):
