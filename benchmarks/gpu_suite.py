@@ -70,6 +70,13 @@ def timed_steps(step, device, n):
     return statistics.median(times), _peak(device)
 
 
+def _scaled_step(scaler, loss, optimizer):
+    """One optimizer step on ``loss`` through the grad scaler (a pass-through when fp16 is off)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+
+
 def autoencoder_settings(cfg):
     args = common.parse_config(
         ROOT / "configs" / "train_autoencoder.json", cfg["autoencoder"], "autoencoder_args", "discriminator_args"
@@ -105,17 +112,13 @@ def stage1(cfg, device, amp):
             fake = discriminator(recon.float())[-1]
             g_loss = (recon - images).abs().mean() + 1e-6 * kl_loss(z_mu, z_sigma)
             g_loss = g_loss + 0.01 * adversarial(fake, target_is_real=True, for_discriminator=False)
-        g_opt.zero_grad(set_to_none=True)
-        scaler.scale(g_loss).backward()
-        scaler.step(g_opt)
+        _scaled_step(scaler, g_loss, g_opt)
         with autocast_context(device, amp):
             d_loss = adversarial(
                 discriminator(recon.detach().float())[-1], target_is_real=False, for_discriminator=True
             )
             d_loss = d_loss + adversarial(discriminator(images)[-1], target_is_real=True, for_discriminator=True)
-        d_opt.zero_grad(set_to_none=True)
-        scaler.scale(d_loss).backward()
-        scaler.step(d_opt)
+        _scaled_step(scaler, d_loss, d_opt)
         scaler.update()
 
     seconds, peak = timed_steps(step, device, cfg["timed"])
@@ -136,9 +139,7 @@ def stage2(cfg, device, amp):
 
     def step():
         loss = diffusion_loss(unet, scheduler, latents, autocast_context(device, amp))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        _scaled_step(scaler, loss, optimizer)
         scaler.update()
 
     seconds, peak = timed_steps(step, device, cfg["timed"])

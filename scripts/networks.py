@@ -22,6 +22,11 @@ def build_unet(args):
     return DiffusionModelUNet(**args)
 
 
+def _timesteps_or_last(x: torch.Tensor, timesteps: Optional[torch.Tensor]) -> torch.Tensor:
+    """``timesteps``, or 0 (the last denoising step) for every latent of ``x`` when none are given."""
+    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if timesteps is None else timesteps
+
+
 class _TracedUNet(torch.nn.Module):
     """A scriptable shell around a traced UNet: TorchScript keeps ``timesteps`` optional."""
 
@@ -30,9 +35,7 @@ class _TracedUNet(torch.nn.Module):
         self.net = traced
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if timesteps is None:
-            timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return self.net(x, timesteps)
+        return self.net(x, _timesteps_or_last(x, timesteps))
 
 
 class _TracedAutoencoder(torch.nn.Module):
@@ -66,9 +69,7 @@ class ExportableUNet(DiffusionModelUNet):
         self.latent_shape = tuple(latent_shape)
 
     def forward(self, x, timesteps=None):
-        if timesteps is None:
-            timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return super().forward(x, timesteps)
+        return super().forward(x, _timesteps_or_last(x, timesteps))
 
     def __prepare_scriptable__(self):
         example = (torch.rand(1, *self.latent_shape), torch.ones(1, dtype=torch.long))

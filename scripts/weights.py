@@ -121,13 +121,11 @@ def publish(model_dir="outputs", output_dir="models", overwrite=False):
     The autoencoder and the diffusion model are needed (and must belong together); the fine stage is written when
     it exists. Existing shipped files are replaced only with ``overwrite``. Returns the files written.
     """
-    ckpts = {}
-    for stage in STAGES:
-        path = Path(model_dir) / stage / "best_model.pt"
-        if stage == "refiner" and not path.is_file():
-            continue
-        ckpts[stage] = load_checkpoint(path, stage, hint={"autoencoder": STAGE1_HINT}.get(stage, STAGE2_HINT))
-    load_diffusion_checkpoint(Path(model_dir) / "diffusion" / "best_model.pt", ckpts["autoencoder"], model_dir)
+    paths = {stage: Path(model_dir) / stage / "best_model.pt" for stage in STAGES}
+    ckpts = {"autoencoder": load_autoencoder_checkpoint(paths["autoencoder"])}
+    ckpts["diffusion"] = load_diffusion_checkpoint(paths["diffusion"], ckpts["autoencoder"], paths["autoencoder"])
+    if paths["refiner"].is_file():
+        ckpts["refiner"] = load_refiner_checkpoint(paths["refiner"])
     out = Path(output_dir)
     targets = [out / SHIPPED_FILES[s] for s in ckpts] + [out / SHIPPED_INFO]
     existing = [str(p) for p in targets if p.exists()]
