@@ -121,6 +121,10 @@ def voxel_size(value, name):
     return value
 
 
+def optional_voxel_size(value, name):
+    return None if value is None else voxel_size(value, name)
+
+
 def device(value, name):
     import torch
 
@@ -210,6 +214,13 @@ SETTINGS = {
     "scale_factor": number(0, above=True, optional=True),
     "scale_factor_batches": _POSITIVE,
     "latent_cache": choice("memory", "disk", "none"),
+    # large fields: patches in training, tiles in sampling
+    "patch_size": optional_voxel_size,
+    "latent_patch_size": optional_voxel_size,
+    "sw_batch_size": _POSITIVE,
+    "sw_overlap": number(0, 0.75),
+    "tile_overlap": number(0, 0.75),
+    "field_size_nm": list_of(number(0, above=True), at_least=3, optional=True),
     # augmentation (both training stages and the fine stage)
     "flip_x": flag,
     "flip_y": flag,
