@@ -33,6 +33,7 @@ SHIPPED_KEYS = (
     "network_config",
     "dataset_info",
     "voxel_size",
+    "patch_size",
     "latent_shape",
     "scheduler",
     "scale_factor",

@@ -201,6 +201,28 @@ class RandFlipRotated(RandomizableTrait):
         return out
 
 
+class RandPatchd(RandomizableTrait):
+    """One random window of ``patch_size`` (X, Y, Z) of the grids ``data[k]`` (C, X, Y, Z) for ``k`` in ``keys``,
+    the same window for each (MONAI's ``RandSpatialCropd``); ``patch_size`` ``None`` leaves them whole.
+
+    The window is drawn from torch's generator, as :class:`RandFlipRotated`, so a resumed run crops as an
+    uninterrupted one.
+    """
+
+    def __init__(self, keys, patch_size=None):
+        from monai.transforms import RandSpatialCropd
+
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        self.crop = None if patch_size is None else RandSpatialCropd(self.keys, tuple(patch_size), random_size=False)
+
+    def __call__(self, data):
+        if self.crop is None:
+            return data
+        self.crop.set_random_state(seed=int(torch.randint(2**31, ())))
+        out = self.crop(data)
+        return {k: out[k].as_tensor() if k in self.keys and hasattr(out[k], "as_tensor") else out[k] for k in out}
+
+
 def cloud_items(datalist, points_file, transform, geometry, autoencoder=None, device="cpu", batch_size=2):
     """The fine stage's items: each volume of ``datalist`` (loaded by ``transform``) with its cloud from
     ``points_file`` (the converter's ``train_points.h5`` / ``val_points.h5``, in the same order) in continuous voxel

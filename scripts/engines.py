@@ -11,6 +11,7 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
 from monai.engines import Evaluator, Trainer
+from monai.inferers import SlidingWindowInferer
 from monai.networks.schedulers import RFlowScheduler
 from monai.utils import CommonKeys
 from scripts.amp import autocast_context, autocast_dtype
@@ -54,6 +55,23 @@ def image_as_target(batchdata, device=None, non_blocking=False, **kwargs):
 def reconstruct(images, network):
     """Inferer of the stage-1 evaluator: the deterministic reconstruction (decode of the encoder mean)."""
     return unwrap(network).reconstruct(images)
+
+
+class SlidingWindowReconstruction(SlidingWindowInferer):
+    """Inferer of the stage-1 evaluator for an autoencoder trained on patches: the deterministic reconstruction of
+    whole grids, window by window.
+
+    Args:
+        roi_size: the window (X, Y, Z) in voxels, the training patch.
+        sw_batch_size: windows run at once.
+        overlap: the share of a window its neighbours overlap on each axis; overlaps are blended with Gaussian weights.
+    """
+
+    def __init__(self, roi_size, sw_batch_size=4, overlap=0.25):
+        super().__init__(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        return super().__call__(inputs, unwrap(network).reconstruct)
 
 
 def metric_cmp_fn(key_metric):

@@ -7,12 +7,63 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, Dataset, DistributedSampler
-from monai.transforms import Compose
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import CenterSpatialCropd, Compose, EnsureTyped
 from scripts.checkpoint import load_checkpoint, save_checkpoint
+from scripts.data import RandPatchd
 from scripts.errors import UserError
 
 logger = logging.getLogger(__name__)
 CACHE_MODES = ("memory", "disk", "none")
+
+
+class SlidingWindowEncoder:
+    """The ``encode`` of an autoencoder trained on patches, for grids of any size: windows of ``roi_size`` (the
+    stage-1 patch, voxels) blended with Gaussian weights give the whole grid's ``(z_mu, z_sigma)``. Grids no larger
+    than a window, and every grid when ``roi_size`` is ``None``, are encoded whole.
+
+    The overlap is raised where needed so that window strides are whole latent voxels (each window's latent then
+    lands on the whole grid's latent lattice).
+
+    Args:
+        autoencoder: the frozen AutoencoderKL.
+        roi_size: the window (X, Y, Z), or ``None``.
+        sw_batch_size: windows encoded at once.
+        overlap: the smallest share of a window its neighbours overlap on each axis.
+    """
+
+    def __init__(self, autoencoder, roi_size=None, sw_batch_size=4, overlap=0.25):
+        self.autoencoder, self.roi_size = autoencoder, None if roi_size is None else tuple(roi_size)
+        self.inferer = None
+        if self.roi_size is not None:
+            overlaps = [_aligned_overlap(r, overlap, _downsampling(autoencoder)) for r in self.roi_size]
+            self.inferer = SlidingWindowInferer(self.roi_size, sw_batch_size, overlaps, mode="gaussian")
+
+    def encode(self, images):
+        if self.inferer is None or all(s <= r for s, r in zip(images.shape[2:], self.roi_size)):
+            return self.autoencoder.encode(images)
+        return self.inferer(images, self.autoencoder.encode)
+
+
+def cache_key(weights_sha256, encoder):
+    """The latent cache's key: the autoencoder weights' hash, and the sliding window's settings where ``encoder``
+    has one (windows that overlap otherwise give other latents)."""
+    if getattr(encoder, "inferer", None) is None:
+        return weights_sha256
+    window = f"{weights_sha256}|{encoder.roi_size}|{encoder.inferer.overlap}|{encoder.inferer.mode}"
+    return hashlib.sha256(window.encode()).hexdigest()
+
+
+def _downsampling(autoencoder):
+    """How many grid voxels an AutoencoderKL's latent voxel spans on each axis."""
+    return 2 ** (len(autoencoder.encoder.channels) - 1)
+
+
+def _aligned_overlap(roi, overlap, factor):
+    """The overlap to give MONAI's sliding window for windows of ``roi`` voxels so that its stride,
+    ``int(roi · (1 - overlap))``, is the largest multiple of ``factor`` no longer than the stride ``overlap`` gives."""
+    stride = max(factor, int(roi * (1 - overlap)) // factor * factor)
+    return 0.0 if stride >= roi else 1 - (stride + 0.5) / roi
 
 
 def encode_volumes(autoencoder, datalist, transform, device, batch_size=2, cache_dir=None, key="", symmetries=(None,)):
@@ -62,34 +113,72 @@ def _cache_path(cache_dir, key, image, symmetry=0):
 
 class LatentVariants(torch.utils.data.Dataset):
     """Cached latents of each volume under every symmetry; each access returns one at random (torch's generator,
-    which checkpoints restore, so a resumed run draws what an uninterrupted one would)."""
+    which checkpoints restore, so a resumed run draws what an uninterrupted one would), through ``crop`` when
+    given (a transform of ``{"z_mu", "z_sigma"}``)."""
 
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, items, crop=None):
+        self.items, self.crop = items, crop
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
         variants = self.items[index]
-        return variants[int(torch.randint(len(variants), ()))] if len(variants) > 1 else variants[0]
+        item = variants[int(torch.randint(len(variants), ()))] if len(variants) > 1 else variants[0]
+        return item if self.crop is None else self.crop(item)
 
 
-def latent_items(mode, autoencoder, datalist, transform, device, batch_size, cache_dir, key, augmentation=None):
+def latent_items(
+    mode,
+    autoencoder,
+    datalist,
+    transform,
+    device,
+    batch_size,
+    cache_dir,
+    key,
+    augmentation=None,
+    patch_size=None,
+    random_patch=True,
+):
     """What the stage-2 data loader iterates: cached latents ('memory', 'disk') or the volumes ('none').
 
-    ``augmentation`` (a :class:`scripts.data.RandFlipRotated`, or ``None``): with a cache, every symmetry it allows
-    is encoded once and each epoch draws one per volume; without, it is applied to the volume before encoding.
+    Args:
+        autoencoder: what encodes (an AutoencoderKL, or a :class:`SlidingWindowEncoder` around one).
+        augmentation: a :class:`scripts.data.RandFlipRotated`, or ``None``. With a cache, every symmetry it allows
+            is encoded once and each epoch draws one per volume; without, it is applied to the volume before
+            encoding.
+        patch_size: the latent patch (x, y, z) stage 2 trains on, ``None`` or the whole latent: whole latents.
+            Latents larger than it are cropped at each access: at random (the same window of ``z_mu`` and
+            ``z_sigma``) or, without ``random_patch``, at their centre, the same every epoch (validation).
     """
     if mode not in CACHE_MODES:
         raise UserError(f"latent_cache: expected one of {', '.join(CACHE_MODES)}, got {mode!r}")
     if mode == "none":  # volumes held in memory, encoded at every step (the baseline the cache is measured against)
-        return CacheDataset(datalist, Compose([transform] + ([augmentation] if augmentation else [])), progress=False)
+        dataset = CacheDataset(
+            datalist, Compose([transform] + ([augmentation] if augmentation else [])), progress=False
+        )
+        if patch_size is not None:
+            factor = _downsampling(getattr(autoencoder, "autoencoder", autoencoder))
+            whole = tuple(s // factor for s in transform(dict(datalist[0]))["image"].shape[1:])
+            if tuple(patch_size) != whole:
+                raise UserError(
+                    f"latent_cache: 'none' encodes whole grids at every step, but stage 2 trains on latent patches "
+                    f"{list(patch_size)} of {list(whole)}; use memory or disk (or latent_patch_size {list(whole)})"
+                )
+        return dataset
     cache_dir = cache_dir if mode == "disk" else None
     symmetries = augmentation.elements if augmentation is not None else [None]
-    return LatentVariants(
-        encode_volumes(autoencoder, datalist, transform, device, batch_size, cache_dir, key, symmetries)
-    )
+    items = encode_volumes(autoencoder, datalist, transform, device, batch_size, cache_dir, key, symmetries)
+    crop = None
+    if patch_size is not None and tuple(patch_size) != tuple(items[0][0]["z_mu"].shape[1:]):
+        keys = ["z_mu", "z_sigma"]
+        crop = (
+            RandPatchd(keys, patch_size)
+            if random_patch
+            else Compose([CenterSpatialCropd(keys, tuple(patch_size)), EnsureTyped(keys, track_meta=False)])
+        )
+    return LatentVariants(items, crop)
 
 
 def sample_latents(batch, autoencoder, device, generator=None):

@@ -8,12 +8,12 @@ from scripts.geometry import as_shape
 from scripts.settings import check_memory
 
 
-def check_divisible(voxel_size, levels, what):
-    """Refuse a ``voxel_size`` the network's ``levels`` halvings cannot take."""
-    shape, factor = as_shape(voxel_size), 2**levels
+def check_divisible(voxel_size, levels, what, name="voxel_size"):
+    """Refuse a ``voxel_size`` (the setting ``name``) the network's ``levels`` halvings cannot take."""
+    shape, factor = as_shape(voxel_size, name), 2**levels
     if any(s % factor for s in shape):
         raise UserError(
-            f"voxel_size: {list(shape)} is not divisible by {factor}, which the {what}'s {levels} downsamplings need; "
+            f"{name}: {list(shape)} is not divisible by {factor}, which the {what}'s {levels} downsamplings need; "
             f"use e.g. {[max(factor, int(round(s / factor)) * factor) for s in shape]}"
         )
     return shape
@@ -37,14 +37,45 @@ def check_autoencoder(autoencoder_args, voxel_size):
     return check_divisible(voxel_size, len(channels) - 1, "autoencoder")
 
 
+def check_patch_size(autoencoder_args, patch_size, voxel_size):
+    """The training patch (X, Y, Z) of ``patch_size`` (``None``: whole grids, returned as ``None``): no larger than
+    the grid ``voxel_size`` on any axis, and divisible as the autoencoder's halvings need."""
+    if patch_size is None:
+        return None
+    patch, grid = as_shape(patch_size, "patch_size"), as_shape(voxel_size)
+    if any(p > g for p, g in zip(patch, grid)):
+        raise UserError(
+            f"patch_size: {list(patch)} is larger than the grid (voxel_size {list(grid)}) on some axis; use at most "
+            f"{[min(p, g) for p, g in zip(patch, grid)]}"
+        )
+    return check_divisible(patch, len(autoencoder_args["channels"]) - 1, "autoencoder", "patch_size")
+
+
 def latent_shape(autoencoder_args, voxel_size):
     """(C, X, Y, Z) of the autoencoder's latent for a ``voxel_size`` grid."""
     factor = 2 ** (len(autoencoder_args["channels"]) - 1)
     return (autoencoder_args["latent_channels"], *(s // factor for s in as_shape(voxel_size)))
 
 
-def check_training_memory(autoencoder_args, voxel_size, batch_size, device="cpu"):
-    """Refuse, before any data is loaded, a grid whose training step cannot fit in memory.
+def latent_patch_shape(autoencoder_args, voxel_size, patch_size=None, latent_patch_size=None):
+    """(C, x, y, z) of the latents stage 2 trains on, the tiles the sampler covers a field with: ``latent_patch_size``
+    (latent voxels) where set, else the latent of the autoencoder's training patch ``patch_size`` (image voxels;
+    ``None``: the whole grid), no larger than the latent of the whole ``voxel_size`` grid."""
+    whole = latent_shape(autoencoder_args, voxel_size)
+    if latent_patch_size is None:
+        return whole if patch_size is None else latent_shape(autoencoder_args, patch_size)
+    patch = as_shape(latent_patch_size, "latent_patch_size")
+    if any(p > w for p, w in zip(patch, whole[1:])):
+        raise UserError(
+            f"latent_patch_size: {list(patch)} is larger than the latent of the whole grid, {list(whole[1:])} (the "
+            f"voxel_size {list(as_shape(voxel_size))} grid encoded), on some axis"
+        )
+    return (whole[0], *patch)
+
+
+def check_training_memory(autoencoder_args, voxel_size, batch_size, device="cpu", name="voxel_size"):
+    """Refuse, before any data is loaded, a grid (or patch: ``name`` is the setting it comes from) whose training
+    step cannot fit in memory.
 
     The estimate counts about 16 float32 activations per channel and voxel at each level of the AutoencoderKL
     (kept for the backward pass, with their gradients), for the generator and the discriminator: a floor, not a
@@ -58,15 +89,13 @@ def check_training_memory(autoencoder_args, voxel_size, batch_size, device="cpu"
         total = torch.cuda.get_device_properties(device).total_memory
         if needed > total:
             raise UserError(
-                f"voxel_size: {list(as_shape(voxel_size))} needs about {needed / 2**30:.3g} GiB to train at batch "
+                f"{name}: {list(as_shape(voxel_size))} needs about {needed / 2**30:.3g} GiB to train at batch "
                 f"{batch_size} (estimated), but {torch.cuda.get_device_name(device)} has {total / 2**30:.3g} GiB; "
-                "use a smaller voxel_size or batch_size"
+                f"use a smaller {name} or batch_size"
             )
         return needed
     check_memory(
-        needed,
-        f"voxel_size: {list(as_shape(voxel_size))} at batch {batch_size}",
-        "use a smaller voxel_size or batch_size",
+        needed, f"{name}: {list(as_shape(voxel_size))} at batch {batch_size}", f"use a smaller {name} or batch_size"
     )
     return needed
 
