@@ -15,9 +15,10 @@ from scripts.outputs import StagedOutput
 from scripts.pictures import projections
 from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
 from scripts.progress import interactive, progress
-from scripts.refiner import check_spacing, refine_grid
+from scripts.refiner import check_spacing, refine_grid, refine_slab
 from scripts.render import render_points
-from scripts.settings import check_values
+from scripts.settings import check_memory, check_values
+from scripts.tiling import decode_tiled, decoding_window, denoise_tiled, field_shapes, sampling_memory
 from scripts.volume_io import save_nifti
 from scripts.voxelize import grid_to_points, point_count
 from scripts.weights import REFINER_HINT
@@ -25,6 +26,7 @@ from scripts.weights import REFINER_HINT
 logger = logging.getLogger(__name__)
 FORMATS = ("nifti", "csv", "h5")
 # the sampler's own files (an earlier run without a manifest is recognised by them)
+MAX_PREVIEW_ROWS = 8
 SAMPLE_FILES = ("nifti/sample_*.nii.gz", "pointcloud/sample_*.csv", "pointcloud/samples.h5", "preview.png")
 
 
@@ -76,6 +78,9 @@ class Sampler:
         refiner=None,
         refiner_checkpoint=None,
         flow_steps=None,
+        field_size_nm=None,
+        tile_overlap=0.25,
+        sw_batch_size=8,
     ):
         check_values(
             {"num_samples": num_samples, "batch_size": batch_size, "method": method, "num_points": num_points},
@@ -99,16 +104,77 @@ class Sampler:
         self.scheduler = make_scheduler(ckpt["scheduler"], scheduler, steps)
         self.autoencoder, self.unet, self.scale_factor = autoencoder, unet, ckpt["scale_factor"]
         self.latent_shape = tuple(ckpt["latent_shape"])
+        self.tile_overlap, self.sw_batch_size = tile_overlap, sw_batch_size
+        self._plan_field(ckpt, field_size_nm)
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.method, self.threshold, self.num_points = method, threshold, num_points
         self.formats, self.preview, self.pixel_nm = tuple(output_formats), preview, pixel_nm
         self.device, self.amp_dtype = device, autocast_dtype(device, amp)
         self.refiner = refiner
         if refiner is not None:
-            check_spacing(refiner_checkpoint, self.geometry.with_shape(tuple(ckpt["voxel_size"])), "the sampled grids")
+            check_spacing(refiner_checkpoint, self.geometry, "the sampled grids")
             self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
+        self._check_memory(ckpt, refiner)
         points = f"the fine stage, {self.flow_steps} flow steps" if refiner is not None else f"{method} in voxels"
         logger.info(f"sampling with {type(self.scheduler).__name__}, {steps} steps; points placed by {points}")
+        if self.tiled:
+            logger.info(
+                f"field {self.geometry.describe()}: grid {list(self.geometry.shape)}, latent {list(self.field_latent)} "
+                f"in tiles of {list(self.latent_shape[1:])} overlapping by {self.tile_overlap:g}"
+            )
+
+    def _plan_field(self, ckpt, field_size_nm):
+        """The field's geometry (``self.geometry``: the training box, or ``field_size_nm`` from its minimum corner at
+        the training voxels) and the latent it is sampled from (``self.field_latent``; ``self.tiled`` when it is
+        larger than the UNet's training latent)."""
+        training = self.geometry.with_shape(tuple(ckpt["voxel_size"]))
+        spacing = training.spacing_nm
+        field_nm = training.size_nm if field_size_nm is None else np.asarray(field_size_nm, np.float64)
+        if field_nm.shape != (3,):
+            raise UserError(f"field_size_nm: expected [X, Y, Z] in nm, got {field_size_nm!r}")
+        factor = 2 ** (len(ckpt["network_config"]["autoencoder"]["channels"]) - 1)
+        unet_factor = 2 ** (len(ckpt["network_config"]["unet"]["channels"]) - 1)
+        grid, latent = field_shapes(field_nm, spacing, self.latent_shape[1:], factor, unet_factor)
+        if field_size_nm is None:
+            self.geometry = training
+        else:
+            self.geometry = GridGeometry(training.box_min_nm, tuple(training.lo + spacing * np.asarray(grid)), grid)
+        self.field_latent, self.factor = latent, factor
+        self.tiled = tuple(latent) != tuple(self.latent_shape[1:])
+
+    def _check_memory(self, ckpt, refiner):
+        """Refuse, before anything is sampled, a field whose estimated peak memory exceeds the machine's."""
+        if not self.tiled:
+            return
+        info = ckpt["dataset_info"]
+        counts, box = info.get("counts") or {}, GridGeometry.from_dict(info["geometry"])
+        clouds = (counts.get("n_train") or 0) + (counts.get("n_val") or 0)
+        density = counts.get("points_inside", 0) / max(clouds, 1) / float(np.prod(box.size_nm / 1000.0))
+        points = self.num_points or 2 * density * float(np.prod(self.geometry.size_nm / 1000.0))
+        host, device = sampling_memory(
+            self.geometry.shape,
+            (self.latent_shape[0], *self.field_latent),
+            min(self.batch_size, self.num_samples),
+            self.latent_shape[1:],
+            self.sw_batch_size,
+            ckpt["network_config"],
+            self.factor,
+            refiner,
+            points,
+        )
+        what = f"field_size_nm: a {np.round(self.geometry.size_nm).astype(int).tolist()} nm field"
+        hint = "sample a smaller field, or a smaller batch_size or sw_batch_size"
+        if torch.device(self.device).type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if device > total:
+                raise UserError(
+                    f"{what} needs about {device / 2**30:.3g} GiB on {torch.cuda.get_device_name(self.device)} "
+                    f"(estimated), which has {total / 2**30:.3g} GiB; {hint}"
+                )
+            check_memory(host, what, hint)
+        else:
+            check_memory(host + device, what, hint)
+        logger.info(f"estimated peak memory: {(host + device) / 2**30:.2f} GiB")
 
     def run(self):
         """Sample, write every file into a staging folder, then swap the whole set into ``output_dir``."""
@@ -123,39 +189,72 @@ class Sampler:
     def _run(self, folder):
         torch.manual_seed(self.seed)  # DDPM steps draw from the global generator
         generator = torch.Generator().manual_seed(self.seed)
-        grids, clouds = [], []
+        pictures, clouds = [], []
         for start in progress(range(0, self.num_samples, self.batch_size), "sampling", "batch", units="batches"):
             n = min(self.batch_size, self.num_samples - start)
-            batch = sample_grids(
-                self.autoencoder,
-                self.unet,
-                self.scheduler,
-                self.scale_factor,
-                self.latent_shape,
-                n,
-                self.device,
-                generator,
-                self.amp_dtype,
-                verbose=interactive(),
+            batch = (
+                self._sample_field(n, generator)
+                if self.tiled
+                else sample_grids(
+                    self.autoencoder,
+                    self.unet,
+                    self.scheduler,
+                    self.scale_factor,
+                    self.latent_shape,
+                    n,
+                    self.device,
+                    generator,
+                    self.amp_dtype,
+                    verbose=interactive(),
+                )
             )
-            for i, grid in enumerate(batch[:, 0].numpy().clip(0, 1), start=start):
-                grids.append(grid)
+            grids = batch[:, 0].clamp_(0, 1).numpy()
+            for i, grid in enumerate(grids, start=start):
+                if self.preview and len(pictures) < MAX_PREVIEW_ROWS:
+                    pictures.append(projections(grid))
                 clouds.append(self._write(folder, i, grid))
+            del batch, grids
         if "h5" in self.formats:
             write_point_clouds_h5(folder / "pointcloud" / "samples.h5", clouds)
         if self.preview:
-            self._write_preview(folder, grids, clouds)
+            self._write_preview(folder, pictures, clouds)
         return clouds
+
+    def _sample_field(self, n, generator):
+        """``n`` grids (n, 1, X, Y, Z) of the field, float32 on the host: tiled denoising, sliding-window decoding."""
+        noise = torch.randn((n, self.latent_shape[0], *self.field_latent), generator=generator)
+        latent = denoise_tiled(
+            self.unet,
+            self.scheduler,
+            noise,
+            self.latent_shape[1:],
+            self.tile_overlap,
+            self.sw_batch_size,
+            self.device,
+            self.amp_dtype,
+        )
+        grids = decode_tiled(
+            self.autoencoder,
+            latent,
+            self.scale_factor,
+            decoding_window(self.latent_shape[1:]),
+            tile_batch=self.sw_batch_size,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+        )
+        x, y, z = self.geometry.shape
+        return grids[:, :, :x, :y, :z]
 
     def _write(self, folder, i, grid):
         geometry = self.geometry.with_shape(grid.shape)
+        slab = refine_slab(grid.shape, self.refiner) if self.tiled and self.refiner is not None else None
         if "nifti" in self.formats:
             (folder / "nifti").mkdir(parents=True, exist_ok=True)
             save_nifti(folder / "nifti" / f"sample_{i:04d}.nii.gz", grid, geometry)
         if self.method == "refine":
             n = point_count(grid, geometry, self.num_points, self.points_per_mass)
             generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, i]).integers(2**62)))
-            points = refine_grid(self.refiner, grid, geometry, n, self.threshold, self.flow_steps, generator)
+            points = refine_grid(self.refiner, grid, geometry, n, self.threshold, self.flow_steps, generator, 4, slab)
         else:
             points = grid_to_points(
                 grid,
@@ -173,17 +272,17 @@ class Sampler:
             write_points_csv(folder / "pointcloud" / f"sample_{i:04d}.csv", points)
         return points
 
-    def _write_preview(self, folder, grids, clouds, max_rows=8):
+    def _write_preview(self, folder, pictures, clouds):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = min(max_rows, len(grids))
+        rows = len(pictures)
         box = [(self.geometry.box_min_nm[a], self.geometry.box_max_nm[a]) for a in range(3)]
         fig, axes = plt.subplots(rows, 2, figsize=(9, 3 * rows), squeeze=False)
         for r in range(rows):
-            axes[r, 0].imshow(projections(grids[r]), cmap="magma", vmin=0, vmax=1)
+            axes[r, 0].imshow(pictures[r], cmap="magma", vmin=0, vmax=1)
             axes[r, 0].set_title(f"sample {r}: maximum projections: xy, xz below, zy right", fontsize=8)
             image, meta = render_points(clouds[r], self.pixel_nm, xy_range=box[:2], z_range=box[2])
             axes[r, 1].imshow(image)

@@ -216,26 +216,83 @@ def _multinomial(weights, n, generator):
     return torch.searchsorted(cdf, u, right=True).clamp(max=len(weights) - 1)
 
 
-def refine_grid(refiner, grid, geometry, num_points, threshold=0.0, flow_steps=12, generator=None, retries=4):
+def refine_grid(
+    refiner, grid, geometry, num_points, threshold=0.0, flow_steps=12, generator=None, retries=4, slab_voxels=None
+):
     """``num_points`` points (nm, float64 (n, 3)) from ``grid`` (X, Y, Z), inside ``geometry``'s box.
 
     Anchors are drawn with probability proportional to the grid's values above ``threshold``, then placed by the
     flow; a point the flow puts outside the box is drawn again from its anchor (``retries`` times) and then
     clamped to the box, which leaves the rare remainder on the box's faces.
+
+    With ``slab_voxels``, a large grid is refined in slabs of that many planes along x, each with a margin of
+    planes beyond the CNN's reach on both sides (its features are then those of the whole grid): the points are
+    shared among the slabs by their mass, and memory holds one slab's features instead of the whole grid's.
     """
-    grid = torch.as_tensor(np.asarray(grid, np.float32))
+    grid = np.asarray(grid, np.float32)
     shape = tuple(grid.shape)
-    anchors = draw_anchors(grid, int(num_points), threshold, generator)
-    positions = refiner.sample(grid, anchors, flow_steps, generator)
-    upper = torch.tensor(shape, dtype=positions.dtype)
-    for _ in range(retries):
-        outside = ((positions < 0) | (positions > upper)).any(dim=1)
-        if not outside.any():
-            break
-        positions[outside] = refiner.sample(grid, anchors[outside], flow_steps, generator)
+    slab = shape[0] if slab_voxels is None else max(1, int(slab_voxels))
+    starts = list(range(0, shape[0], slab))
+    counts = [int(num_points)]
+    if len(starts) > 1:
+        masses = torch.tensor([_mass(grid[a : a + slab], threshold) for a in starts], dtype=torch.float64)
+        counts = _share(int(num_points), masses, generator)
+    margin = _margin(refiner)
+    upper = torch.tensor(shape, dtype=torch.float32)
+    out = []
+    for start, n in zip(starts, counts):
+        if n == 0:
+            continue
+        lo, hi = max(0, start - margin), min(shape[0], start + slab + margin)
+        part = torch.from_numpy(grid[lo:hi])
+        inner = torch.zeros_like(part)
+        inner[start - lo : start - lo + slab] = part[start - lo : start - lo + slab]
+        anchors = draw_anchors(inner, n, threshold, generator)
+        shift = torch.tensor([lo, 0, 0], dtype=torch.float32)
+        positions = refiner.sample(part, anchors, flow_steps, generator) + shift
+        for _ in range(retries):
+            outside = ((positions < 0) | (positions > upper)).any(dim=1)
+            if not outside.any():
+                break
+            positions[outside] = refiner.sample(part, anchors[outside], flow_steps, generator) + shift
+        out.append(positions)
+    positions = torch.cat(out) if out else torch.zeros((0, 3))
     points = geometry.with_shape(shape).to_nm(positions.double().numpy())
     # on the box, a thousandth of a nanometre inside: files written at 0.001 nm keep the points inside it
     return np.clip(points, geometry.lo + 1e-3, np.asarray(geometry.box_max_nm) - 1e-3)
+
+
+MARGIN_VOXELS = 6  # planes beyond the CNN's receptive field: a point's offset from its anchor rarely exceeds them
+SLAB_BYTES = 2**30  # the fine stage's features of one slab of a large grid
+
+
+def _margin(refiner):
+    return len(refiner.features.net) // 2 + MARGIN_VOXELS
+
+
+def slab_feature_bytes(shape, refiner, slab):
+    """Bytes of the fine stage's feature maps (two live convolutions and the features) over one slab."""
+    planes = (shape[0] if slab is None else min(shape[0], slab + 2 * _margin(refiner))) * shape[1] * shape[2]
+    return 3 * 4 * planes * max(c.out_channels for c in refiner.features.net if isinstance(c, nn.Conv3d))
+
+
+def refine_slab(shape, refiner):
+    """Planes per slab for :func:`refine_grid` on a grid of ``shape`` (``None``: the whole grid fits one)."""
+    per_plane = slab_feature_bytes((1, *shape[1:]), refiner, None)
+    slab = max(8, int(SLAB_BYTES // per_plane) - 2 * _margin(refiner))
+    return None if slab >= shape[0] else slab
+
+
+def _mass(grid, threshold):
+    return float(np.where(grid > threshold, grid, 0).sum(dtype=np.float64))
+
+
+def _share(n, masses, generator):
+    """``n`` points shared among parts with probability proportional to their ``masses`` (a multinomial draw)."""
+    if n == 0 or masses.sum() <= 0:
+        return [0] * len(masses)
+    parts = _multinomial(masses, n, generator)
+    return torch.bincount(parts, minlength=len(masses)).tolist()
 
 
 def coupling(dataset_info, geometry):
