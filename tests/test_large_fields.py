@@ -12,7 +12,7 @@ from scripts.metrics import dice_iou
 from scripts.pointcloud_io import read_point_clouds
 from scripts.refiner import Refiner, refine_grid
 from scripts.simulate_smlm import simulate_microtubules
-from scripts.tiling import decode_tiled, denoise_tiled, seam_contrast, seam_jump, tile_edges, tile_slices, tile_starts
+from scripts.tiling import decode_tiled, denoise_tiled, seam_jump, tile_edges, tile_slices, tile_starts
 from scripts.volume_io import load_nifti
 from scripts.voxelize import normalize_, voxelize
 from scripts.weights import frozen_autoencoder, load_autoencoder_checkpoint, load_diffusion_checkpoint, trained_unet
