@@ -79,7 +79,7 @@ class Sampler:
         refiner_checkpoint=None,
         flow_steps=None,
         field_size_nm=None,
-        tile_overlap=0.25,
+        tile_overlap=0.5,
         sw_batch_size=8,
     ):
         check_values(

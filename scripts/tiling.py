@@ -46,7 +46,7 @@ def blending_weights(tile, device):
     return weights.reshape(1, 1, *tile)
 
 
-def denoise_tiled(unet, scheduler, noise, tile, overlap=0.25, tile_batch=8, device="cpu", amp_dtype=None):
+def denoise_tiled(unet, scheduler, noise, tile, overlap=0.5, tile_batch=8, device="cpu", amp_dtype=None):
     """Latents (n, C, X, Y, Z) from ``noise`` of that shape, denoised in tiles of spatial shape ``tile``.
 
     Each of the scheduler's steps runs the UNet on every tile (``tile_batch`` tiles at once, on ``device``), blends
@@ -172,15 +172,17 @@ def seam_jump(volume, edges, axis, period=1):
     return float(steps[at_edge].mean() / steps[same_phase].mean())
 
 
-def seam_contrast(grid, boundaries, axis=0, width=1):
+def seam_contrast(grid, boundaries, axis=0, width=1, margin=8):
     """Relative step of the mean grid value at tile boundaries: planes along ``axis`` within ``width`` voxels of any
-    of ``boundaries`` (plane indices) against the other planes, ``boundary / interior - 1``."""
+    of ``boundaries`` (plane indices) against the other planes, ``boundary / interior - 1``; the ``margin`` planes
+    next to the grid's faces, where convolutions see their zero padding, take no part."""
     grid = np.asarray(grid)
     means = grid.mean(axis=tuple(a for a in range(grid.ndim) if a != axis), dtype=np.float64)
     planes = np.arange(len(means))
     near = np.zeros(len(means), bool)
     for b in boundaries:
         near |= np.abs(planes + 0.5 - b) <= width
-    if near.all() or not near.any():
+    inside = (planes >= margin) & (planes < len(means) - margin)
+    if not (near & inside).any() or not (~near & inside).any():
         return 0.0
-    return float(means[near].mean() / max(means[~near].mean(), 1e-12) - 1.0)
+    return float(means[near & inside].mean() / max(means[~near & inside].mean(), 1e-12) - 1.0)

@@ -20,7 +20,14 @@ def test_gpu_suite_quick_runs_every_section(tmp_path):
     assert "Traceback" not in result.stderr
     table = out.read_text()
     assert re.search(r"^Device: .*torch \d", table, re.M)
-    for section in ("stage 1 step", "stage 2 step", "fine-stage step", "large-field decode", "conversion"):
+    for section in (
+        "stage 1 step",
+        "stage 2 step",
+        "fine-stage step",
+        "large-field decode",
+        "large field",
+        "conversion",
+    ):
         row = re.search(rf"^\| {section} \| .* \| ([0-9.e+-]+) \| ", table, re.M)
         assert row and float(row.group(1)) > 0, section
     assert len(re.findall(r"^\| sampling \| (RFlow|DDIM|DDPM)-\d+", table, re.M)) == 3

@@ -77,7 +77,7 @@ def test_tile_boundaries_show_no_seam():
     tile = tuple(ckpt["latent_shape"][1:])  # (16, 16, 8)
     noise = torch.randn((4, 3, 64, 64, tile[2]), generator=torch.Generator().manual_seed(0))
     jumps, grid_jumps = {}, {}
-    for overlap in (0.0, 0.25):  # the default: 0.25
+    for overlap in (0.0, 0.5):  # the default: 0.5
         latent = denoise_tiled(unet, make_scheduler(ckpt["scheduler"], None, 10), noise, tile, overlap)
         edges = tile_edges(64, tile[0], overlap)
         jumps[overlap] = [seam_jump(latent, edges, axis) for axis in (0, 1)]
@@ -87,10 +87,10 @@ def test_tile_boundaries_show_no_seam():
     # tiles denoised apart (no overlap) meet at seams: latent and grid change 10-40 % more across their edges
     assert max(jumps[0.0]) > 1.08 and max(grid_jumps[0.0]) > 1.2, (jumps, grid_jumps)
     # denoised together, they change across tile edges as they do elsewhere: within 3 % in the latent (measured
-    # 0.98-1.01); in the grid within the scatter of single planes over 4 samples (measured 0.90-1.07 at planes
+    # 1.01-1.02); in the grid within the scatter of single planes over 4 samples (measured 0.90-1.07 at planes
     # away from any edge)
-    assert all(abs(j - 1) < 0.03 for j in jumps[0.25]), jumps
-    assert all(j < 1.15 for j in grid_jumps[0.25]), grid_jumps
+    assert all(abs(j - 1) < 0.03 for j in jumps[0.5]), jumps
+    assert all(j < 1.15 for j in grid_jumps[0.5]), grid_jumps
     # decoding by sliding window adds no seam of its own: at its windows' edges the grid changes as the whole
     # grid's decode does there (the same latent, so the comparison is paired; measured within 1.5 %)
     window = (32, 32, tile[2])
