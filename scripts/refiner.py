@@ -245,9 +245,8 @@ def refine_grid(
             continue
         lo, hi = max(0, start - margin), min(shape[0], start + slab + margin)
         part = torch.from_numpy(grid[lo:hi])
-        inner = torch.zeros_like(part)
-        inner[start - lo : start - lo + slab] = part[start - lo : start - lo + slab]
-        anchors = draw_anchors(inner, n, threshold, generator)
+        anchors = draw_anchors(part[start - lo : start - lo + slab], n, threshold, generator)
+        anchors[:, 0] += start - lo  # anchors in the slab, the margin only read for features
         shift = torch.tensor([lo, 0, 0], dtype=torch.float32)
         positions = refiner.sample(part, anchors, flow_steps, generator) + shift
         for _ in range(retries):

@@ -58,8 +58,9 @@ def denoise_tiled(unet, scheduler, noise, tile, overlap=0.5, tile_batch=8, devic
     weights = blending_weights(tile, device)
     slices = tile_slices(shape, tile, overlap)
     coverage = torch.zeros((1, 1, *shape), dtype=torch.float32, device=noise.device)
+    tile_weights = weights[0, 0].to(noise.device)
     for s in slices:
-        coverage[(..., *s)] += weights[0, 0].to(noise.device)
+        coverage[(..., *s)] += tile_weights
     latent = noise
     timesteps = scheduler.timesteps
     following = torch.cat((timesteps[1:], torch.tensor([0], dtype=timesteps.dtype)))
@@ -104,7 +105,7 @@ def decode_tiled(autoencoder, latent, scale_factor, tile, overlap=0.25, tile_bat
     )
 
     def decode(z):
-        with torch.no_grad(), autocast_context(device, amp_dtype):
+        with autocast_context(device, amp_dtype):
             return autoencoder.decode_stage_2_outputs(z / scale_factor).float()
 
     with torch.no_grad():
@@ -115,14 +116,14 @@ def field_shapes(field_nm, spacing_nm, tile, factor, unet_factor):
     """The grid of a field of ``field_nm`` (x, y, z) at ``spacing_nm`` voxels and the latent it is decoded from.
 
     The grid has ``ceil(field / spacing)`` voxels per axis (the field, to within one voxel; a hundredth of a voxel
-    over is rounding); the latent is at least
-    one tile on each axis where the field allows, and otherwise a whole number of the UNet's halvings.
+    over is rounding); the latent is at least one tile on each axis where the field allows, and otherwise a whole
+    number of the UNet's halvings.
     """
     grid = [max(1, math.ceil(f / s - 0.01)) for f, s in zip(field_nm, spacing_nm)]
     latent = []
     for g, t in zip(grid, tile):
         n = math.ceil(g / factor)
-        latent.append(max(n, t) if n >= t else unet_factor * math.ceil(n / unet_factor))
+        latent.append(n if n >= t else unet_factor * math.ceil(n / unet_factor))
     return tuple(grid), tuple(latent)
 
 
