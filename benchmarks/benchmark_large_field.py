@@ -362,7 +362,7 @@ def seam_rows(cfg):
             f"{nn_stats['wasserstein']:.2f} | {z_stats['wasserstein']:.1f} |"
         )
     lines.append(
-        f"| simulated field (reference) | {len(simulated) / field_um2:.0f} | " f"{reference_nn.mean():.1f} | 0 | 0 |"
+        f"| simulated field (reference) | {len(simulated) / field_um2:.0f} | {reference_nn.mean():.1f} | 0 | 0 |"
     )
     return lines + [""]
 

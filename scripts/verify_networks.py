@@ -65,7 +65,7 @@ def verify_networks(model_dir="outputs", meta_file="configs/metadata.json", batc
         decoded = autoencoder.decode(latent)
         if decoded.shape != image.shape:
             raise UserError(
-                f"decode: latent {tuple(latent.shape)} decodes to {tuple(decoded.shape)}, not " f"{tuple(image.shape)}"
+                f"decode: latent {tuple(latent.shape)} decodes to {tuple(decoded.shape)}, not {tuple(image.shape)}"
             )
         lines.append(f"decode: {tuple(latent.shape)} -> {tuple(decoded.shape)} ok")
     print("\n".join(lines))

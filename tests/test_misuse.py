@@ -371,13 +371,13 @@ CASES = [
     Case(
         "stage 1 cuda without CUDA",
         [*AE, "--device", "cuda"],
-        r"device: cuda was asked for, but this torch .* sees " "no CUDA device",
+        r"device: cuda was asked for, but this torch .* sees no CUDA device",
         "train_autoencoder",
     ),
     Case(
         "stage 1 voxel size beyond memory",
         [*AE, "--voxel_size", "100000", "--ckpt_dir", "{ws}/new"],
-        r"voxel_size: \[100000, 100000, " r"100000\] at batch 2 needs about .* this machine has",
+        r"voxel_size: \[100000, 100000, 100000\] at batch 2 needs about .* this machine has",
         "train_autoencoder",
     ),
     Case(
@@ -396,14 +396,14 @@ CASES = [
     Case(
         "stage 1 read-only checkpoint folder",
         [*AE, "--ckpt_dir", "{ws}/ro/ckpt"],
-        r"ro/ckpt: ckpt_dir cannot be " "written",
+        r"ro/ckpt: ckpt_dir cannot be written",
         "train_autoencoder",
         setup=lambda ws: _read_only(ws, "ro"),
     ),
     Case(
         "stage 1 read-only log folder",
         [*AE, "--ckpt_dir", "{ws}/new", "--log_dir", "{ws}/ro"],
-        r"ro: log_dir cannot " "be written",
+        r"ro: log_dir cannot be written",
         "train_autoencoder",
         setup=lambda ws: _read_only(ws, "ro"),
     ),
@@ -440,13 +440,13 @@ CASES = [
     Case(
         "stage 1 unknown key metric",
         [*AE, "--key_metric", "val_dise"],
-        r"key_metric: expected one of .*did you mean " r"val_dice\?",
+        r"key_metric: expected one of .*did you mean val_dice\?",
         "train_autoencoder",
     ),
     Case(
         "stage 1 attention levels",
         [*AE, "--attention_levels", "[false,maybe]"],
-        r"attention_levels: expected true or " "false",
+        r"attention_levels: expected true or false",
         "train_autoencoder",
     ),
     Case(
@@ -478,7 +478,7 @@ CASES = [
     Case(
         "stage 2 unknown latent cache",
         [*DM, "--latent_cache", "ram"],
-        r"latent_cache: expected one of memory, disk, " "none",
+        r"latent_cache: expected one of memory, disk, none",
         "train_diffusion",
     ),
     Case(
@@ -527,19 +527,19 @@ CASES = [
     Case(
         "sample negative point count",
         ["--num_points", "-5", "--output_dir", "{ws}/new"],
-        r"num_points: must be 1 or " "more, got -5",
+        r"num_points: must be 1 or more, got -5",
         "inference",
     ),
     Case(
         "sample into a folder with samples",
         ["--num_samples", "1"],
-        r"outputs/samples: already holds samples " r"\(.*\); pass --overwrite true",
+        r"outputs/samples: already holds samples \(.*\); pass --overwrite true",
         "inference",
     ),
     Case(
         "sample preview is not a boolean",
         ["--preview", "sure", "--output_dir", "{ws}/new"],
-        r"preview: expected true " "or false",
+        r"preview: expected true or false",
         "inference",
     ),
     Case(
@@ -551,7 +551,7 @@ CASES = [
     Case(
         "sample unknown format",
         ["--output_formats", "[png]", "--output_dir", "{ws}/new"],
-        r"output_formats: expected " "a list of nifti, csv, h5",
+        r"output_formats: expected a list of nifti, csv, h5",
         "inference",
     ),
     Case(
@@ -570,7 +570,7 @@ CASES = [
     Case(
         "sample unknown export method",
         ["--method", "nearest", "--output_dir", "{ws}/new"],
-        r"method: expected one " "of",
+        r"method: expected one of",
         "inference",
     ),
     Case(
@@ -586,13 +586,13 @@ CASES = [
     Case(
         "evaluate misspelled id",
         ["--num_point", "64", "--output_dir", "{ws}/new"],
-        r"num_point: .*did you mean " r"num_points\?",
+        r"num_point: .*did you mean num_points\?",
         "evaluate",
     ),
     Case(
         "evaluate negative EMD points",
         ["--emd_points", "-1", "--output_dir", "{ws}/new"],
-        r"emd_points: must be 0 " "or more",
+        r"emd_points: must be 0 or more",
         "evaluate",
     ),
 ]
