@@ -66,7 +66,7 @@ QUICK = {
 
 
 def bundle_overrides(cfg, dataset_dir, out_dir):
-    """What the benchmark changes in the config: the data, the outputs, one short epoch, no validation."""
+    """What the benchmark changes in the config: the data, the outputs, one short epoch, no validation inside it."""
     return common.fast_epoch(
         "autoencoder",
         dataset_dir,
@@ -75,7 +75,7 @@ def bundle_overrides(cfg, dataset_dir, out_dir):
         voxel_size=cfg["voxel"],
         autoencoder_warm_up_n_epochs=0,  # the adversarial term and the discriminator step from iteration 1
         num_workers=0,
-        val_interval=2,  # validation would run after epoch 2 only: never in a 1-epoch run
+        val_interval=2,  # one validation, after the last epoch, outside the timed iterations
         **cfg["network"],
     )
 
@@ -316,7 +316,7 @@ def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
         f"- Case 1 measures one epoch of {n} training iterations of `configs/train_autoencoder.json` run in this "
         f"process as `ConfigWorkflow(..., workflow_type='train', **overrides)` → `initialize()` → `run()`, with "
         f"`fast_dev_run=True`, `fast_dev_run_batches={n}`, `n_epochs=1`, `autoencoder_warm_up_n_epochs=0` (adversarial "
-        f"term and discriminator step on from iteration 1), `num_workers=0`, `val_interval=2` (no validation), "
+        f"term and discriminator step on from iteration 1), `num_workers=0`, `val_interval=2` (validation untimed), "
         f"`voxel_size={voxel}`, batch {values['batch_size']}, seed {values['seed']}, the config's logging (to stderr), "
         f"TensorBoard and checkpoint handlers, progress bar off (`TQDM_DISABLE=1`). Data: {case1['n_train']} "
         f"training (+ {case1['n_val']} validation) volumes of {voxel}³ from `simulate_microtubules` → "

@@ -101,7 +101,7 @@ def train_stage1(cfg, dataset_dir, work):
 
 def stage2_overrides(cfg, dataset_dir, autoencoder_path, out_dir, mode):
     """What the benchmark changes in the config: the data, the checkpoint, the outputs, the cache mode, one short
-    epoch, no validation and no monitoring samples."""
+    epoch, no validation inside it and no monitoring samples."""
     return common.fast_epoch(
         "diffusion",
         dataset_dir,
@@ -109,7 +109,7 @@ def stage2_overrides(cfg, dataset_dir, autoencoder_path, out_dir, mode):
         cfg["iterations"],
         autoencoder_path=str(autoencoder_path),
         latent_cache=mode,
-        val_interval=2,  # validation would run after epoch 2 only: never in a 1-epoch run
+        val_interval=2,  # one validation, after the last epoch, outside the timed iterations
         generate_samples_interval=1000,  # DDIM monitoring samples: never in a 1-epoch run
         **cfg["unet"],
     )
@@ -388,7 +388,7 @@ def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
         f"- Case a measures one epoch of {n} training iterations of `configs/train_diffusion.json` run in this "
         "process as `ConfigWorkflow(..., workflow_type='train', **overrides)` → `initialize()` → `run()`, with "
         f"`latent_cache` 'none' or 'memory', `fast_dev_run=True`, `fast_dev_run_batches={n}`, `n_epochs=1`, "
-        f"`val_interval=2` (no validation), `generate_samples_interval=1000` (no monitoring samples), batch {BATCH}, "
+        f"`val_interval=2` (validation untimed), `generate_samples_interval=1000` (no monitoring samples), batch {BATCH}, "
         f"seed {SEED}, the config's `amp=true`/`cpu_bf16=false` (trainer autocast: "
         f"{common.fmt_dtype(first['amp_dtype'])}), logging, TensorBoard and checkpoint handlers, progress bar off "
         f"(`TQDM_DISABLE=1`). UNet: {common.describe_unet(unet)} on latents {common.fmt_shape(first['latent'])}; "

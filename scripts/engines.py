@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
-from monai.engines import Evaluator, Trainer
+from monai.engines import Evaluator, SupervisedEvaluator, Trainer
 from monai.inferers import SlidingWindowInferer
 from monai.networks.schedulers import RFlowScheduler
 from monai.utils import CommonKeys
@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def _reraise(engine, e):
-    """Stop at the first exception; an interrupt says where it stopped and which checkpoint is intact."""
-    if isinstance(e, KeyboardInterrupt):
+    """Stop at the first exception; an interrupt of a trainer says where it stopped and which checkpoint is intact
+    (one of an evaluator passes through as it is: the trainer that runs the validation says that)."""
+    if isinstance(e, KeyboardInterrupt) and not isinstance(engine, Evaluator):
         saved = getattr(engine.state, "last_checkpoint", None)
         where = f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         kept = (
@@ -72,6 +73,17 @@ class SlidingWindowReconstruction(SlidingWindowInferer):
 
     def __call__(self, inputs, network, *args, **kwargs):
         return super().__call__(inputs, unwrap(network).reconstruct)
+
+
+class ReconstructionEvaluator(SupervisedEvaluator):
+    """Stage 1's evaluator: MONAI's ``SupervisedEvaluator`` (same arguments) that, like the trainers, stops at the
+    first exception before its handlers see it, so an interrupt during validation is not logged with a traceback."""
+
+    def __init__(self, *args, val_handlers=None, **kwargs):
+        super().__init__(*args, val_handlers=None, **kwargs)
+        self.add_event_handler(Events.EXCEPTION_RAISED, _reraise)
+        if val_handlers:
+            self._register_handlers(val_handlers)
 
 
 def metric_cmp_fn(key_metric):

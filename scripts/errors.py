@@ -7,9 +7,11 @@
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+import traceback
 
 
 class UserError(Exception):
@@ -71,6 +73,35 @@ def _cause(exc, kind):
     return exc
 
 
+def _kinds(kind):
+    """``kind`` and its subclasses, as a traceback names them (``scripts.errors.UserError``, ``UserError``)."""
+    names = {kind.__qualname__, f"{kind.__module__}.{kind.__qualname__}"}
+    for sub in kind.__subclasses__():
+        names |= _kinds(sub)
+    return names
+
+
+def user_error_message(exc):
+    """The message of the :class:`UserError` behind ``exc``, or ``None``.
+
+    Frameworks wrap exceptions: the UserError is then found among the causes. A data-loader worker cannot send its
+    exception across: torch re-raises the worker's outermost exception type (for MONAI's transforms a
+    ``RuntimeError``) with the worker's whole traceback as its message, where the UserError is one line,
+    ``scripts.errors.UserError: <message>``.
+    """
+    names = _kinds(UserError)
+    while exc is not None:
+        text = str(exc)
+        if isinstance(exc, UserError) and "\nOriginal Traceback" not in text:
+            return text
+        for line in text.splitlines():
+            name, sep, message = line.partition(": ")
+            if sep and name in names:
+                return message
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _one_line_excepthook(exc_type, exc, tb):
     """Print a :class:`UserError` or an interrupt (also when a framework wrapped it in another exception) in a line."""
     stop = _cause(exc, KeyboardInterrupt)
@@ -80,13 +111,26 @@ def _one_line_excepthook(exc_type, exc, tb):
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
+        from scripts.outputs import release_held_folders  # os._exit skips the atexit hook that releases them
+
+        release_held_folders()
         os._exit(stop.exit_status)  # MONAI's CLI owns the exit status otherwise; files were closed while unwinding
-    cause = _cause(exc, UserError)
-    if cause is None:
+    message = user_error_message(exc) or _bundle_command_message(exc, tb)
+    if message is None:
         return sys.__excepthook__(exc_type, exc, tb)
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    # re-raised from a data-loader worker, the message carries the worker's traceback; its last line is the error
-    print(f"error: {lines[-1].split('UserError: ', 1)[-1] if lines else cause}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _bundle_command_message(exc, tb):
+    """One line for an export target that cannot be written: MONAI's ``ckpt_export`` saves the TorchScript file
+    after the bundle's code has run, and torch names neither the file nor an ``OSError``. ``None`` for anything
+    else, which keeps its traceback. (A wrong ``--net_id`` or a missing ``--ckpt_file`` is refused by MONAI before
+    any of the bundle's code is imported: those keep MONAI's traceback, whose last line names them.)"""
+    written = re.search(r"open file failed with strerror: (.*)", str(exc))
+    in_monai_bundle = any(f"monai{os.sep}bundle{os.sep}" in f.f_code.co_filename for f, _ in traceback.walk_tb(tb))
+    if isinstance(exc, RuntimeError) and written and in_monai_bundle:
+        return f"--filepath: could not write the exported file ({written[1].strip()})"
+    return None
 
 
 def _raise_interrupted(signum, frame):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Events
+from monai.handlers import ValidationHandler
 from monai.utils import CommonKeys
 from scripts.checkpoint import load_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from scripts.errors import UserError
@@ -35,11 +36,13 @@ class LazySummaryWriter:
         self.log_dir, self._writer = log_dir, None
 
     def __getattr__(self, name):
-        if name.startswith("__"):  # copy, pickle and introspection probes do not make a writer
+        from torch.utils.tensorboard import SummaryWriter
+
+        # copy, pickle and introspection probes (MONAI's data-loader workers ask every object for
+        # ``set_random_state``) do not make a writer: only SummaryWriter's own methods do
+        if name.startswith("_") or not hasattr(SummaryWriter, name):
             raise AttributeError(name)
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._writer = SummaryWriter(self.log_dir)
         return getattr(self._writer, name)
 
@@ -107,6 +110,20 @@ class CheckpointSaver:
             f"epoch {self.trainer.state.epoch}: {evaluator.state.key_metric_name} = "
             f"{evaluator.state.best_metric:.4f} is the best so far, saved {path}"
         )
+
+
+class ValidationAtIntervalAndEnd(ValidationHandler):
+    """MONAI's ``ValidationHandler`` (same arguments), which also validates after the last epoch when that epoch is
+    not on the interval, so every run ends validated and leaves a ``best_model.pt`` (a 3-epoch run at
+    ``val_interval`` 5 validates once, after epoch 3; a 10-epoch run at 5 after epochs 5 and 10, not twice)."""
+
+    def attach(self, engine):
+        super().attach(engine)
+        if self.epoch_level:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._last_off_interval), self)
+
+    def _last_off_interval(self, engine, epoch):
+        return epoch == engine.state.max_epochs and epoch % self.interval != 0
 
 
 class CheckpointLoader:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from monai.networks.nets import PatchDiscriminator
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from scripts.errors import UserError
 from scripts.geometry import as_shape
 from scripts.settings import check_memory
@@ -31,9 +31,20 @@ def _check_channels(args, what):
     return channels
 
 
+def _check_builds(network, args, what):
+    """Build ``network(**args)`` on the meta device (no memory, no weights): a setting MONAI refuses, or cannot build
+    with, is one line at start-up rather than a trace when the network is first made, after the data are read."""
+    try:
+        with torch.device("meta"):
+            network(**args)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise UserError(f"{what}: MONAI's {network.__name__} cannot be built with these settings ({e})") from None
+
+
 def check_autoencoder(autoencoder_args, voxel_size):
     """The grid must survive the encoder's halvings; channel settings must agree."""
     channels = _check_channels(autoencoder_args, "autoencoder")
+    _check_builds(AutoencoderKL, autoencoder_args, "autoencoder")
     return check_divisible(voxel_size, len(channels) - 1, "autoencoder")
 
 
@@ -123,10 +134,35 @@ def check_discriminator(discriminator_args, voxel_size, batch_size, n_volumes=No
     return shape
 
 
-def check_diffusion(unet_args, latent):
-    """The diffusion UNet's halvings must fit the latent grid; channel settings must agree."""
+def check_diffusion(unet_args, latent, latent_patch_size=None):
+    """The diffusion UNet's halvings must fit the latent grid ``latent`` (C, x, y, z): the setting
+    ``latent_patch_size`` where given, else the latent of the autoencoder's grid; channel settings must agree.
+
+    Every level with attention, and the last level (the UNet's middle block always has attention), splits its
+    channels into heads of ``num_head_channels``: there it must be a positive divisor of the level's channels.
+    """
     channels = _check_channels(unet_args, "diffusion UNet")
-    heads = unet_args.get("num_head_channels")
-    if isinstance(heads, (list, tuple)) and len(heads) != len(channels):
+    heads = unet_args.get("num_head_channels", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+    if len(heads) != len(channels):
         raise UserError(f"diffusion UNet: num_head_channels has {len(heads)} entries for {len(channels)} levels")
-    check_divisible(list(latent[1:]), len(channels) - 1, "diffusion UNet (on the latent grid)")
+    attention = list(unet_args.get("attention_levels", [False] * len(channels)))
+    for level, (c, h) in enumerate(zip(channels, heads)):
+        last = level == len(channels) - 1
+        if (attention[level] or last) and (h <= 0 or c % h):
+            why = "has attention" if attention[level] else "is the middle block's, which always has attention"
+            good = next(d for d in (64, 32, 16, 8, 4, 2, 1) if c % d == 0)
+            raise UserError(
+                f"num_head_channels: {heads} has {h} at level {level}, whose {c} channels it must divide into heads "
+                f"(that level {why}); use a divisor of {c} there, e.g. {good}"
+            )
+    _check_builds(DiffusionModelUNet, unet_args, "diffusion UNet")
+    levels, grid = len(channels) - 1, list(latent[1:])
+    if latent_patch_size is not None:
+        check_divisible(grid, levels, "diffusion UNet", "latent_patch_size")
+    elif any(s % 2**levels for s in grid):
+        raise UserError(
+            f"num_channels: {len(channels)} levels halve the latent grid {levels} times, which needs sizes divisible "
+            f"by {2**levels}, but the autoencoder's latent grid is {grid}; use fewer levels, or a latent_patch_size "
+            "that is divisible"
+        )

@@ -9,6 +9,7 @@ which Python counts as true, and MONAI's CLI merges an id that no config defines
 import ast
 import difflib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -252,6 +253,7 @@ SETTINGS = {
     "num_pictures": _POSITIVE,
     "use_refiner": flag,
     "reference_file": existing_file(optional=True),
+    "reference_box_tolerance": number(0),
     "structure_radius_nm": number(0, above=True),
     "pair_range_nm": list_of(number(0)),
     "sets": list_of(
@@ -273,6 +275,28 @@ STAGE_SETTINGS = {
     "evaluate": {"num_points": _POSITIVE, "num_workers": integer(-1)},
     "train_refiner": {"key_metric": choice("val_nn_w1"), "flow_steps": _POSITIVE},
     "inference": {"method": choice("refine", "probabilistic", "weighted", "center", "random")},
+}
+
+
+_FROM_AUTOENCODER = "the autoencoder checkpoint {autoencoder_path}"
+# ids a stage computes from a checkpoint (or the conversion): given a value, they would replace that computation
+DERIVED = {
+    "train_diffusion": {
+        "voxel_size": (_FROM_AUTOENCODER, "train stage 1 at the voxel_size you want"),
+        "spatial_size": (_FROM_AUTOENCODER, "train stage 1 at the voxel_size you want"),
+        "autoencoder_patch_size": (_FROM_AUTOENCODER, "train stage 1 with the patch_size you want"),
+        "latent_shape": (_FROM_AUTOENCODER, "set latent_patch_size (latent voxels) to train on smaller latent tiles"),
+        "dataset_info": (_FROM_AUTOENCODER, "train stage 1 on the conversion you want"),
+    },
+    "train_refiner": {
+        "voxel_size": (
+            _FROM_AUTOENCODER + " (with use_reconstructions false, the conversion's dataset_info.json)",
+            "train stage 1 (or convert) at the voxel_size you want",
+        ),
+        "dataset_info": ("the conversion's dataset_info.json", "set dataset_dir"),
+        "geometry": ("the conversion's dataset_info.json and voxel_size", "set dataset_dir"),
+        "coupling": ("the conversion's dataset_info.json", "set dataset_dir"),
+    },
 }
 
 
@@ -303,12 +327,25 @@ def check_config(stage):
     if parser is None:  # not run through a ConfigParser (a direct call): nothing to check
         return {}
     check_command_line_ids()
+    _check_not_derived(parser, stage)
     literal = {k: v for k, v in parser.config.items() if k in settings_of(stage) and not _is_expression(v)}
     checked = check_values(literal, stage)
     changed = {k: v for k, v in checked.items() if not _same(v, literal[k])}
     if changed:
         parser.update(changed)  # the config is re-parsed before the next expression of ``initialize`` runs
     return checked
+
+
+def _check_not_derived(parser, stage):
+    """Refuse a value given to an id of :data:`DERIVED` (the config computes it), saying where it comes from."""
+    for key, (source, hint) in DERIVED.get(stage, {}).items():
+        value = parser.config.get(key)
+        if key in parser.config and not _is_expression(value) and not isinstance(value, dict):
+            path = parser.get_parsed_content("autoencoder_path") if "{autoencoder_path}" in source else None
+            raise UserError(
+                f"{key}: {stage} reads it from {source.format(autoencoder_path=path)}, so it cannot be set here "
+                f"(got {value!r}); {hint}"
+            )
 
 
 def _same(a, b):
@@ -413,6 +450,28 @@ def check_memory(needed_bytes, what, hint):
         raise UserError(
             f"{what} needs about {_size(needed_bytes)} (estimated), but this machine has {_size(total)}; {hint}"
         )
+
+
+def free_disk_bytes(folder):
+    """Free bytes on the filesystem ``folder`` is (or will be) on: that of its nearest existing parent."""
+    existing = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def check_disk(needed_bytes, folder, what, hint):
+    """Refuse ``what`` when ``needed_bytes`` exceed the free space of ``folder``'s filesystem, with both figures."""
+    free = free_disk_bytes(folder)
+    if needed_bytes > free:
+        raise UserError(
+            f"{what} needs about {_size(needed_bytes)} on disk (estimated), but {folder} has {_size(free)} free; {hint}"
+        )
+
+
+def round_down(n):
+    """``n`` rounded down to two significant digits (a count to suggest in a message)."""
+    n = max(0, int(n))
+    scale = 10 ** max(0, len(str(n)) - 2)
+    return n // scale * scale
 
 
 def _size(n):

@@ -1,18 +1,23 @@
 """Test-only hooks that overlay configs attach to a bundle run (``python -m monai.bundle run`` imports this module as
 ``tests.bundle_hooks`` from the bundle root)."""
 
+import os
 import time
 
 import torch.distributed as dist
 from ignite.engine import Events
 
 
-def pause_after(trainer, iteration, seconds=300):
-    """After ``iteration``, announce it on stdout and sleep, so a test can kill the process mid-epoch."""
+def pause_after(trainer, iteration):
+    """After ``iteration``, announce it on stdout and wait for the test's signal, so it can stop the process
+    mid-epoch (an abandoned run, whose test is gone, exits)."""
+    test = os.getppid()
 
     def pause(engine):
         print(f"paused at iteration {engine.state.iteration}", flush=True)
-        time.sleep(seconds)
+        while os.getppid() == test:
+            time.sleep(0.1)
+        raise SystemExit("the test that paused this run is gone")
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), pause)
 

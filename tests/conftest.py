@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,45 @@ def model_dir(dataset_dir, autoencoder_ckpt, tmp_path_factory):
     (models / "diffusion").mkdir()
     (models / "diffusion" / "best_model.pt").write_bytes((out / "outputs" / "diffusion" / "best_model.pt").read_bytes())
     return models
+
+
+# a limit for waiting on an event (a file appearing, a line printed), generous for a busy machine: it is reached only
+# when the event never comes
+EVENT_LIMIT_S = 600
+
+
+def _default_signals():
+    # a job started in the background by a non-interactive shell (as CI runs may be) ignores SIGINT, and so would the
+    # runs it starts (Python keeps an ignored SIGINT ignored): a test that sends one must first undo that
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def started(args, **kwargs):
+    """``subprocess.Popen(args, **kwargs)`` with SIGINT and SIGTERM at their defaults, killed when the block ends."""
+    child = subprocess.Popen(args, preexec_fn=_default_signals, **kwargs)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def wait_for_line(child, prefix, limit=EVENT_LIMIT_S):
+    """Read ``child``'s stdout until a line starts with ``prefix``; fail when it ends first or ``limit`` s pass."""
+    found = threading.Event()
+
+    def read():
+        for line in child.stdout:
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(limit)
+    assert found.is_set(), f"no line {prefix!r} within {limit} s (exit status {child.poll()})"

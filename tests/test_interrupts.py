@@ -1,5 +1,10 @@
 """Ctrl-C, SIGTERM and SIGKILL in the middle of a conversion, a training epoch and a sampling run: one line, exit
-130 or 143, no temporary or staging files left, and the earlier outputs whole."""
+130 or 143, no temporary or staging files left, and the earlier outputs whole.
+
+Each test waits for an event (staged files, a printed line), never for a time. A run that writes files is frozen
+(SIGSTOP) before it gets its signal, the test checks it is still in the middle, then lets it go on (SIGCONT) to
+handle the signal: how busy the machine is cannot move the signal before or after the moment the test means.
+"""
 
 import hashlib
 import json
@@ -8,9 +13,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
-from conftest import ROOT, overrides
+from conftest import EVENT_LIMIT_S, ROOT, overrides, started, wait_for_line
 from scripts.checkpoint import load_checkpoint
 from scripts.pointcloud_io import write_point_clouds_h5
 from scripts.simulate_smlm import simulate_microtubules
@@ -29,22 +35,46 @@ def _hashes(folder):
     }
 
 
-def _wait_for(predicate, timeout=120):
+def _wait_for(predicate, child):
+    """Wait until ``predicate()`` holds; fail when ``child`` ends first (or, never seeing it, after a long limit)."""
     start = time.monotonic()
     while not predicate():
-        assert time.monotonic() - start < timeout, "timed out"
+        assert child.poll() is None, f"the run ended (exit status {child.returncode}) before the awaited moment"
+        assert time.monotonic() - start < EVENT_LIMIT_S, "the awaited moment never came"
         time.sleep(0.02)
 
 
-def _staged_files(folder):
-    return [p for s in folder.glob(".staging-*") for p in (s / "new").rglob("*.nii.gz")]
+@contextmanager
+def _frozen(child):
+    """``child`` stopped for the block (signals sent meanwhile are handled when it goes on)."""
+    child.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        child.send_signal(signal.SIGCONT)
+
+
+def _staged_files(folder, pattern="*.nii.gz"):
+    return [p for s in folder.glob(".staging-*") for p in (s / "new").rglob(pattern)]
+
+
+def _mid_run(folder, pattern, total):
+    """Staged files of a run that is still writing them: some, not all, and no journal of the swap yet."""
+    return 0 < len(_staged_files(folder, pattern)) < total and not list(folder.glob(".staging-*/commit.json"))
+
+
+N_CLOUDS = 40
 
 
 @pytest.fixture(scope="module")
 def many_clouds(tmp_path_factory):
     path = tmp_path_factory.mktemp("in") / "mt.h5"
-    write_point_clouds_h5(path, simulate_microtubules(40, seed=3, mean_points=500))
+    write_point_clouds_h5(path, simulate_microtubules(N_CLOUDS, seed=3, mean_points=500))
     return path
+
+
+def _run(args, **kwargs):
+    return subprocess.run(args, cwd=ROOT, env=ENV, timeout=EVENT_LIMIT_S, **kwargs)
 
 
 def _convert(source, out, *extra):
@@ -55,14 +85,15 @@ def _convert(source, out, *extra):
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_conversion_interrupted_keeps_the_earlier_conversion(many_clouds, tmp_path, signum, status):
     out = tmp_path / "vox"
-    assert subprocess.run(_convert(many_clouds, out, "--voxel_size", "8"), cwd=ROOT, env=ENV).returncode == 0
+    assert _run(_convert(many_clouds, out, "--voxel_size", "8")).returncode == 0
     before = _hashes(out)
-    child = subprocess.Popen(
-        _convert(many_clouds, out, "--overwrite", "true"), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for(lambda: len(_staged_files(out)) >= 2)  # half-way through writing the new grids
-    child.send_signal(signum)
-    _, stderr = child.communicate(timeout=60)
+    args = _convert(many_clouds, out, "--overwrite", "true")
+    with started(args, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True) as child:
+        _wait_for(lambda: len(_staged_files(out)) >= 2, child)  # writing the new grids
+        with _frozen(child):
+            assert _mid_run(out, "*.nii.gz", N_CLOUDS)
+            child.send_signal(signum)
+        _, stderr = child.communicate(timeout=EVENT_LIMIT_S)
     assert child.returncode == status, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: interrupted by {signal.Signals(signum).name}"], stderr
@@ -72,24 +103,23 @@ def test_conversion_interrupted_keeps_the_earlier_conversion(many_clouds, tmp_pa
 
 def test_conversion_killed_leaves_staging_that_the_next_run_removes(many_clouds, tmp_path):
     out = tmp_path / "vox"
-    assert subprocess.run(_convert(many_clouds, out, "--voxel_size", "8"), cwd=ROOT, env=ENV).returncode == 0
+    assert _run(_convert(many_clouds, out, "--voxel_size", "8")).returncode == 0
     before = _hashes(out)
-    child = subprocess.Popen(_convert(many_clouds, out, "--overwrite", "true"), cwd=ROOT, env=ENV)
-    _wait_for(lambda: len(_staged_files(out)) >= 2)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert _hashes(out) == before  # the earlier conversion is whole ...
-    assert len(list(out.glob(".staging-*"))) == 1  # ... beside the dead run's staging folder
-    result = subprocess.run(
-        _convert(many_clouds, out, "--voxel_size", "8", "--overwrite", "true"),
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
+    with started(_convert(many_clouds, out, "--overwrite", "true"), cwd=ROOT, env=ENV) as child:
+        _wait_for(lambda: len(_staged_files(out)) >= 2, child)
+        with _frozen(child):
+            assert _mid_run(out, "*.nii.gz", N_CLOUDS)
+            child.send_signal(signal.SIGKILL)
+        child.wait(timeout=EVENT_LIMIT_S)
+    assert child.returncode == -signal.SIGKILL
+    assert {k: v for k, v in _hashes(out).items() if k != ".lock"} == before  # the earlier conversion is whole ...
+    assert len(list(out.glob(".staging-*"))) == 1  # ... beside the dead run's staging folder and lock file
+    result = _run(
+        _convert(many_clouds, out, "--voxel_size", "8", "--overwrite", "true"), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "removing the staging folder of a run that did not finish" in result.stderr
-    assert not list(out.glob(".staging-*"))
+    assert not list(out.glob(".staging-*")) and not (out / ".lock").exists()
 
 
 def test_killed_during_the_swap_is_completed_at_the_next_start(many_clouds, tmp_path):
@@ -97,8 +127,8 @@ def test_killed_during_the_swap_is_completed_at_the_next_start(many_clouds, tmp_
     from scripts.outputs import recover_stale_staging
 
     out, new = tmp_path / "vox", tmp_path / "new"
-    assert subprocess.run(_convert(many_clouds, out, "--voxel_size", "8"), cwd=ROOT, env=ENV).returncode == 0
-    assert subprocess.run(_convert(many_clouds, new, "--voxel_size", "16"), cwd=ROOT, env=ENV).returncode == 0
+    assert _run(_convert(many_clouds, out, "--voxel_size", "8")).returncode == 0
+    assert _run(_convert(many_clouds, new, "--voxel_size", "16")).returncode == 0
     files = sorted(f for f in _hashes(new) if f != ".manifest.json")
     old = json.loads((out / ".manifest.json").read_text())["files"]
     staging = out / ".staging-999999999-dead"  # a pid no process has
@@ -134,12 +164,10 @@ def test_training_interrupted_names_the_intact_checkpoint(dataset_dir, tmp_path)
     ]
     for key, value in settings.items():
         args += [f"--{key}", str(value)]
-    child = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in child.stdout:
-        if line.startswith("paused at iteration"):
-            break
-    child.send_signal(signal.SIGINT)
-    _, stderr = child.communicate(timeout=60)
+    with started(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        wait_for_line(child, "paused at iteration")
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=EVENT_LIMIT_S)
     latest = tmp_path / "outputs" / "autoencoder" / "latest_checkpoint.pt"
     assert child.returncode == 130, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -148,7 +176,7 @@ def test_training_interrupted_names_the_intact_checkpoint(dataset_dir, tmp_path)
         f"--resume_from {latest}"
     ], stderr[-3000:]
     assert load_checkpoint(latest)["epoch"] == 1
-    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.name.endswith(".tmp") or p.name == ".lock"]
 
 
 def test_sampling_terminated_keeps_the_earlier_samples(model_dir, tmp_path):
@@ -167,18 +195,15 @@ def test_sampling_terminated_keeps_the_earlier_samples(model_dir, tmp_path):
         "--num_inference_steps",
         "2",
     ]
-    assert subprocess.run(base + ["--num_samples", "2"], cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+    assert _run(base + ["--num_samples", "2"], capture_output=True).returncode == 0
     before = _hashes(out)
-    child = subprocess.Popen(
-        base + ["--num_samples", "400", "--batch_size", "1", "--overwrite", "true"],
-        cwd=ROOT,
-        env=ENV,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(lambda: any(s.rglob("*.csv") for s in out.glob(".staging-*")))
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=60)
+    args = base + ["--num_samples", "400", "--batch_size", "1", "--overwrite", "true"]
+    with started(args, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True) as child:
+        _wait_for(lambda: _staged_files(out, "*.csv"), child)  # samples being written
+        with _frozen(child):
+            assert _mid_run(out, "*.csv", 400)
+            child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=EVENT_LIMIT_S)
     assert child.returncode == 143, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: interrupted by SIGTERM; no samples were written; {out} is as it was"], stderr[-3000:]

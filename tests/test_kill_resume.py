@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, diffusion_overrides, overrides
+from conftest import EVENT_LIMIT_S, ROOT, diffusion_overrides, overrides, started, wait_for_line
 from scripts.checkpoint import load_checkpoint
 
 # an overlay that pauses training after iteration ``pause_at`` (announcing it on stdout) so the test can kill there
@@ -30,26 +30,20 @@ def _env():
 
 def _kill_resume_compare(config, settings, out_a, out_b, stage, names, tmp_path):
     # an uninterrupted run of 3 epochs
-    done = subprocess.run(_command(config, settings(out_a)), cwd=ROOT, capture_output=True, text=True, env=_env())
+    done = subprocess.run(
+        _command(config, settings(out_a)), cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=EVENT_LIMIT_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # the same run, killed with SIGKILL after 2 of the 3 iterations of epoch 2
     overlay = tmp_path / "pause.json"
     overlay.write_text(json.dumps({"hooks": HOOKS, "pause_at": 5, "run": [PAUSE, "$@train#trainer.run()"]}))
-    child = subprocess.Popen(
-        _command(config, settings(out_b), overlay),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=_env(),
-    )
-    for line in child.stdout:
-        if line.startswith("paused at iteration"):
-            break
     latest = out_b / "outputs" / stage / "latest_checkpoint.pt"
-    assert load_checkpoint(latest)["epoch"] == 1
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    args = _command(config, settings(out_b), overlay)
+    with started(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env()) as child:
+        wait_for_line(child, "paused at iteration")
+        assert load_checkpoint(latest)["epoch"] == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=EVENT_LIMIT_S)
     assert load_checkpoint(latest)["epoch"] == 1  # nothing beyond the interrupted epoch was lost, nothing half-written
     resumed = subprocess.run(
         _command(config, {**settings(out_b), "resume_from": latest}),
@@ -57,8 +51,10 @@ def _kill_resume_compare(config, settings, out_a, out_b, stage, names, tmp_path)
         capture_output=True,
         text=True,
         env=_env(),
+        timeout=EVENT_LIMIT_S,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (latest.parent / ".lock").exists()  # the killed run's lock file, taken over and removed
     a = load_checkpoint(out_a / "outputs" / stage / "latest_checkpoint.pt")
     b = load_checkpoint(latest)
     assert a["epoch"] == b["epoch"] == 3 and a["iteration"] == b["iteration"] == 9

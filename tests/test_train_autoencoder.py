@@ -247,7 +247,9 @@ def test_overwrite_replaces_an_earlier_run_without_mixing_the_two(dataset_dir, t
     run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path))
     ckpt_dir = tmp_path / "outputs" / "autoencoder"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pt", "latest_checkpoint.pt"]
-    # a second run that validates only every 5 epochs writes no best_model.pt of its own in its one epoch:
-    # the first run's is removed with its first checkpoint, so the folder never holds checkpoints of two runs
+    first = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    # a second run, other seed: its one epoch is before its first interval, so its best_model.pt comes from the
+    # validation after the last epoch; each of its files replaces the first run's, none of which is left
     run_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path, overwrite=True, val_interval=5, seed=3))
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest_checkpoint.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best_model.pt", "latest_checkpoint.pt"]
+    assert all((ckpt_dir / name).read_bytes() != data for name, data in first.items())
