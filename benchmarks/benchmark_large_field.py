@@ -132,6 +132,7 @@ def child_sample(field_um, depth_nm, spacing_nm, num_points, steps, output_dir):
 
     from scripts.geometry import GridGeometry
     from scripts.inference import Sampler
+    from scripts.pointcloud_io import read_point_clouds
 
     autoencoder_ckpt, ckpt, refiner_ckpt, autoencoder, unet, refiner = shipped()
     ckpt, refiner_ckpt = copy.deepcopy(ckpt), copy.deepcopy(refiner_ckpt)
@@ -158,8 +159,9 @@ def child_sample(field_um, depth_nm, spacing_nm, num_points, steps, output_dir):
         overwrite=True,
     )
     estimate = sum(sampler_memory(sampler, ckpt, refiner))
-    clouds = sampler.run()
+    sampler.run()  # writes each sample as it is made and keeps none
     seconds = time.perf_counter() - start
+    clouds = read_point_clouds(Path(output_dir) / "pointcloud" / "sample_0000.csv")[0]
     return {
         "seconds": seconds,
         "peak": peak_bytes() - base,

@@ -40,7 +40,8 @@ def read_point_clouds(
 
     Returns:
         ``(clouds, meta)``; ``meta`` has ``format``, ``key``, ``unit``, ``n_clouds``, ``padding_dropped``,
-        ``nonfinite_dropped`` and ``dims`` (2 when the file has no z: z is then 0).
+        ``nonfinite_dropped`` (points with a NaN/Inf coordinate), ``nonfinite_clouds`` (clouds that had any) and
+        ``dims`` (2 when the file has no z: z is then 0).
     """
     path = Path(path)
     if path.is_dir():
@@ -53,7 +54,7 @@ def read_point_clouds(
         raw, meta = _read_csv(path, unit, pixel_size_nm)
     else:
         raise UserError(f"{path}: not an HDF5 or CSV file (expected .h5/.hdf5 or .csv)")
-    clouds, padding, nonfinite = [], 0, 0
+    clouds, padding, nonfinite, nonfinite_clouds = [], 0, 0, 0
     for i, pts in enumerate(raw):
         all_nan = np.all(np.isnan(pts), axis=1)
         pad = all_nan | (np.all(pts == 0, axis=1) if zero_is_padding else False)
@@ -65,8 +66,10 @@ def read_point_clouds(
             raise UserError(f"{path}: cloud {i} is empty (no finite points after removing padding)")
         padding += int(pad.sum())
         nonfinite += int(bad.sum())
+        nonfinite_clouds += int(bad.any())
         clouds.append(np.ascontiguousarray(keep, dtype=np.float64))
     meta.update(source=str(path), n_clouds=len(clouds), padding_dropped=padding, nonfinite_dropped=nonfinite)
+    meta["nonfinite_clouds"] = nonfinite_clouds
     meta.setdefault("dims", 3)
     return clouds, meta
 
@@ -245,25 +248,68 @@ def write_point_clouds_h5(path, clouds, sample_ids=None):
     ``actual_point_counts`` ``(N,)`` int64; ``sample_ids`` ``(N,)`` int64 (default ``0..N-1``). Attribute
     ``unit = "nm"``. The folder is created if missing.
     """
-    path = Path(path)
-    clouds = [np.asarray(c, dtype=np.float32) for c in clouds]
-    if not clouds:
-        raise UserError(f"{path}: no clouds to write")
-    for i, cloud in enumerate(clouds):
+    clouds = list(clouds)
+    if sample_ids is not None and len(sample_ids) != len(clouds):
+        raise UserError(f"{path}: {len(sample_ids)} sample_ids for {len(clouds)} clouds")
+    with PointCloudsH5Writer(path) as writer:
+        for i, cloud in enumerate(clouds):
+            writer.append(cloud, None if sample_ids is None else int(sample_ids[i]))
+    return Path(path)
+
+
+# bytes of one point in a CSV written by write_points_csv: "-99999.999" three times, two commas and a newline
+CSV_POINT_BYTES = 33
+H5_POINT_BYTES = 12  # float32 x, y, z in the HDF5 layout
+
+
+class PointCloudsH5Writer:
+    """Write clouds one at a time in the layout of :func:`write_point_clouds_h5`, holding none of them: the datasets
+    grow as clouds are appended (rows beyond a cloud's count read as NaN). A context manager: the file appears at
+    ``path`` in one rename when the block ends without an error, and not at all otherwise.
+
+    Args:
+        path: the HDF5 file to write; its folder is created if missing.
+        chunk_points: points per HDF5 chunk of ``point_clouds``.
+    """
+
+    def __init__(self, path, chunk_points=1 << 14):
+        self.path, self.chunk_points = Path(path), chunk_points
+
+    def __enter__(self):
+        from contextlib import ExitStack
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self.file = self._stack.enter_context(h5py.File(tmp, "w"))
+        self.file.attrs["unit"] = "nm"
+        self.clouds = self.file.create_dataset(
+            "point_clouds",
+            (0, 0, 3),
+            np.float32,
+            maxshape=(None, None, 3),
+            chunks=(1, self.chunk_points, 3),
+            fillvalue=np.nan,
+        )
+        self.counts = self.file.create_dataset("actual_point_counts", (0,), np.int64, maxshape=(None,))
+        self.ids = self.file.create_dataset("sample_ids", (0,), np.int64, maxshape=(None,))
+        return self
+
+    def append(self, cloud, sample_id=None):
+        """Add one (M, 3) cloud in nm (``sample_id``: default its position in the file)."""
+        cloud = np.asarray(cloud, dtype=np.float32)
+        n = len(self.counts)
         if cloud.ndim != 2 or cloud.shape[1] != 3:
-            raise UserError(f"{path}: cloud {i} has shape {cloud.shape}, expected (M, 3)")
-    counts = np.array([len(c) for c in clouds], dtype=np.int64)
-    ids = np.arange(len(clouds), dtype=np.int64) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
-    if ids.shape != counts.shape:
-        raise UserError(f"{path}: {len(ids)} sample_ids for {len(clouds)} clouds")
-    padded = np.full((len(clouds), counts.max(), 3), np.nan, dtype=np.float32)
-    for i, cloud in enumerate(clouds):
-        padded[i, : len(cloud)] = cloud
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["unit"] = "nm"
-            f.create_dataset("point_clouds", data=padded)
-            f.create_dataset("actual_point_counts", data=counts)
-            f.create_dataset("sample_ids", data=ids)
-    return path
+            raise UserError(f"{self.path}: cloud {n} has shape {cloud.shape}, expected (M, 3)")
+        self.clouds.resize((n + 1, max(self.clouds.shape[1], len(cloud)), 3))
+        self.clouds[n, : len(cloud)] = cloud
+        for dataset, value in ((self.counts, len(cloud)), (self.ids, n if sample_id is None else sample_id)):
+            dataset.resize((n + 1,))
+            dataset[n] = value
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and len(self.counts) == 0:
+            error = UserError(f"{self.path}: no clouds to write")
+            self._stack.__exit__(UserError, error, None)  # unwound as an error: the temporary file is removed
+            raise error
+        return self._stack.__exit__(exc_type, exc, tb)

@@ -13,13 +13,19 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scripts.cli import main  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
-from scripts.pointcloud_io import write_points_csv  # noqa: E402
-from scripts.refiner import check_spacing, refine_grid  # noqa: E402
-from scripts.settings import check_values  # noqa: E402
+from scripts.pointcloud_io import CSV_POINT_BYTES, write_points_csv  # noqa: E402
+from scripts.refiner import (  # noqa: E402
+    check_grid,
+    check_point_memory,
+    check_spacing,
+    refine_grid,
+    refine_memory,
+    refine_slab,
+)
+from scripts.settings import check_disk, check_values  # noqa: E402
 from scripts.volume_io import load_nifti  # noqa: E402
 from scripts.voxelize import point_count  # noqa: E402
 from scripts.weights import checkpoint_path, default_model_dir, load_refiner_checkpoint, trained_refiner  # noqa: E402
@@ -30,10 +36,12 @@ def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow
 
     Args:
         grid: a NIfTI volume (values in [0, 1]; a grid with a larger maximum is divided by it, as the converter's
-            default normalisation does).
+            default normalisation does). A grid with NaN, infinite or negative voxels, or none above ``threshold``,
+            is refused.
         refiner: the fine stage's checkpoint (``None``: the trained one in ``outputs/``, else the shipped one).
         output: the CSV to write (default: ``grid`` with ``.csv``); refused if it exists, unless ``overwrite``.
-        num_points: how many points (default: the training data's points per unit of grid mass).
+        num_points: how many points (default: the training data's points per unit of grid mass); refused, with
+            how many would fit, when they would not fit in memory or on the output's disk.
         threshold: only voxels above it anchor points.
         flow_steps: Euler steps of the flow (default: those the checkpoint was validated with).
         seed: the same seed writes the same file.
@@ -46,16 +54,27 @@ def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow
     if output.exists() and not overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite true to replace it")
     values, geometry = load_nifti(grid_path)
+    check_grid(values, grid_path)
     if values.max() > 1:
         values = values / values.max()
+    if not (values > threshold).any():
+        raise UserError(
+            f"{grid_path}: no voxel is above threshold {threshold} (the largest is {values.max():.3g}), so there is "
+            "nothing to place points on" + ("; lower --threshold" if values.max() > 0 else "")
+        )
     refiner = refiner or checkpoint_path(default_model_dir("."), "refiner")
     checkpoint = load_refiner_checkpoint(refiner)
     check_spacing(checkpoint, geometry, grid_path)
     network = trained_refiner(checkpoint, refiner)
     ppm = (checkpoint["dataset_info"].get("points_per_mass") or {}).get("mean")
-    n = point_count(np.clip(values, 0, None), geometry, num_points, ppm)
+    n = point_count(values, geometry, num_points, ppm)
+    what = f"num_points: a cloud of {n} points" + ("" if num_points else " (the training data's density)")
+    check_point_memory(n, refine_memory(values.shape, network, 0), what)
+    check_disk(CSV_POINT_BYTES * n, output.parent, what, "set a smaller num_points or write the CSV elsewhere")
     steps = flow_steps or checkpoint["sampling"]["flow_steps"]
-    points = refine_grid(network, values, geometry, n, threshold, steps, torch.Generator().manual_seed(int(seed)))
+    generator = torch.Generator().manual_seed(int(seed))
+    slab = refine_slab(values.shape, network)
+    points = refine_grid(network, values, geometry, n, threshold, steps, generator, 4, slab)
     write_points_csv(output, points)
     print(f"wrote {len(points)} points to {output} (nm, inside the box of {grid_path.name})")
 

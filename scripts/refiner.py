@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from scripts.errors import UserError
 from scripts.geometry import GridGeometry
+from scripts.settings import check_memory, physical_memory_bytes, round_down
 from scripts.voxelize import gaussian_kernel
 from torch import nn
 
@@ -263,6 +264,10 @@ def refine_grid(
 
 MARGIN_VOXELS = 6  # planes beyond the CNN's receptive field: a point's offset from its anchor rarely exceeds them
 SLAB_BYTES = 2**30  # the fine stage's features of one slab of a large grid
+# peak host bytes per point of refine_grid (and of the voxel exports): the anchors, the positions in float32 and
+# float64, in nm and clipped, live together at the end (measured on the CPU with the shipped fine stage: 106 bytes a
+# point from 4 to 16 million points, over the flow's working set of about 0.7 GB)
+POINT_BYTES = 128
 
 
 def _margin(refiner):
@@ -280,6 +285,23 @@ def refine_slab(shape, refiner):
     per_plane = slab_feature_bytes((1, *shape[1:]), refiner, None)
     slab = max(8, int(SLAB_BYTES // per_plane) - 2 * _margin(refiner))
     return None if slab >= shape[0] else slab
+
+
+def refine_memory(shape, refiner, num_points):
+    """Estimated peak host bytes of :func:`refine_grid` on the CPU for a grid of ``shape`` (slabs of
+    :func:`refine_slab`): the grid, one slab's features and ``num_points`` points."""
+    voxels = float(np.prod(shape, dtype=np.float64))
+    return 4 * voxels + slab_feature_bytes(shape, refiner, refine_slab(shape, refiner)) + POINT_BYTES * num_points
+
+
+def check_point_memory(num_points, other_bytes, what):
+    """Refuse ``num_points`` points per cloud when they and ``other_bytes`` (whatever else the run holds) exceed this
+    machine's memory; ``what`` names the setting, and the message says how many points would fit."""
+    total = physical_memory_bytes()
+    fit = round_down((total - other_bytes) // POINT_BYTES) if total else 0
+    check_memory(
+        other_bytes + POINT_BYTES * num_points, what, f"at most about {fit} points fit; set a smaller num_points"
+    )
 
 
 def _mass(grid, threshold):
@@ -318,3 +340,23 @@ def check_spacing(refiner_checkpoint, geometry, what="this grid"):
             f"{what}: has voxels of {np.round(geometry.spacing_nm, 1).tolist()} nm, but the fine stage was trained on "
             f"{np.round(trained, 1).tolist()} nm; resample the grid or train the fine stage on such grids"
         )
+
+
+def check_grid(values, what="this grid"):
+    """Refuse a grid the fine stage cannot read as densities: NaN or infinite voxels, or negative ones."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise UserError(
+            f"{what}: NaN or infinite values in {_voxels(int((~finite).sum()))}; a grid holds finite densities (fix "
+            "or zero those voxels)"
+        )
+    negative = int((values < 0).sum())
+    if negative:
+        raise UserError(
+            f"{what}: negative values in {_voxels(negative)} (down to {values.min():.3g}); a grid holds densities of 0 "
+            "or more (clip them to 0 if they are noise)"
+        )
+
+
+def _voxels(n):
+    return f"{n} voxel" + ("s" if n != 1 else "")

@@ -133,20 +133,21 @@ def sampling_memory(grid, latent, n, tile, tile_batch, network_config, factor, r
     when sampling on the CPU).
 
     Host: the decoded grids and the sliding window's weight sum (float32), the latent with its blended prediction
-    and coverage, and the points (float64 with their anchors). Device: ``tile_batch`` UNet tiles and decoder
-    windows at about a dozen live activations of their widest level, and one slab of the fine stage's features.
+    and coverage, and the ``num_points`` of one cloud (clouds are written one at a time; ``POINT_BYTES`` each).
+    Device: ``tile_batch`` UNet tiles and decoder windows at about a dozen live activations of their widest level,
+    and one slab of the fine stage's features.
     """
+    from scripts.refiner import POINT_BYTES, refine_slab, slab_feature_bytes
+
     voxels = float(np.prod(grid, dtype=np.float64))
     latent_voxels = float(np.prod(latent[1:], dtype=np.float64))
     tile_voxels = float(np.prod(tile, dtype=np.float64))
-    host = 4 * voxels * (n + 1) + 4 * 4 * n * latent[0] * latent_voxels + 4 * 8 * 3 * num_points
+    host = 4 * voxels * (n + 1) + 4 * 4 * n * latent[0] * latent_voxels + POINT_BYTES * num_points
     unet = 12 * 4 * tile_batch * n * tile_voxels * max(network_config["unet"]["channels"])
     window_voxels = float(np.prod(decoding_window(tile), dtype=np.float64)) * factor**3
     decoder = 12 * 4 * tile_batch * window_voxels * max(network_config["autoencoder"]["channels"])
     fine = 0.0
     if refiner is not None:
-        from scripts.refiner import refine_slab, slab_feature_bytes
-
         fine = slab_feature_bytes(grid, refiner, refine_slab(grid, refiner))
     return host, max(unet, decoder, fine)
 

@@ -190,3 +190,46 @@ def test_false_from_the_command_line_means_false(model_dir, tmp_path):
     # output to a pipe: a line per block of batches, no progress-bar redraws
     assert "\r" not in result.stdout + result.stderr and "sampling: 2/2 batches" in result.stdout
     assert not (tmp_path / "s" / "preview.png").exists() and (tmp_path / "s" / "nifti").is_dir()
+
+
+def test_each_sample_is_written_as_it_is_made_and_none_is_kept(model_dir, tmp_path):
+    """Memory does not grow with num_samples: a sample's cloud is written (CSV and HDF5) and let go before the next
+    is made, and the HDF5 file holds what the CSVs hold."""
+    import weakref
+
+    from scripts import weights
+    from scripts.inference import Sampler
+
+    ae_path, dm_path = (weights.checkpoint_path(model_dir, stage) for stage in ("autoencoder", "diffusion"))
+    ae_ckpt = weights.load_autoencoder_checkpoint(ae_path)
+    ckpt = weights.load_diffusion_checkpoint(dm_path, ae_ckpt, ae_path)
+    networks = weights.frozen_autoencoder(ae_ckpt, ae_path, "cpu"), weights.trained_unet(ckpt, dm_path, "cpu")
+    out = tmp_path / "s"
+    sampler = Sampler(
+        *networks,
+        ckpt,
+        out,
+        num_samples=5,
+        batch_size=2,
+        num_inference_steps=2,
+        num_points=300,
+        threshold=0.0,
+        output_formats=("csv", "h5"),
+    )
+    written, write = [], sampler._write
+
+    def tracked(folder, i, grid):
+        assert all(ref() is None for ref in written), f"sample {i}: an earlier cloud is still held"
+        points = write(folder, i, grid)
+        written.append(weakref.ref(points))
+        return points
+
+    sampler._write = tracked
+    assert sampler.run() is None
+    assert len(written) == 5 and all(ref() is None for ref in written)
+    clouds, _ = read_point_clouds(out / "pointcloud" / "samples.h5")
+    assert len(clouds) == 5 and (out / "preview.png").is_file()
+    for i, cloud in enumerate(clouds):
+        csv = read_point_clouds(out / "pointcloud" / f"sample_{i:04d}.csv")[0][0]
+        assert len(csv) == 300
+        np.testing.assert_allclose(cloud, csv, atol=2e-3)  # float32 in HDF5, 0.001 nm in CSV
