@@ -49,9 +49,26 @@ def save_checkpoint(path, payload):
     """Write ``payload`` (a dict of tensors, numbers, strings, lists and dicts) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:  # a full disk or a kill leaves the previous file at ``path`` untouched
-        torch.save(dict(payload, format_version=FORMAT_VERSION), tmp)
+    _save(dict(payload, format_version=FORMAT_VERSION), path)
     return path
+
+
+def _save(obj, path):
+    """``torch.save`` to ``path`` atomically: a kill or a failure leaves the previous file untouched, and a full disk
+    is the ``OSError`` (ENOSPC) that :func:`scripts.atomic.atomic_path` reports as one line naming ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _torch_save(obj, f)
+
+
+def _torch_save(obj, f):
+    """``torch.save`` into the open file ``f``, raising the ``OSError`` of a failed write (a full disk) as it is:
+    torch reports it as an ``enforce fail ... unexpected pos`` RuntimeError (given a path, without the OSError)."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):  # our file's write failed inside torch's writer
+            raise e.__context__ from None
+        raise
 
 
 def load_checkpoint(path, stage=None, hint=""):
@@ -71,7 +88,7 @@ def load_checkpoint(path, stage=None, hint=""):
         raise UserError(f"{path}: refused, it holds objects that are not plain weights ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(e)})") from None
-    if isinstance(ckpt, dict) and "format_version" not in ckpt and (path.parent / SHIPPED_INFO).is_file():
+    if isinstance(ckpt, dict) and "format_version" not in ckpt and path.name in SHIPPED_FILES.values():
         ckpt = _shipped_checkpoint(path, ckpt)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this bundle (no format_version entry)")
@@ -83,23 +100,42 @@ def load_checkpoint(path, stage=None, hint=""):
 def _shipped_checkpoint(path, state):
     """A plain state dict of the shipped layout with its entry of ``checkpoints.json``, as one checkpoint dict."""
     info_path = path.parent / SHIPPED_INFO
+    if not info_path.is_file():
+        raise UserError(
+            f"{info_path}: no such file, and it holds the settings {path.name} needs; put it back, or "
+            + republish_hint(path.parent)
+        )
     try:
         info = json.loads(info_path.read_text())[path.name]
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{info_path}: has no valid entry for {path.name}; re-download the bundle") from None
+        raise UserError(
+            f"{info_path}: has no entry for {path.name}, so that file is not part of the published set; move "
+            f"{path} away, or " + republish_hint(path.parent)
+        ) from None
     if file_sha256(path) != info.get("sha256"):
-        raise UserError(f"{path}: its SHA-256 differs from the one in {info_path}; re-download the bundle")
+        raise UserError(
+            f"{path}: its SHA-256 differs from the one in {info_path} (changed after publishing); put the published "
+            "file back, or " + republish_hint(path.parent)
+        )
     return dict(info["checkpoint"], **{WEIGHTS[info["checkpoint"]["stage"]]: state}, format_version=FORMAT_VERSION)
 
 
+def republish_hint(models_dir):
+    """What to do when a shipped set is inconsistent; never 're-download the bundle', which would replace the
+    user's published weights with the demo's."""
+    command = f"python scripts/weights.py --model_dir outputs --output_dir {models_dir} --overwrite true"
+    return f"publish your trained weights again: {command}"
+
+
 def ship_checkpoint(ckpt, models_dir):
-    """Write ``ckpt``'s sampling weights as a plain state dict in ``models_dir`` (the shipped layout) and return its
-    ``checkpoints.json`` entry; the diffusion UNet ships its moving average of weights where it has one."""
+    """Write ``ckpt``'s sampling weights as a plain state dict in ``models_dir`` (the shipped layout; publishing
+    stages the set and swaps it in, so the write is not atomic itself and a full disk raises ``OSError``) and return
+    its ``checkpoints.json`` entry; the diffusion UNet ships its moving average of weights where it has one."""
     stage = ckpt["stage"]
     key = "unet_ema" if stage == "diffusion" and "unet_ema" in ckpt else WEIGHTS[stage]
     path = Path(models_dir) / SHIPPED_FILES[stage]
-    with atomic_path(path) as tmp:
-        torch.save(dict(ckpt[key]), tmp)
+    with open(path, "wb") as f:
+        _torch_save(dict(ckpt[key]), f)
     entry = {k: _plain(ckpt[k]) for k in SHIPPED_KEYS if k in ckpt}
     if "dataset_info" in entry:  # the training files' list stays with the user
         entry["dataset_info"] = {k: v for k, v in entry["dataset_info"].items() if k != "files"}
@@ -169,8 +205,22 @@ def load_state(module, state, path, name):
         module.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(
-            f"{path}: the {name} weights do not fit the network built from the config ({_first_line(e)})"
+            f"{path}: the {name} weights do not fit the network built from the config ({state_dict_problem(e)})"
         ) from None
+
+
+def state_dict_problem(error):
+    """The problem ``load_state_dict`` reports, short: a size mismatch if there is one, else the first missing or
+    unexpected key and how many there are (its first line only says 'Error(s) in loading state_dict')."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    if not lines:
+        return _first_line(error)
+    line = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+    head, _, keys = line.partition(": ")
+    keys = keys.rstrip(".").split(", ")
+    if not line.startswith("size mismatch") and len(keys) > 1:
+        return f"{head}: {keys[0]} and {len(keys) - 1} more"
+    return line[:300]
 
 
 def rng_state():

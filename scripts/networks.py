@@ -2,10 +2,13 @@
 forms of them that ``ckpt_export`` turns into TorchScript."""
 
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from scripts.checkpoint import SHIPPED_FILES, state_dict_problem
+from scripts.errors import UserError
 from scripts.geometry import as_shape
 
 
@@ -49,24 +52,57 @@ class _TracedAutoencoder(torch.nn.Module):
         return self.net(x)
 
 
+class _SettingsChecked:
+    """``load_state_dict`` refused in one line when the weights do not fit the settings the network was built from
+    (``settings_from``): ``ckpt_export`` reads ``models/`` by default, while the config builds ``network_def``
+    from the trained outputs when there are some, so exporting before publishing would fail with a long
+    ``size mismatch`` traceback."""
+
+    net_id, key_in_ckpt, settings_from = "", "", None
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as e:
+            if self.settings_from is None:
+                raise
+            source = Path(self.settings_from)
+            problem = (
+                f"{self.net_id}: the weights ckpt_export loads (--ckpt_file, by default models/model.pt) do not fit "
+                f"the network built from the settings of {source} ({state_dict_problem(e)})"
+            )
+            if source.name in SHIPPED_FILES.values():  # the settings of published weights: other weights were given
+                hint = f"pass --ckpt_file {source}, or --model_dir with the training outputs those weights belong to"
+            else:
+                hint = (
+                    f"publish them first: python scripts/weights.py --model_dir {source.parent.parent} --output_dir "
+                    f"models --overwrite true, or export them as they are: --ckpt_file {source} --key_in_ckpt "
+                    f"{self.key_in_ckpt}"
+                )
+            raise UserError(f"{problem}; {hint}") from None
+
+
 def _trace(net, example):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.trace(net.eval(), example)
 
 
-class ExportableUNet(DiffusionModelUNet):
+class ExportableUNet(_SettingsChecked, DiffusionModelUNet):
     """The diffusion UNet as ``network_def``: the same parameters (a plain UNet state dict loads as is), and
     ``forward(latents, timesteps=None)``, where ``timesteps`` defaults to 0 (the last denoising step), so the
     network also runs on latents alone, as the Model Zoo's shape check calls it.
 
     MONAI's networks do not script, so ``torch.jit.script`` (what ``ckpt_export`` calls) gets a trace of it on a
-    ``latent_shape`` example, in a scripted shell that keeps ``timesteps`` optional.
+    ``latent_shape`` example, in a scripted shell that keeps ``timesteps`` optional. ``settings_from`` is the
+    checkpoint ``unet_args`` come from, named when other weights are loaded into it.
     """
 
-    def __init__(self, unet_args, latent_shape):
+    net_id, key_in_ckpt = "network_def", "unet_ema"
+
+    def __init__(self, unet_args, latent_shape, settings_from=None):
         super().__init__(**unet_args)
-        self.latent_shape = tuple(latent_shape)
+        self.latent_shape, self.settings_from = tuple(latent_shape), settings_from
 
     def forward(self, x, timesteps=None):
         return super().forward(x, _timesteps_or_last(x, timesteps))
@@ -76,14 +112,17 @@ class ExportableUNet(DiffusionModelUNet):
         return _TracedUNet(_trace(self, example))
 
 
-class ExportableAutoencoder(AutoencoderKL):
+class ExportableAutoencoder(_SettingsChecked, AutoencoderKL):
     """The autoencoder as ``autoencoder_def``: the same parameters as AutoencoderKL, and ``forward`` is the
     deterministic reconstruction (decode of the encoder mean; AutoencoderKL's own forward draws a random latent,
     which a trace would freeze). Scripted as a trace on a ``voxel_size`` example, like :class:`ExportableUNet`."""
 
-    def __init__(self, autoencoder_args, voxel_size):
+    net_id, key_in_ckpt = "autoencoder_def", "autoencoder"
+
+    def __init__(self, autoencoder_args, voxel_size, settings_from=None):
         super().__init__(**autoencoder_args)
         self.example_shape = (autoencoder_args.get("in_channels", 1), *as_shape(voxel_size))
+        self.settings_from = settings_from
 
     def forward(self, x):
         return self.reconstruct(x)

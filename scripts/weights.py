@@ -6,7 +6,7 @@ at once; ``model_dir`` chooses a folder of either layout. The weights used are a
 
 Publish trained weights in the shipped layout (what ``ckpt_export``'s defaults and the zoo read)::
 
-    python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true]
+    python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true]
 """
 
 import json
@@ -17,7 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.atomic import atomic_path  # noqa: E402
 from scripts.checkpoint import (  # noqa: E402
     SHIPPED_FILES,
     SHIPPED_INFO,
@@ -28,6 +27,7 @@ from scripts.checkpoint import (  # noqa: E402
 )
 from scripts.errors import UserError  # noqa: E402
 from scripts.networks import build_autoencoder, build_unet  # noqa: E402
+from scripts.outputs import StagedOutput  # noqa: E402
 
 logger = logging.getLogger(__name__)
 STAGES = ("autoencoder", "diffusion", "refiner")
@@ -115,31 +115,53 @@ def trained_refiner(checkpoint, path, device="cpu"):
     return refiner.to(device).eval().requires_grad_(False)
 
 
-def publish(model_dir="outputs", output_dir="models", overwrite=False):
-    """Write the checkpoints of ``model_dir`` (training layout) to ``output_dir`` in the shipped layout.
+def publish(model_dir="outputs", output_dir="models", overwrite=False, without_refiner=False):
+    """Write the checkpoints of ``model_dir`` (training layout) to ``output_dir`` in the shipped layout, as one set.
 
     The autoencoder and the diffusion model are needed (and must belong together); the fine stage is written when
-    it exists. Existing shipped files are replaced only with ``overwrite``. Returns the files written.
+    it exists and ``without_refiner`` is false. The set is staged and swapped in at once
+    (:class:`scripts.outputs.StagedOutput`): a failure (a full disk) leaves the earlier set as it was, and a
+    replaced set leaves none of its files behind. An earlier set is replaced only with ``overwrite``, and one with
+    a fine stage only by a set with one or with ``without_refiner``. Returns the files written.
     """
-    paths = {stage: Path(model_dir) / stage / "best_model.pt" for stage in STAGES}
+    model_dir, out = Path(model_dir), Path(output_dir)
+    paths = {stage: model_dir / stage / "best_model.pt" for stage in STAGES}
+    shipped = [model_dir / name for name in (SHIPPED_INFO, *SHIPPED_FILES.values())]
+    if not paths["autoencoder"].is_file() and any(p.is_file() for p in shipped):
+        raise UserError(
+            f"{model_dir}: holds published weights (model.pt, {SHIPPED_INFO}), not training outputs; pass the "
+            "folder training wrote, e.g. --model_dir outputs (it holds autoencoder/best_model.pt)"
+        )
     ckpts = {"autoencoder": load_autoencoder_checkpoint(paths["autoencoder"])}
     ckpts["diffusion"] = load_diffusion_checkpoint(paths["diffusion"], ckpts["autoencoder"], paths["autoencoder"])
-    if paths["refiner"].is_file():
+    if paths["refiner"].is_file() and not without_refiner:
         ckpts["refiner"] = load_refiner_checkpoint(paths["refiner"])
-    out = Path(output_dir)
-    targets = [out / SHIPPED_FILES[s] for s in ckpts] + [out / SHIPPED_INFO]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]}: exists; pass --overwrite true to replace the shipped weights in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    info = {}
-    for ckpt in ckpts.values():
-        path, entry = ship_checkpoint(ckpt, out)
-        info[path.name] = entry
-    with atomic_path(out / SHIPPED_INFO) as tmp:
-        Path(tmp).write_text(json.dumps(info, indent=4) + "\n")
-    print(f"published {', '.join(p.name for p in targets)} to {out}")
-    return targets
+    staged = StagedOutput(out, "published weights", [SHIPPED_INFO, *SHIPPED_FILES.values()], overwrite)
+    earlier = staged.check()
+    stale = out / SHIPPED_FILES["refiner"]
+    if "refiner" not in ckpts and stale.exists():  # it would stay beside weights it does not belong to
+        if not without_refiner:
+            raise UserError(
+                f"{paths['refiner']}: no such checkpoint, but the set in {out} being replaced has a fine stage "
+                f"({stale.name}); {REFINER_HINT}; or pass --without_refiner true to publish the set without it "
+                "(sampling then places points by --method probabilistic)"
+            )
+        if stale.name not in earlier:
+            raise UserError(f"{stale}: was not published with the set in {out}, so publishing keeps it; move it away")
+    try:
+        with staged as staging:
+            info = {}
+            for ckpt in ckpts.values():
+                path, entry = ship_checkpoint(ckpt, staging)
+                info[path.name] = entry
+            (staging / SHIPPED_INFO).write_text(json.dumps(info, indent=4) + "\n")
+    except OSError as e:
+        raise UserError(
+            f"{out}: could not write the published set ({e.strerror or e}); the earlier set there is unchanged"
+        ) from None
+    written = [out / name for name in (*info, SHIPPED_INFO)]
+    print(f"published {', '.join(p.name for p in written)} to {out}")
+    return written
 
 
 if __name__ == "__main__":

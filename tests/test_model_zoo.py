@@ -118,7 +118,7 @@ def test_published_weights_sample_the_same_clouds(model_dir, tmp_path):
 
 def test_publish_refuses_to_replace_and_tampered_weights_are_refused(model_dir, tmp_path):
     publish(model_dir, tmp_path / "models")
-    with pytest.raises(UserError, match="model_autoencoder.pt: exists; pass --overwrite true"):
+    with pytest.raises(UserError, match=r"models: already holds published weights \(.*\); pass --overwrite true"):
         publish(model_dir, tmp_path / "models")
     publish(model_dir, tmp_path / "models", overwrite=True)
     path = tmp_path / "models" / "model.pt"
@@ -131,3 +131,28 @@ def test_publish_refuses_to_replace_and_tampered_weights_are_refused(model_dir, 
     error = user_error(info.value)
     assert error is not None and "SHA-256 differs from the one in" in str(error) and "\n" not in str(error)
     assert not (tmp_path / "s").exists()
+
+
+def test_publishing_replaces_the_whole_set(model_dir, tmp_path):
+    out = tmp_path / "models"
+    shutil.copytree(ROOT / "models", out)  # the demo's set, with a fine stage
+    with pytest.raises(UserError, match=r"refiner/best_model.pt: no such checkpoint, .*--without_refiner true"):
+        publish(model_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (ROOT / "models").iterdir())
+    publish(model_dir, out, overwrite=True, without_refiner=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".manifest.json",
+        "checkpoints.json",
+        "model.pt",
+        "model_autoencoder.pt",
+    ]
+    for name in ("model.pt", "model_autoencoder.pt"):
+        load_checkpoint(out / name)  # each file matches its checkpoints.json entry
+    (out / "model_refiner.pt").write_bytes((ROOT / "models" / "model_refiner.pt").read_bytes())
+    with pytest.raises(
+        UserError, match=r"json: has no entry for model_refiner.pt, .*; move .* away, or publish"
+    ) as info:
+        load_checkpoint(out / "model_refiner.pt")
+    assert "re-download" not in str(info.value)
+    with pytest.raises(UserError, match=r"model_refiner.pt: was not published with the set in .*; move it away"):
+        publish(model_dir, out, overwrite=True, without_refiner=True)

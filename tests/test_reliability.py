@@ -25,19 +25,19 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint(tmp_path):
     save_checkpoint(target, _payload(1))
     # a child process starts writing the next checkpoint, pauses half-way through the file, and is killed there
     driver = f"""
-import sys, time, torch
+import io, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
 import scripts.checkpoint as c
 real_save = torch.save
-def slow_save(obj, path):
-    real_save(obj, path)
-    data = open(path, 'rb').read()
-    with open(path, 'wb') as f:
-        f.write(data[: len(data) // 2])
-        f.flush()
-        print('half written', flush=True)
-        time.sleep(60)
-        f.write(data[len(data) // 2 :])
+def slow_save(obj, f):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    print('half written', flush=True)
+    time.sleep(60)
+    f.write(data[len(data) // 2 :])
 c.torch.save = slow_save
 c.save_checkpoint({str(target)!r}, {{'stage': 'autoencoder', 'autoencoder': {{'w': torch.full((256, 256), 2.0)}}}})
 """
@@ -85,9 +85,8 @@ def test_disk_full_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
     target = tmp_path / "best_model.pt"
     save_checkpoint(target, _payload(1))
 
-    def full_disk(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def full_disk(obj, f):
+        f.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full_disk)
