@@ -49,7 +49,11 @@ OUTPUT_PATTERNS = (
     "val_points.h5",
     "dataset_info.json",
 )
+NO_Z_HINT = "this bundle makes 3D grids. Pass --allow_2d true to convert them with z = 0 in a 1-nm-deep box"
 PERCENTILE_SAMPLES = 100_000  # non-zero voxel values drawn per grid to estimate a dataset-wide percentile
+# tiles covering this fraction of a cloud's lateral extent or more hold mostly the same points: refused when the
+# tiles are split into training and validation (suggest_tiles picks a quarter of the extent or less)
+TILE_COVERAGE_LIMIT = 0.5
 
 
 def cut_tiles(clouds, n_tiles, tile_size_nm, seed=0, min_points=10):
@@ -174,22 +178,55 @@ def _check_arguments(shape, method, splat, normalize, sigma, sigma_unit, train_r
 
 
 def _read_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict, allow_2d):
-    """The input's clouds and metadata; 2D data are refused unless ``allow_2d``."""
+    """The input's clouds and metadata; 2D data are refused unless ``allow_2d``, and so is a cloud whose points all
+    lie at one position (it has no extent to make a grid of)."""
     clouds, meta = read_point_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict)
+    if meta["dims"] == 2 and not allow_2d:
+        raise UserError(f"{source}: the points have no z (2D data); {NO_Z_HINT}")
+    for i, cloud in enumerate(clouds):
+        if len(cloud) == 1 or not np.ptp(cloud, axis=0).any():
+            n = "a single point" if len(cloud) == 1 else f"{len(cloud)} points, all at one position (1 distinct point)"
+            raise UserError(
+                f"{source}: cloud {i} has {n}; a grid needs at least 2 distinct points per cloud (remove the cloud, "
+                "or check how the file was written)"
+            )
     flat_z = meta["dims"] == 2 or np.ptp(np.concatenate([c[:, 2] for c in clouds])) == 0
     if flat_z and not allow_2d:
-        raise UserError(
-            f"{source}: the points have no z (2D data); this bundle makes 3D grids. Pass --allow_2d true to "
-            "convert them with z = 0 in a 1-nm-deep box"
-        )
+        z = clouds[0][0, 2]
+        raise UserError(f"{source}: the points have no z (2D data: every z is {z:g} nm); {NO_Z_HINT}")
     if flat_z:
         print("note: 2D data: z = 0 for every point, the box is 1 nm deep (--allow_2d)", file=sys.stderr)
+    if meta["nonfinite_dropped"]:
+        print(
+            f"warning: {source}: dropped {meta['nonfinite_dropped']} points with NaN/Inf coordinates in "
+            f"{meta['nonfinite_clouds']} of {len(clouds)} clouds (--strict true refuses them)",
+            file=sys.stderr,
+        )
     return clouds, meta
 
 
-def _box(source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor):
+def _check_tile_size(source, clouds, tile_size):
+    """Refuse tiles that cover half or more of the largest cloud's lateral extent: every tile would then hold most of
+    the same points, in training and in validation alike."""
+    size = as_triple(tile_size, "tile_size")
+    largest = max(clouds, key=lambda c: float(np.prod(np.ptp(c[:, :2], axis=0))))
+    extent = np.percentile(largest, 99.5, axis=0) - np.percentile(largest, 0.5, axis=0)  # as suggest_tiles measures
+    covered = size[0] * size[1] / max(float(extent[0] * extent[1]), 1e-9)
+    if covered >= TILE_COVERAGE_LIMIT:
+        _, fits = suggest_tiles([largest])
+        fits = [round(fits[0]), round(fits[1]), round(float(size[2]))]
+        raise UserError(
+            f"tile_size: tiles of {[round(float(v)) for v in size[:2]]} nm cover {100 * covered:.0f} % of the data's "
+            f"{extent[0]:.0f} × {extent[1]:.0f} nm extent in {source}, so training and validation tiles would hold "
+            f"the same points; use smaller tiles (--tile_size {fits} fits this data)"
+        )
+
+
+def _box(source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor, train_ratio):
     """The clouds (cut into tiles when asked), the source index of each, the tiling and the common grid geometry."""
     tile_info = None
+    if tiles and train_ratio < 1:
+        _check_tile_size(source, clouds, tile_size)
     if tiles:
         clouds, tile_sources = cut_tiles(clouds, int(tiles), tile_size, seed)
         tile_info = {"n_tiles": int(tiles), "tile_size_nm": list(as_triple(tile_size, "tile_size")), "seed": seed}
@@ -320,7 +357,8 @@ def convert(
         seed: seed of the split (and of the tiles).
         num_workers: processes that voxelize and write in parallel.
         normalize: 'max' (per volume), 'percentile' (dataset-wide ``percentile`` of non-zero voxels) or 'none'.
-        tiles: cut this many random boxes of ``tile_size`` nm (rotated about z, re-origined) out of the input.
+        tiles: cut this many random boxes of ``tile_size`` nm (rotated about z, re-origined) out of the input; tiles
+            covering half or more of a cloud's lateral extent are refused when split (``train_ratio`` below 1).
         unit, pixel_size, zero_is_padding: passed to the reader (unit of bare coordinates, default the file's
             ``unit`` attribute or nm; camera pixel size in nm; whether (0, 0, 0) rows are padding).
         strict: refuse NaN/Inf coordinates and clouds with no point in the box instead of dropping and counting them.
@@ -338,7 +376,7 @@ def convert(
 
     clouds, meta = _read_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict, allow_2d)
     clouds, tile_sources, tile_info, geometry = _box(
-        source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor
+        source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor, train_ratio
     )
     sigma_voxels = sigma_in_voxels(sigma, sigma_unit, geometry) if method == "gaussian" else np.zeros(3)
 

@@ -74,7 +74,10 @@ class Evaluation:
         autoencoder_checkpoint, autoencoder, autoencoder_path: the stage-1 checkpoint, its frozen network, its file.
         output_dir: where the results go (created; an earlier evaluation there is refused unless ``overwrite``).
         reference_file: held-out clouds to compare with instead of ``val_points.h5`` (any readable point-cloud
-            file; grids are made of them as the dataset's were); ``None``: the validation split.
+            file; grids are made of them as the dataset's were); ``None``: the validation split. Refused when its
+            clouds span another box than the training clouds, or a cloud holds fewer than 2 distinct points.
+        reference_box_tolerance: how far each corner of the reference clouds' box may lie from that of the training
+            clouds, as a fraction of the training box's side (0.1: 500 nm on a 5 µm side).
         refiner, refiner_checkpoint: the fine stage (adds the refined and voxel-uniform rows), or ``None``.
         flow_steps: the fine stage's flow steps (``None``: those of its checkpoint).
         num_points: points per cloud for MMD/COV/1-NNA under Chamfer distance (clouds are subsampled, seeded).
@@ -108,6 +111,7 @@ class Evaluation:
         autoencoder_path,
         output_dir,
         reference_file=None,
+        reference_box_tolerance=0.1,
         refiner=None,
         refiner_checkpoint=None,
         flow_steps=None,
@@ -133,6 +137,7 @@ class Evaluation:
         self.dataset_dir, self.samples_dir, self.output_dir = Path(dataset_dir), Path(samples_dir), Path(output_dir)
         checked = {"num_points": num_points, "num_pictures": num_pictures, "batch_size": batch_size, "sets": sets}
         checked.update(emd_points=emd_points, structure_radius_nm=structure_radius_nm, pair_range_nm=pair_range_nm)
+        checked["reference_box_tolerance"] = reference_box_tolerance
         checked = check_values(checked, "evaluate")
         if emd_points is not None and emd_points > num_points:
             raise UserError(
@@ -168,6 +173,7 @@ class Evaluation:
         self.num_pictures, self.pixel_nm, self.nn_bins, self.z_bins = num_pictures, pixel_nm, nn_bins, z_bins
         self.workers = num_workers
         self.reference_file = Path(reference_file) if reference_file else None
+        self.reference_box_tolerance = checked["reference_box_tolerance"]
         if self.reference_file is not None and not self.reference_file.is_file():
             raise UserError(f"{self.reference_file}: reference_file names no such file")
         self.refiner = refiner
@@ -206,12 +212,32 @@ class Evaluation:
         transform = volume_transforms(self.voxel_size)
         return [transform(dict(d))["image"][0].numpy() for d in datalist]
 
+    def _check_reference(self, clouds):
+        """Refuse reference clouds with fewer than 2 distinct points (in the box), or that span another box than the
+        training clouds (each corner to ``reference_box_tolerance`` of the training box's side)."""
+        few = "{}: cloud {} has {} distinct point{} {}; each reference cloud needs at least 2 to be compared"
+        for i, cloud in enumerate(clouds):
+            if len(cloud) < 2 or not np.ptp(cloud, axis=0).any():
+                raise UserError(few.format(self.reference_file, i, 1, "", f"({len(cloud)} in all)"))
+        trained = GridGeometry.around(read_point_clouds(self.dataset_dir / "train_points.h5")[0], self.voxel_size)
+        reference = GridGeometry.around(clouds, self.voxel_size)
+        if not reference.same_box(trained, self.reference_box_tolerance * trained.size_nm):
+            raise UserError(
+                f"{self.reference_file}: its clouds span {reference.describe()}, but the training clouds of "
+                f"{self.dataset_dir} span {trained.describe()} (reference_box_tolerance "
+                f"{self.reference_box_tolerance:g} of each side); evaluate against clouds of the training box"
+            )
+        for i, cloud in enumerate(self._inside(clouds)):
+            n = len(np.unique(cloud, axis=0))
+            if n < 2:
+                where = f"inside the box of {self.dataset_dir}"
+                raise UserError(few.format(self.reference_file, i, n, "" if n == 1 else "s", where))
+
     def _heldout(self):
         if self.reference_file is not None:
-            clouds = self._inside(read_point_clouds(self.reference_file)[0])
-            clouds = [c for c in clouds if len(c)]
-            if not clouds:
-                raise UserError(f"{self.reference_file}: no cloud has points inside the box of {self.dataset_dir}")
+            clouds = read_point_clouds(self.reference_file)[0]
+            self._check_reference(clouds)
+            clouds = self._inside(clouds)
             clouds = self._at_most(clouds, self.max_reference_clouds, 0)
             grids = [resize_grid(voxelize_like(c, self.info), self.voxel_size) for c in clouds]
             return clouds, grids

@@ -185,8 +185,9 @@ def write_figures(folder, ev, real_clouds, real_grids, recon_grids, sample_cloud
             if label == "held-out":
                 ax.stairs(density, edges, label=label, linewidth=2.5, color="k")
             else:
-                w1 = rows[label][key]["wasserstein"]
-                ax.stairs(density, edges, label=f"{label} (W1 {w1:.3g}{unit})", linewidth=1.2)
+                w1 = rows[label][key]["wasserstein"]  # None where the held-out clouds give no values to compare
+                w1 = f" (W1 {w1:.3g}{unit})" if w1 is not None else ""
+                ax.stairs(density, edges, label=f"{label}{w1}", linewidth=1.2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
         ax.set_title(f"{xlabel.split(' (')[0]}: generated sets against the held-out clouds", fontsize=9)

@@ -103,9 +103,10 @@ class GridGeometry:
         """The same box on another grid: resizing changes the spacing, not the box."""
         return GridGeometry(self.box_min_nm, self.box_max_nm, shape)
 
-    def same_box(self, other):
-        """Whether ``other`` covers the same box (to a thousandth of the smaller voxel), whatever the grid."""
-        tolerance = 1e-3 * min(self.spacing_nm.min(), other.spacing_nm.min())
+    def same_box(self, other, tolerance_nm=None):
+        """Whether ``other`` covers the same box, whatever the grid: each corner to ``tolerance_nm`` (a number or
+        [x, y, z]; default a thousandth of the smaller voxel)."""
+        tolerance = 1e-3 * min(self.spacing_nm.min(), other.spacing_nm.min()) if tolerance_nm is None else tolerance_nm
         return np.allclose(self.box_min_nm, other.box_min_nm, atol=tolerance) and np.allclose(
             self.box_max_nm, other.box_max_nm, atol=tolerance
         )

@@ -11,8 +11,9 @@ diffusion model → train the fine stage → sample as many clouds as there are 
 against the reference (the fresh test set, or for your data the validation split) and print the metric table; the
 side-by-side figure of held-out and generated clouds is ``evaluation/renderings.png``. Each command is printed
 before it runs, so any step can be re-run or changed by hand. Everything goes to the demo's own folders
-(``data/demo``, ``outputs/demo``, ``logs/demo``, or ``D/data``, ``D/outputs``, ``D/logs``); re-running replaces
-the demo's files there and nothing else.
+(``data/demo``, ``outputs/demo``, ``logs/demo``, or ``D/data``, ``D/outputs``, ``D/logs``); each folder the demo
+writes into gets a marker (``.run_demo.json``), and re-running replaces the files of folders so marked. A folder there
+that holds anything else (your own trained model in ``D/outputs/autoencoder``, say) is refused before anything runs.
 
 For your clouds the grid's box comes from the data; one large acquisition (a single cloud, e.g. a ThunderSTORM
 CSV) is cut into tiles of a size chosen from its extent, which is printed.
@@ -22,14 +23,20 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.atomic import atomic_path  # noqa: E402
 from scripts.cli import main  # noqa: E402
+from scripts.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".run_demo.json"  # in every folder the demo writes into: only folders holding it are the demo's to replace
+STAGES = ("autoencoder", "diffusion", "refiner")
 
 # The recipe: settings chosen for about 10 minutes on 2 CPU cores, pip included (see docs/README.md); real data at
 # real sizes wants the config defaults on a GPU.
@@ -86,7 +93,58 @@ SUMMARY = (
 
 def _run(args):
     print("$ " + " ".join(str(a) for a in args), flush=True)
-    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+    result = subprocess.run([str(a) for a in args], cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(result.returncode)  # the step has printed its own error line; the demo stops with its status
+
+
+def demo_folders(data, outputs, logs, simulate):
+    """The folders the demo writes into: the simulated clouds' (when it simulates), the conversion's, each stage's
+    checkpoints and logs, the samples' and the evaluation's."""
+    return [
+        *([data] if simulate else []),
+        data / "voxels_nifti",
+        *(outputs / name for name in (*STAGES, "samples", "evaluation")),
+        *(logs / name for name in STAGES),
+    ]
+
+
+def check_demo_folders(folders):
+    """Refuse, before anything runs, a folder the demo would write into that holds files the demo did not write
+    (no :data:`MARKER`): the demo replaces its own earlier output and nothing else."""
+    for folder in map(Path, folders):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder}: the demo writes a folder here, but this is a file; choose another --output_dir")
+        if not folder.is_dir() or (folder / MARKER).is_file():
+            continue
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (f", … ({len(held)} entries)" if len(held) > 3 else "")
+            raise UserError(
+                f"{folder}: holds files the demo did not write ({shown}); the demo replaces only its own output, so "
+                "choose another --output_dir (or move these files away)"
+            )
+
+
+@contextmanager
+def marked_folders(folders, run):
+    """Create the demo's folders, each with a :data:`MARKER` naming this run (``run``: its settings), for the steps
+    inside the ``with``; when they fail, the folders created here that hold nothing but the marker are removed."""
+    stamp = {"written_by": "scripts/run_demo.py", "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    created = []
+    for folder in map(Path, folders):
+        created += [p for p in (folder, *folder.parents) if not p.exists() and p not in created]
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / MARKER) as tmp:
+            tmp.write_text(json.dumps({**stamp, **run}, indent=4) + "\n")
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            if folder.is_dir() and {p.name for p in folder.iterdir()} <= {MARKER}:
+                (folder / MARKER).unlink(missing_ok=True)
+                folder.rmdir()
+        raise
 
 
 def _bundle(config, settings):
@@ -170,124 +228,127 @@ def run_demo(
         if base
         else (Path("data/demo"), Path("outputs/demo"), Path("logs/demo"))
     )
+    folders = demo_folders(data, outputs, logs, simulate=input is None)
+    check_demo_folders(folders)
     convert_flags = []
     reference = None
-    if input is None:
-        source = data / "microtubules.h5"
-        reference = data / "test_clouds.h5"
-        for path, n, s in ((source, n_clouds, seed), (reference, n_test, seed + 1)):
-            _run(
-                [
-                    sys.executable,
-                    "scripts/simulate_smlm.py",
-                    "--output",
-                    path,
-                    "--n_clouds",
-                    n,
-                    "--seed",
-                    s,
-                    "--overwrite",
-                    "true",
-                ]
-            )
-    else:
+    if input is not None:
         source = Path(input)
         convert_flags = _tile_flags(source, tiles, tile_size)
-    dataset = data / "voxels_nifti"
-    _run(
-        [
-            sys.executable,
-            "scripts/convert_h5_to_nifti.py",
-            "--h5_file",
-            source,
-            "--output_dir",
-            dataset,
-            "--voxel_size",
-            json.dumps(VOXEL_SIZE),
-            "--method",
-            "gaussian",
-            "--sigma",
-            "1.0",
-            "--seed",
-            seed,
-            *convert_flags,
-            "--overwrite",
-            "true",
-        ]
-    )
-    common = {"dataset_dir": dataset, "seed": seed, "overwrite": "true"}
-    _bundle(
-        "train_autoencoder.json",
-        {
-            **AUTOENCODER,
-            **common,
-            "voxel_size": json.dumps(VOXEL_SIZE),
-            "n_epochs": autoencoder_epochs,
-            "ckpt_dir": outputs / "autoencoder",
-            "log_dir": logs / "autoencoder",
-        },
-    )
-    autoencoder = outputs / "autoencoder" / "best_model.pt"
-    _bundle(
-        "train_diffusion.json",
-        {
-            **DIFFUSION,
-            **common,
-            "n_epochs": diffusion_epochs,
-            "ckpt_dir": outputs / "diffusion",
-            "log_dir": logs / "diffusion",
-            "autoencoder_path": autoencoder,
-        },
-    )
-    _bundle(
-        "train_refiner.json",
-        {
-            **REFINER,
-            **common,
-            "n_epochs": refiner_epochs,
-            "val_interval": refiner_epochs,  # one validation, at the end, writes best_model.pt
-            "ckpt_dir": outputs / "refiner",
-            "log_dir": logs / "refiner",
-            "autoencoder_path": autoencoder,
-        },
-    )
-    info = json.loads((dataset / "dataset_info.json").read_text())
-    n_reference = n_test if reference else info["counts"]["n_val"]
-    _bundle(
-        "inference.json",
-        {
-            "model_dir": outputs,
-            "output_dir": outputs / "samples",
-            "seed": seed,
-            "num_samples": num_samples or n_reference,
-            "batch_size": 10,
-            "num_inference_steps": DIFFUSION["num_inference_steps"],
-            "overwrite": "true",
-        },
-    )
-    evaluation = outputs / "evaluation"
-    _bundle(
-        "evaluate.json",
-        {
-            "dataset_dir": dataset,
-            "samples_dir": outputs / "samples",
-            "model_dir": outputs,
-            "output_dir": evaluation,
-            "emd_points": 0,
-            "sets": DEMO_ROWS,
-            "num_workers": 2,
-            "seed": seed,
-            "overwrite": "true",
-            **({"reference_file": reference} if reference else {}),
-        },
-    )
-    metrics = json.loads((evaluation / "metrics.json").read_text())
-    print("\n" + summary(metrics) + "\n")
-    print(
-        f"demo finished in {time.perf_counter() - start:.0f} s: samples in {outputs / 'samples'} (nifti/, "
-        f"pointcloud/, preview.png); held-out beside generated clouds: {evaluation / 'renderings.png'}; all metrics: "
-        f"{evaluation / 'metrics.md'}; TensorBoard logs in {logs}"
-    )
+    with marked_folders(folders, {"input": str(input) if input is not None else "simulated", "seed": seed}):
+        if input is None:
+            source = data / "microtubules.h5"
+            reference = data / "test_clouds.h5"
+            for path, n, s in ((source, n_clouds, seed), (reference, n_test, seed + 1)):
+                _run(
+                    [
+                        sys.executable,
+                        "scripts/simulate_smlm.py",
+                        "--output",
+                        path,
+                        "--n_clouds",
+                        n,
+                        "--seed",
+                        s,
+                        "--overwrite",
+                        "true",
+                    ]
+                )
+        dataset = data / "voxels_nifti"
+        _run(
+            [
+                sys.executable,
+                "scripts/convert_h5_to_nifti.py",
+                "--h5_file",
+                source,
+                "--output_dir",
+                dataset,
+                "--voxel_size",
+                json.dumps(VOXEL_SIZE),
+                "--method",
+                "gaussian",
+                "--sigma",
+                "1.0",
+                "--seed",
+                seed,
+                *convert_flags,
+                "--overwrite",
+                "true",
+            ]
+        )
+        common = {"dataset_dir": dataset, "seed": seed, "overwrite": "true"}
+        _bundle(
+            "train_autoencoder.json",
+            {
+                **AUTOENCODER,
+                **common,
+                "voxel_size": json.dumps(VOXEL_SIZE),
+                "n_epochs": autoencoder_epochs,
+                "ckpt_dir": outputs / "autoencoder",
+                "log_dir": logs / "autoencoder",
+            },
+        )
+        autoencoder = outputs / "autoencoder" / "best_model.pt"
+        _bundle(
+            "train_diffusion.json",
+            {
+                **DIFFUSION,
+                **common,
+                "n_epochs": diffusion_epochs,
+                "ckpt_dir": outputs / "diffusion",
+                "log_dir": logs / "diffusion",
+                "autoencoder_path": autoencoder,
+            },
+        )
+        _bundle(
+            "train_refiner.json",
+            {
+                **REFINER,
+                **common,
+                "n_epochs": refiner_epochs,
+                "val_interval": refiner_epochs,  # one validation, at the end, writes best_model.pt
+                "ckpt_dir": outputs / "refiner",
+                "log_dir": logs / "refiner",
+                "autoencoder_path": autoencoder,
+            },
+        )
+        info = json.loads((dataset / "dataset_info.json").read_text())
+        n_reference = n_test if reference else info["counts"]["n_val"]
+        _bundle(
+            "inference.json",
+            {
+                "model_dir": outputs,
+                "output_dir": outputs / "samples",
+                "seed": seed,
+                "num_samples": num_samples or n_reference,
+                "batch_size": 10,
+                "num_inference_steps": DIFFUSION["num_inference_steps"],
+                "overwrite": "true",
+            },
+        )
+        evaluation = outputs / "evaluation"
+        _bundle(
+            "evaluate.json",
+            {
+                "dataset_dir": dataset,
+                "samples_dir": outputs / "samples",
+                "model_dir": outputs,
+                "output_dir": evaluation,
+                "emd_points": 0,
+                "sets": DEMO_ROWS,
+                "num_workers": 2,
+                "seed": seed,
+                "overwrite": "true",
+                **({"reference_file": reference} if reference else {}),
+            },
+        )
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        print("\n" + summary(metrics) + "\n")
+        print(
+            f"demo finished in {time.perf_counter() - start:.0f} s: samples in {outputs / 'samples'} (nifti/, "
+            f"pointcloud/, preview.png); held-out beside generated clouds: {evaluation / 'renderings.png'}; all metrics: "
+            f"{evaluation / 'metrics.md'}; TensorBoard logs in {logs}"
+        )
 
 
 if __name__ == "__main__":
