@@ -31,6 +31,7 @@ from scripts.geometry import GridGeometry
 from scripts.metrics import (
     box_normalize,
     chamfer_matrix,
+    classifier_two_sample_test,
     compare_distributions,
     dice_iou,
     emd_set_blocks,
@@ -39,6 +40,7 @@ from scripts.metrics import (
     pair_distances,
     psnr,
     set_metrics,
+    statistic_features,
     subsample,
 )
 from scripts.outputs import StagedOutput, listed_files
@@ -91,6 +93,10 @@ class Evaluation:
         max_reference_clouds: use at most this many held-out clouds (seeded choice); ``None``: all.
         structure_radius_nm: neighbourhood radius of the linearity and planarity statistics.
         pair_range_nm: ``[r_min, r_max]`` of the pair-distance statistic (and of Ripley's L).
+        realism_test: add each set's classifier two-sample test against the held-out clouds (``realism``: the
+            cross-validated accuracy of a logistic regression on per-cloud statistics, see
+            :func:`scripts.metrics.classifier_two_sample_test`; 50 %: indistinguishable, 100 %: always told apart).
+        realism_folds: its cross-validation folds (at most the clouds per set).
         sets: the rows to compute (names of :data:`ROWS`); ``None``: all (the refined and voxel-uniform rows need a
             fine stage).
         batch_size: volumes per autoencoder forward pass.
@@ -124,6 +130,8 @@ class Evaluation:
         max_reference_clouds=None,
         structure_radius_nm=150.0,
         pair_range_nm=(20.0, 500.0),
+        realism_test=True,
+        realism_folds=5,
         sets=None,
         batch_size=2,
         num_pictures=6,
@@ -137,7 +145,8 @@ class Evaluation:
         self.dataset_dir, self.samples_dir, self.output_dir = Path(dataset_dir), Path(samples_dir), Path(output_dir)
         checked = {"num_points": num_points, "num_pictures": num_pictures, "batch_size": batch_size, "sets": sets}
         checked.update(emd_points=emd_points, structure_radius_nm=structure_radius_nm, pair_range_nm=pair_range_nm)
-        checked["reference_box_tolerance"] = reference_box_tolerance
+        checked.update(reference_box_tolerance=reference_box_tolerance, realism_test=realism_test)
+        checked["realism_folds"] = realism_folds
         checked = check_values(checked, "evaluate")
         if emd_points is not None and emd_points > num_points:
             raise UserError(
@@ -182,6 +191,7 @@ class Evaluation:
             self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
         self.structure_radius_nm, self.pair_range_nm = float(structure_radius_nm), tuple(map(float, pair_range_nm))
         self.sets = checked["sets"]
+        self.realism_test, self.realism_folds = checked["realism_test"], checked["realism_folds"]
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -338,17 +348,19 @@ class Evaluation:
 
     def _statistics(self, clouds, stream):
         """What a microscopist reads off clouds, pooled over them: nearest-neighbour distances, z, local linearity
-        and planarity, and the distances of point pairs within ``pair_range_nm`` (all in nm but the shapes)."""
+        and planarity, and the distances of point pairs within ``pair_range_nm`` (all in nm but the shapes); and each
+        cloud's :func:`~scripts.metrics.statistic_features` (one row per cloud, for the realism test)."""
         rng = self._rng(stream)
-        stats = {key: [] for key in STATISTICS}
+        stats, features = {key: [] for key in STATISTICS}, []
         for cloud in clouds:
-            stats["nn_distance_nm"].append(nn_distances_nm(cloud))
-            stats["z_nm"].append(cloud[:, 2])
+            nn, z = nn_distances_nm(cloud), cloud[:, 2]
             linearity, planarity = local_shape(cloud, self.structure_radius_nm, rng=rng)
-            stats["linearity"].append(linearity)
-            stats["planarity"].append(planarity)
-            stats["pair_distance_nm"].append(pair_distances(cloud, *self.pair_range_nm, rng=rng))
-        return {key: np.concatenate(values) if values else np.zeros(0) for key, values in stats.items()}
+            pairs = pair_distances(cloud, *self.pair_range_nm, rng=rng)
+            for key, values in zip(STATISTICS, (nn, z, linearity, planarity, pairs)):
+                stats[key].append(values)
+            features.append(statistic_features(len(cloud), nn, z, linearity, planarity, pairs, self.pair_range_nm))
+        pooled = {key: np.concatenate(values) if values else np.zeros(0) for key, values in stats.items()}
+        return pooled, np.array(features).reshape(len(features), -1)
 
     def _grid_stats(self, grids, real_grids):
         fraction = [float(np.mean(g > self.threshold)) for g in grids]
@@ -426,15 +438,19 @@ class Evaluation:
         reference = {"cd_clouds": full, "cd": chamfer_matrix(full, workers=self.workers)}
         if small is not None:
             reference.update(emd_clouds=small, emd_cache={})
-        real = self._statistics(real_clouds, 9)
+        real, real_features = self._statistics(real_clouds, 9)
         rows, curves = {}, {key: {"held-out": values} for key, values in real.items()}
         for k, (name, (clouds, grids)) in enumerate(sets.items()):
             logger.info(f"{name}: {len(clouds)} clouds against {len(real_clouds)} held-out clouds")
             row = self._point_metrics(clouds, reference, (5, k))
-            stats = self._statistics([c for c in clouds if len(c)], 10 + k)
+            stats, features = self._statistics([c for c in clouds if len(c)], 10 + k)
             for key, values in stats.items():
                 row[key] = compare_distributions(values, real[key])
                 curves[key][name] = values
+            if self.realism_test:
+                row["realism"] = classifier_two_sample_test(
+                    features, real_features, self.realism_folds, [self.seed, 11, k]
+                )
             if grids is not None:
                 row.update(self._grid_stats(grids, real_grids))
             rows[name] = row
@@ -459,6 +475,10 @@ class Evaluation:
             "reference": str(self.reference_file) if self.reference_file else "val_points.h5",
             "structure_radius_nm": self.structure_radius_nm,
             "pair_range_nm": list(self.pair_range_nm),
+            "realism_folds": self.realism_folds if self.realism_test else None,
+            "realism": "classifier two-sample test: held-out accuracy of an L2-regularised logistic regression on "
+            "per-cloud statistics (NN distance, z, linearity and planarity quantiles, pair-distance histogram, point "
+            "count) telling the set's clouds from as many held-out ones, cross-validated",
             "rows": ROWS,
         }
 

@@ -45,10 +45,22 @@ def _point_metrics(settings, rows):
         "`reconstruction`, whose every cloud has its original in the held-out set; a high generated and a low held-out "
         "accuracy: generated clouds that sit between all real ones, such as blurred ones). COV is at most n gen / n "
         "ref and MMD falls as n gen grows: compare rows of equal size (sample as many clouds as are held out).",
-        "",
     ]
+    realism = settings.get("realism_folds") is not None
+    if realism:
+        lines += [
+            "",
+            f"C2ST (realism test): the {settings['realism_folds']}-fold (at most one fold per cloud) cross-validated "
+            "accuracy ± its standard error over the folds of a logistic regression telling the set's non-empty clouds "
+            "from as many held-out ones by their statistics (NN-distance, z, linearity and planarity quantiles, "
+            "pair-distance histogram, point count): 50 % the sets cannot be told apart, 100 % always.",
+        ]
+    lines.append("")
     header = "| set | n gen / n ref (empty) | MMD-CD (×10³) | COV-CD (%) | 1-NNA-CD (%) (gen / ref) |"
     rule = "|---|---:|---:|---:|---:|"
+    if realism:
+        header += " C2ST (%) |"
+        rule += "---:|"
     if emd:
         header += f" MMD-EMD{settings['emd_points']} (×10²) | COV-EMD (%) | 1-NNA-EMD (%) (gen / ref) |"
         rule += "---:|---:|---:|"
@@ -59,6 +71,10 @@ def _point_metrics(settings, rows):
             m = row.get(key, {})
             line += f" {_num(m.get('mmd'), scale, 3)} | {_num(m.get('cov'), 100, 1)} | {_num(m.get('1nna'), 100, 1)}"
             line += f" ({_num(m.get('1nna_generated'), 100, 0)} / {_num(m.get('1nna_reference'), 100, 0)}) |"
+            if key == "cd" and realism:
+                c2st = row.get("realism") or {}
+                line += f" {_num(c2st.get('accuracy'), 100, 1)}"
+                line += f" ± {_num(c2st['stderr'], 100, 1)} |" if c2st.get("stderr") is not None else " |"
         lines.append(line)
     return lines
 

@@ -87,6 +87,7 @@ SUMMARY = (
     ("MMD-CD ×10³", "cd", "mmd", 1e3, 3),
     ("COV-CD %", "cd", "cov", 100, 1),
     ("1-NNA-CD %", "cd", "1nna", 100, 1),
+    ("C2ST %", "realism", "accuracy", 100, 1),
     ("foreground %", "foreground_fraction", "mean", 100, 1),
 )
 

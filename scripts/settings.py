@@ -256,6 +256,8 @@ SETTINGS = {
     "reference_box_tolerance": number(0),
     "structure_radius_nm": number(0, above=True),
     "pair_range_nm": list_of(number(0)),
+    "realism_test": flag,
+    "realism_folds": integer(2),
     "sets": list_of(
         choice(
             "train_vs_heldout",

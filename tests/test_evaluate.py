@@ -52,6 +52,10 @@ def test_evaluate_writes_metrics_json(evaluated):
         for key in ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm"):
             assert row[key]["wasserstein"] >= 0 and row[key]["reference_mean"] is not None
         assert 0 <= row["foreground_fraction"]["mean"] <= 1 and "wasserstein" in row["foreground_intensity"]
+        # the realism test of each set's non-empty clouds: one sample cloud is too few to cross-validate
+        realism = row["realism"]
+        assert realism["n"] == row["n_generated"] and realism["folds"] == min(5, realism["n"])
+        assert realism["accuracy"] is None if name == "samples" else 0 <= realism["accuracy"] <= 1
     grid = results["reconstruction_grids"]
     assert 0 <= grid["dice"]["mean"] <= 1 and 0 <= grid["iou"]["mean"] <= grid["dice"]["mean"]
     assert grid["psnr"]["mean"] > 0
@@ -79,6 +83,7 @@ def test_evaluate_writes_markdown_and_figures(evaluated):
     for needle in ROWS + ["| set | n gen / n ref (empty) | MMD-CD (×10³)", "1-NNA-EMD", "| Dice | IoU | PSNR (dB) |"]:
         assert needle in text
     assert "## Structure statistics" in text and "| set | linearity | W1 | planarity | W1 |" in text
+    assert "| 1-NNA-CD (%) (gen / ref) | C2ST (%) |" in text and "C2ST (realism test): the 5-fold" in text
     for name in ("projections.png", "renderings.png", "nn_distance.png", "z.png", "linearity.png", "pair_distance.png"):
         assert (evaluated / name).read_bytes()[:8] == PNG
 
@@ -121,3 +126,29 @@ def test_evaluate_cli_error_is_one_line(dataset_dir, model_dir, tmp_path):
         f"error: {tmp_path / 'nothing'}: no such samples folder; sample first: python -m monai.bundle run "
         "--config_file configs/inference.json"
     )
+
+
+def test_demo_summary_has_the_realism_column(evaluated):
+    from scripts.run_demo import summary
+
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    lines = summary(metrics).splitlines()
+    assert "| C2ST % |" in lines[0]
+    column = lines[0].split(" | ").index("C2ST %")
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[column] for line in lines[2 : 2 + len(ROWS)]}
+    assert cells["samples"] == "–"  # too few clouds
+    assert cells["train_vs_heldout"] == f"{metrics['rows']['train_vs_heldout']['realism']['accuracy'] * 100:.1f}"
+
+
+def test_realism_test_can_be_turned_off(dataset_dir, model_dir, samples_dir, tmp_path):
+    run_workflow(
+        "evaluate.json",
+        dataset_dir=str(dataset_dir),
+        samples_dir=str(samples_dir),
+        model_dir=str(model_dir),
+        output_dir=str(tmp_path / "e"),
+        **{**SMALL, "emd_points": 0, "sets": ["train_vs_heldout"], "realism_test": "false"},
+    )
+    results = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert "realism" not in results["rows"]["train_vs_heldout"] and results["settings"]["realism_folds"] is None
+    assert "C2ST" not in (tmp_path / "e" / "metrics.md").read_text()

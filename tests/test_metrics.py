@@ -7,6 +7,8 @@ from scripts.metrics import (
     box_normalize,
     chamfer_distance,
     chamfer_matrix,
+    classifier_two_sample_test,
+    cloud_features,
     compare_distributions,
     dice_iou,
     emd,
@@ -20,6 +22,7 @@ from scripts.metrics import (
     set_metrics,
     subsample,
 )
+from scripts.simulate_smlm import simulate_microtubules
 
 
 def blobs(n_clouds, rng, n_points=64, shift=0.0):
@@ -202,3 +205,40 @@ def test_histogram_w1_matches_scipy():
     edges = np.linspace(0, 500, 2001)
     w1 = histogram_w1(np.histogram(a, edges)[0], np.histogram(b, edges)[0], edges[1] - edges[0])
     assert abs(w1 - wasserstein_distance(a, b)) < 0.125  # half a bin
+
+
+@pytest.fixture(scope="module")
+def filament_features():
+    """Statistic vectors of 100 simulated microtubule clouds, and of as many uniform hazes of the same point counts in
+    the same box."""
+    clouds = simulate_microtubules(100, seed=3, mean_points=3000)
+    rng = np.random.default_rng(0)
+    haze = [rng.uniform((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0), (len(c), 3)) for c in clouds]
+    features = [np.stack([cloud_features(c, rng=i) for i, c in enumerate(s)]) for s in (clouds, haze)]
+    return features
+
+
+def test_realism_of_two_halves_of_one_set_is_chance(filament_features):
+    clouds, _ = filament_features
+    result = classifier_two_sample_test(clouds[:50], clouds[50:], folds=5, seed=0)
+    assert result["n"] == 50 and result["folds"] == 5
+    assert 0.3 <= result["accuracy"] <= 0.7, result
+    assert 0 < result["stderr"] < 0.15
+    # seeded: the same call gives the same folds and accuracy
+    assert classifier_two_sample_test(clouds[:50], clouds[50:], folds=5, seed=0) == result
+
+
+def test_realism_of_haze_against_filaments_is_near_one(filament_features):
+    clouds, haze = filament_features
+    result = classifier_two_sample_test(haze[:50], clouds[50:], folds=5, seed=0)
+    assert result["accuracy"] >= 0.9, result
+
+
+def test_realism_balances_sets_and_refuses_bad_folds(filament_features):
+    clouds, haze = filament_features
+    result = classifier_two_sample_test(haze[:7], clouds, folds=5, seed=1)  # the larger set is subsampled to 7
+    assert result["n"] == 7 and result["folds"] == 5 and result["accuracy"] >= 0.9
+    assert classifier_two_sample_test(haze[:3], clouds, folds=5)["folds"] == 3  # at most one cloud per fold
+    assert classifier_two_sample_test(haze[:1], clouds)["accuracy"] is None
+    with pytest.raises(ValueError, match="folds must be an integer >= 2, got 1"):
+        classifier_two_sample_test(haze, clouds, folds=1)
