@@ -135,7 +135,7 @@ def values(rows):
 
 def spread_verdict(rflow, ddim):
     """Per metric: RFlow-10's mean minus DDIM-50's, and whether it lies within twice the larger of the two seeds'
-    standard deviations (the run-to-run spread). Better: a higher COV, a 1-NNA nearer 50 %, lower elsewhere."""
+    standard deviations (the run-to-run spread). Better: a higher COV, a 1-NNA or C2ST nearer 50 %, lower elsewhere."""
     cells, matched = [], []
     for m, (name, *_, scale) in enumerate(METRICS):
         a = np.array([v[m] for v in rflow], float) * scale
@@ -144,7 +144,7 @@ def spread_verdict(rflow, ddim):
         diff = a.mean() - b.mean()
         if name.startswith("COV"):
             better = diff > 0
-        elif name.startswith("1-NNA"):
+        elif name.startswith(("1-NNA", "C2ST")):  # both: 50 % is a perfect match
             better = abs(a.mean() - 50) < abs(b.mean() - 50)
         else:
             better = diff < 0
