@@ -137,8 +137,11 @@ def ship_checkpoint(ckpt, models_dir):
     with open(path, "wb") as f:
         _torch_save(dict(ckpt[key]), f)
     entry = {k: _plain(ckpt[k]) for k in SHIPPED_KEYS if k in ckpt}
-    if "dataset_info" in entry:  # the training files' list stays with the user
-        entry["dataset_info"] = {k: v for k, v in entry["dataset_info"].items() if k != "files"}
+    if "dataset_info" in entry:  # the training files' list and where the data lie stay with the user: names only
+        info = {k: v for k, v in entry["dataset_info"].items() if k != "files"}
+        if isinstance(info.get("source", {}).get("file"), str):
+            info["source"] = dict(info["source"], file=Path(info["source"]["file"]).name)
+        entry["dataset_info"] = info
     return path, {"sha256": file_sha256(path), "checkpoint": entry}
 
 

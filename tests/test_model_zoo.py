@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,8 @@ def test_published_weights_sample_the_same_clouds(model_dir, tmp_path):
     key = "unet_ema" if "unet_ema" in trained else "unet"
     assert all(torch.equal(shipped["unet"][k], v) for k, v in trained[key].items())
     assert "optimizer" not in shipped and "files" not in shipped["dataset_info"]
+    assert shipped["dataset_info"]["source"]["file"] == Path(trained["dataset_info"]["source"]["file"]).name
+    assert str(model_dir.parent) not in (tmp_path / "models" / "checkpoints.json").read_text()
     common = {"num_samples": 2, "num_inference_steps": 3, "seed": 5, "preview": False}
     run_workflow("inference.json", model_dir=str(model_dir), output_dir=str(tmp_path / "a"), **common)
     run_workflow("inference.json", model_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "b"), **common)
