@@ -1,0 +1,323 @@
+"""Stage 2's scaling curve: what training steps, data and augmentation buy, scored on the samples.
+
+Run from the bundle root; long, so in the background, into a folder that outlives the session::
+
+    OMP_WAIT_POLICY=PASSIVE nohup python benchmarks/benchmark_stage2_scaling.py --work_dir ~/runs/scaling \
+        --rows 1000:on --milestones 1000,2000,4000,8000,16000 > ~/runs/scaling.log 2>&1 &
+
+Run it again with the same arguments to go on: a row resumes from its last milestone (``resume_from``), and
+milestones already scored are read back. ``--quick`` is a smoke check (tiny rows, a few steps, 10 samples).
+
+Every row trains stage 2 with the demo's recipe (``scripts/run_demo.py``: its UNet, batch, learning rate and
+rectified flow), on the autoencoder of ``--model_dir`` (default: the shipped ``models/``, the demo's), for ``N``
+simulated training clouds (``N:on`` with the flips and rotations, ``N:off`` without). 102 is the demo's own data
+(128 clouds, seed 0, 80/20 split); other sizes are simulated with the demo's simulator and box, seed ``N``, with 100
+validation clouds. At each milestone (optimizer steps, rounded up to whole epochs) the row samples 100 clouds through
+the fine stage of ``--model_dir`` and scores them against the demo's 100 test clouds (seed 1) with
+``configs/evaluate.json`` (every statistic of the model card and the realism test), keeps the renders, and checks
+memorisation: each sample's Chamfer distance to its nearest training cloud, beside the test clouds' own.
+"""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT  # noqa: E402
+
+# isort: split
+import numpy as np  # noqa: E402
+from scripts import run_demo  # noqa: E402
+
+BATCH = run_demo.DIFFUSION["batch_size"]
+N_VAL = 100  # validation clouds of the simulated sizes
+N_SCORED = 100  # samples per milestone, and test clouds
+MEMO_POINTS = 2048
+COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy (Carlini et al., 2023)  # points per cloud in the memorisation check (as the set metrics)
+QUICK = {"rows": "16:on", "milestones": "4,8", "n_test": 10, "n_val": 4}
+
+
+def _run(args, log):
+    """Run a command, its output appended to ``log``; stop the benchmark when it fails."""
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(map(str, args)) + "\n")
+        f.flush()
+        result = subprocess.run(list(map(str, args)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): {' '.join(map(str, args))}; see {log}")
+
+
+def _bundle(config, settings, log):
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}"]
+    for key, value in settings.items():
+        args += [f"--{key}", value]
+    _run(args, log)
+
+
+def _simulate(path, n, seed, log):
+    if not path.is_file():
+        _run([sys.executable, "scripts/simulate_smlm.py", "--output", path, "--n_clouds", n, "--seed", seed], log)
+
+
+def in_box(source, output, box_min, box_max):
+    """The clouds of ``source`` clipped to the autoencoder's box (a point moves at most a fraction of a nm: that box
+    is the demo data's extent), with the box's two corners added to the first cloud, so that the converter, which
+    takes the box from the data, converts them into the autoencoder's box exactly."""
+    from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5
+
+    clouds, _ = read_point_clouds(source)
+    clouds = [np.clip(c, box_min, box_max).astype(np.float32) for c in clouds]
+    clouds[0] = np.concatenate([clouds[0], np.array([box_min, box_max], np.float32)])
+    write_point_clouds_h5(output, clouds)
+
+
+def prepare_row(row, n_train, n_val, geometry, log):
+    """Simulate and convert the row's clouds (once): the demo's data for 102, else ``n_train`` + ``n_val`` in the
+    autoencoder's box (``geometry``)."""
+    dataset = row / "voxels_nifti"
+    if (dataset / "dataset_info.json").is_file():
+        return dataset
+    clouds = row / "clouds.h5"
+    if n_train == 102:
+        _simulate(clouds, 128, 0, log)
+        ratio = 0.8
+    else:
+        _simulate(row / "simulated.h5", n_train + n_val, n_train, log)
+        if not clouds.is_file():
+            in_box(row / "simulated.h5", clouds, geometry["box_min_nm"], geometry["box_max_nm"])
+        ratio = n_train / (n_train + n_val)
+    _run(
+        [
+            sys.executable,
+            "scripts/convert_h5_to_nifti.py",
+            "--h5_file",
+            clouds,
+            "--output_dir",
+            dataset,
+            "--voxel_size",
+            json.dumps(run_demo.VOXEL_SIZE),
+            "--method",
+            "gaussian",
+            "--sigma",
+            "1.0",
+            "--train_ratio",
+            ratio,
+            "--seed",
+            0,
+        ],
+        log,
+    )
+    return dataset
+
+
+def train_to(row, dataset, models, augment, epochs, log, quick):
+    """Train the row's stage 2 to ``epochs`` (resuming the row's latest checkpoint) and return the last
+    validation loss."""
+    ckpt = row / "diffusion"
+    latest = ckpt / "latest_checkpoint.pt"
+    settings = {
+        **run_demo.DIFFUSION,
+        **({"num_channels": "[8,16,32]", "num_head_channels": "[0,0,8]", "norm_num_groups": 8} if quick else {}),
+        "flip_x": augment,
+        "flip_y": augment,
+        "rotate_z": augment,
+        "dataset_dir": dataset,
+        "n_epochs": epochs,
+        "val_interval": 10,
+        "generate_samples_interval": 10**6,
+        "ckpt_dir": ckpt,
+        "log_dir": row / "logs",
+        "seed": 0,
+        "autoencoder_path": models / "model_autoencoder.pt",
+        **({"resume_from": latest} if latest.is_file() else {}),
+    }
+    train_log = row / "train.log"
+    start = train_log.stat().st_size if train_log.is_file() else 0
+    _bundle("train_diffusion.json", settings, train_log)
+    losses = re.findall(r"Metrics -- \S*?: ([0-9.eE+-]+)", train_log.read_text()[start:])
+    return float(losses[-1]) if losses else float("nan")
+
+
+def memorisation(samples, train, test, rng):
+    """For each sample and each test cloud: the Chamfer distance to its nearest training cloud, and its ratio to the
+    distance to the second nearest (clouds subsampled to :data:`MEMO_POINTS` points, divided by the box's largest
+    extent, as in the evaluation). A copy of a training cloud is much nearer that cloud than any other (ratio well
+    below 1); a blurred average of several is about as near to each (ratio near 1)."""
+    from scripts.metrics import chamfer_matrix, subsample
+
+    def prepared(clouds):
+        return [subsample(c, MEMO_POINTS, rng) / 5000.0 for c in clouds]
+
+    train_p = prepared(train)
+    out = []
+    for clouds in (samples, test):
+        nearest = np.sort(chamfer_matrix(prepared(clouds), train_p, workers=2), axis=1)[:, :2]
+        out.append((nearest[:, 0], nearest[:, 0] / nearest[:, 1]))
+    return out
+
+
+def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with_reference_rows):
+    """Sample and evaluate the checkpoint ``ckpt_file``; return the evaluation's rows and the memorisation check."""
+    from scripts.pointcloud_io import read_point_clouds
+
+    out = row / f"step{step}"
+    result_file = out / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    model_dir = out / "models"
+    (model_dir / "diffusion").mkdir(parents=True, exist_ok=True)
+    for name in ("model_autoencoder.pt", "model_refiner.pt", "checkpoints.json"):
+        if not (model_dir / name).exists():
+            (model_dir / name).symlink_to((models / name).resolve())
+    shutil.copyfile(ckpt_file, model_dir / "diffusion" / "best_model.pt")
+    _bundle(
+        "inference.json",
+        {
+            "model_dir": model_dir,
+            "output_dir": out / "samples",
+            "num_samples": n_samples,
+            "output_formats": "['nifti','csv','h5']",
+            "batch_size": 10,
+            "seed": 0,
+            "num_inference_steps": run_demo.DIFFUSION["num_inference_steps"],
+            "overwrite": "true",
+        },
+        log,
+    )
+    sets = ["train_vs_heldout", "mean_grid_baseline", "samples"] if with_reference_rows else ["samples"]
+    _bundle(
+        "evaluate.json",
+        {
+            "dataset_dir": dataset,
+            "samples_dir": out / "samples",
+            "model_dir": model_dir,
+            "output_dir": out / "evaluation",
+            "emd_points": 0,
+            "num_workers": 2,
+            "reference_file": reference,
+            "sets": "[" + ",".join(f"'{s}'" for s in sets) + "]",
+            "overwrite": "true",
+        },
+        log,
+    )
+    rows = json.loads((out / "evaluation" / "metrics.json").read_text())["rows"]
+    samples, _ = read_point_clouds(out / "samples" / "pointcloud" / "samples.h5")
+    train, _ = read_point_clouds(dataset / "train_points.h5")
+    test, _ = read_point_clouds(reference)
+    (to_train, ratio), (test_to_train, test_ratio) = memorisation(samples, train, test, np.random.default_rng(0))
+    result = {
+        "rows": rows,
+        "memorisation": {
+            "sample_median": float(np.median(to_train)),
+            "test_median": float(np.median(test_to_train)),
+            "sample_ratio": float(np.median(ratio)),
+            "test_ratio": float(np.median(test_ratio)),
+            "copies": int((ratio < COPY_RATIO).sum()),  # much nearer one training cloud than the next: a copy
+            "n": len(to_train),
+        },
+    }
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    shutil.rmtree(out / "samples" / "nifti", ignore_errors=True)  # the grids are large; the points and renders stay
+    (out / "models" / "diffusion" / "best_model.pt").unlink()
+    return result
+
+
+def table(results):
+    head = ["clouds", "flips/rot.", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
+    lines = [
+        "| " + " | ".join(head) + " | copies | CD to nearest train ×10³ (samples / test) | nearest / 2nd (samples / test) |",
+        "|---:|---|---:|---:|---:|" + "---:|" * len(run_demo.SUMMARY) + "---:|---|---|",
+    ]
+    for r in results:
+        m = r["memorisation"]
+        lines.append(
+            f"| {r['n_train']} | {r['augment']} | {r['steps']} | {r['val_loss']:.4f} | {r['minutes']:.0f} | "
+            f"{run_demo.summary_cells(r['rows']['samples'])} | {m['copies']}/{m['n']} | "
+            f"{m['sample_median'] * 1e3:.2f} / {m['test_median'] * 1e3:.2f} | "
+            f"{m['sample_ratio']:.2f} / {m['test_ratio']:.2f} |"
+        )
+    return lines
+
+
+def main():
+    parser = common.arg_parser(__doc__, "one tiny row, two milestones of a few steps: a smoke check", tmpdir=None)
+    parser.add_argument("--work_dir", default=None, help="where rows, checkpoints and scores go (kept; required)")
+    parser.add_argument("--rows", default="102:off,102:on,1000:off,1000:on,5000:off,5000:on", help="N:on|off,...")
+    parser.add_argument("--milestones", default="1000,2000,4000,8000,16000", help="optimizer steps, comma separated")
+    parser.add_argument("--model_dir", default=str(ROOT / "models"), help="autoencoder and fine stage (shipped)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.milestones = QUICK["rows"], QUICK["milestones"]
+    if not args.work_dir:
+        parser.error("--work_dir is required: the rows' checkpoints and scores are kept there to resume")
+    work, models = Path(args.work_dir).expanduser().resolve(), Path(args.model_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    n_test = QUICK["n_test"] if args.quick else N_SCORED
+    n_val = QUICK["n_val"] if args.quick else N_VAL
+    geometry = json.loads((models / "checkpoints.json").read_text())["model_autoencoder.pt"]["checkpoint"]
+    geometry = geometry["dataset_info"]["geometry"]
+    reference = work / "test_clouds.h5"
+    _simulate(reference, n_test, 1, log)  # the demo's test clouds
+    load = common.load_average()
+    results = []
+    for spec in args.rows.split(","):
+        size, augment = spec.split(":")
+        n_train, augment = int(size), {"on": True, "off": False}[augment]
+        row = work / f"n{n_train}_{'aug' if augment else 'noaug'}"
+        row.mkdir(exist_ok=True)
+        dataset = prepare_row(row, n_train, n_val, geometry, log)
+        n_actual = json.loads((dataset / "dataset_info.json").read_text())["counts"]["n_train"]
+        per_epoch = math.ceil(n_actual / BATCH)
+        timing_file = row / "minutes.json"
+        minutes = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+        milestones = [int(m) for m in args.milestones.split(",")]
+        for step in milestones:
+            epochs = math.ceil(step / per_epoch)
+            kept = row / f"step{step}.pt"
+            if not kept.is_file():
+                start = time.perf_counter()
+                val_loss = train_to(row, dataset, models, augment, epochs, log, args.quick)
+                previous = max([v["minutes"] for v in minutes.values()], default=0.0)
+                minutes[str(step)] = {"minutes": previous + (time.perf_counter() - start) / 60, "val_loss": val_loss}
+                shutil.copyfile(row / "diffusion" / "latest_checkpoint.pt", kept)
+                timing_file.write_text(json.dumps(minutes, indent=1) + "\n")
+            result = score(row, dataset, models, kept, reference, step, n_test, log, step == milestones[0])
+            results.append(
+                {
+                    **result,
+                    "n_train": n_actual,
+                    "augment": "on" if augment else "off",
+                    "steps": epochs * per_epoch,
+                    **minutes[str(step)],
+                }
+            )
+            print("\n".join(table(results[-1:])[2:]), flush=True)
+    import monai
+    import torch
+
+    lines = common.machine_header("Stage 2's scaling curve", args.quick, load, (torch, monai, np), torch_info=True)
+    lines += [
+        f"The demo's stage-2 recipe on the autoencoder and fine stage of {models}; {n_test} samples per milestone "
+        f"against {n_test} test clouds (the demo's, seed 1); minutes: this row's training so far.",
+        "",
+        *table(results),
+    ]
+    first = next((r for r in results if "train_vs_heldout" in r["rows"]), None)
+    if first:
+        lines.append(f"| floor: training clouds | | | | | {run_demo.summary_cells(first['rows']['train_vs_heldout'])} | |")
+        lines.append(f"| mean-grid baseline | | | | | {run_demo.summary_cells(first['rows']['mean_grid_baseline'])} | |")
+    report = "\n".join(lines)
+    (work / "report.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
