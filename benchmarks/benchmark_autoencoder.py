@@ -5,7 +5,8 @@ Run from the bundle root::
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_autoencoder.py [--quick]
 
 Cases: (1) the bundle (``ConfigWorkflow`` on the config, ``VaeGanTrainer``, its handlers and MONAI data pipeline)
-against a hand-written loop of the same generator + discriminator step over the same volumes held in memory:
+against a plain loop of the same generator + discriminator step (``VaeGanTrainer._iteration``, called without
+ignite's engine) over the same volumes held in memory:
 seconds per training iteration, data loading between iterations included, start-up excluded; (2) the seed's
 default network on this CPU: one generator + discriminator step at batch 2 on 32³ and 64³ grids, bf16 autocast vs
 fp32; (3) where CUDA is available, the same on the GPU with fp16 autocast + GradScaler vs fp32, with peak memory.
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import BATCH, ROOT, SEED, TINY_AUTOENCODER, TRAINING, TRAINING_QUICK  # noqa: E402
+from benchmarks.common import BATCH, RECON_KEYS, ROOT, SEED, TINY_AUTOENCODER, TRAINING, TRAINING_QUICK  # noqa: E402
 
 # isort: split
 import ignite  # noqa: E402
@@ -32,14 +33,10 @@ import monai  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from monai.losses import PatchAdversarialLoss  # noqa: E402
-from monai.networks.nets import AutoencoderKL, PatchDiscriminator  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
-from scripts.amp import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
-from scripts.losses import ReconstructionLoss, kl_loss  # noqa: E402
+from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
 
 CONFIG = ROOT / "configs" / "train_autoencoder.json"
-RECON_KEYS = ("l1_weight", "mse_weight", "fg_l1_weight", "fg_weight", "fg_threshold", "dice_weight")
 
 # The seed's default network is the config's own; --quick swaps in the tests' tiny one (tests/conftest.py).
 FULL = {
@@ -90,59 +87,9 @@ def config_values(overrides):
     return values
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The plain loop's step: VaeGanTrainer._iteration with the adversarial term on, written out by hand
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class PlainStep:
-    """Networks, optimizers and losses as the config builds them; ``__call__`` is one generator step, then one
-    discriminator step, in the order and precision of ``scripts.engines.VaeGanTrainer``."""
-
-    def __init__(self, values, device, amp_dtype):
-        self.device, self.amp_dtype = torch.device(device), amp_dtype
-        self.autoencoder = AutoencoderKL(**values["autoencoder_args"]).to(self.device)
-        self.discriminator = PatchDiscriminator(**values["discriminator_args"]).to(self.device)
-        self.g_optimizer = torch.optim.Adam(self.autoencoder.parameters(), lr=values["learning_rate"])
-        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=values["discriminator_learning_rate"])
-        self.recon_loss = ReconstructionLoss(**{k: values[k] for k in RECON_KEYS})
-        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
-        self.kl_weight, self.adv_weight = values["kl_weight"], values["adv_weight"]
-        use_scaler = amp_dtype == torch.float16
-        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    def autocast(self):
-        return autocast_context(self.device, self.amp_dtype)
-
-    def __call__(self, images):
-        images = images.to(self.device)
-        self.autoencoder.train()
-        self.g_optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            recon, z_mu, z_sigma = self.autoencoder(images)
-        recon = recon.float()
-        g_loss = self.recon_loss(recon, images) + self.kl_weight * kl_loss(z_mu.float(), z_sigma.float())
-        with self.autocast():
-            logits = self.discriminator(recon.contiguous())[-1]
-        g_loss = g_loss + self.adv_weight * self.adv_loss(logits.float(), target_is_real=True, for_discriminator=False)
-        self.g_scaler.scale(g_loss).backward()
-        self.g_scaler.step(self.g_optimizer)
-        self.g_scaler.update()
-
-        self.discriminator.train()
-        self.d_optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            fake = self.discriminator(recon.detach().contiguous())[-1].float()
-            real = self.discriminator(images.contiguous())[-1].float()
-        d_loss = 0.5 * (
-            self.adv_loss(fake, target_is_real=False, for_discriminator=True)
-            + self.adv_loss(real, target_is_real=True, for_discriminator=True)
-        )
-        self.d_scaler.scale(self.adv_weight * d_loss).backward()
-        self.d_scaler.step(self.d_optimizer)
-        self.d_scaler.update()
-        return g_loss.item(), d_loss.item()  # what a hand-written loop logs
+def bundle_step(values, device, amp_dtype):
+    """The bundle's stage-1 step (``VaeGanTrainer._iteration``) for the parsed config's ``values``, without ignite."""
+    return common.stage1_step(values["autoencoder_args"], values["discriminator_args"], values, device, amp_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,14 +124,14 @@ def load_volumes(folder):
 def plain_run(cfg, values, volumes, device):
     """The same training by hand: the same number of iterations and the same timing window as ``bundle_run``."""
     set_determinism(seed=values["seed"])  # as the config's "initialize" does
-    step = PlainStep(values, device, autocast_dtype(device, values["amp"]))
+    step = bundle_step(values, device, autocast_dtype(device, values["amp"]))
     loader = torch.utils.data.DataLoader(volumes, batch_size=values["batch_size"], shuffle=True, num_workers=0)
     batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # a new pass when one ends
-    step(next(batches))  # iteration 1: untimed, as in the bundle
+    step(next(batches).to(device))  # iteration 1: untimed, as in the bundle
     common.sync(device)
     start = time.perf_counter()
     for _ in range(cfg["iterations"] - 1):
-        step(next(batches))
+        step(next(batches).to(device))
     common.sync(device)
     seconds = (time.perf_counter() - start) / (cfg["iterations"] - 1)
     del step, loader
@@ -224,7 +171,7 @@ def step_speed(values, size, device, amp_dtype, n_timed):
     """Seconds of each of ``n_timed`` steps on one fixed random batch after one untimed warm-up step, and the peak
     CUDA memory allocated (bytes; None on CPU)."""
     set_determinism(seed=SEED)
-    step = PlainStep(values, device, amp_dtype)
+    step = bundle_step(values, device, amp_dtype)
     images = torch.rand(BATCH, 1, size, size, size, device=device)
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -295,7 +242,7 @@ def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
     n, voxel = cfg["iterations"], cfg["voxel"]
     c1 = f"1: {voxel}³, batch {BATCH}, {n} iterations, {case1['device']}"
     note = (
-        f"native CPU bf16 (`scripts.amp.cpu_has_bf16`): {cpu_has_bf16()}, so `autocast_dtype(cpu, amp=True)` = "
+        f"native CPU bf16 (`scripts.networks.precision.cpu_has_bf16`): {cpu_has_bf16()}, so `autocast_dtype(cpu, amp=True)` = "
         f"{autocast_dtype('cpu', True)}"
     )
     modules = (torch, monai, ignite, np, nib)
@@ -329,9 +276,8 @@ def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
         f"`autocast_dtype(device, amp)`, `set_determinism(seed={values['seed']})`, and iterates a "
         f"`torch.utils.data.DataLoader` (shuffle, batch {values['batch_size']}, no workers) over the same training "
         f"volumes read once with nibabel into float32 tensors (the bundle: `CacheDataset` + MONAI `DataLoader`). Its "
-        f"step is `VaeGanTrainer._iteration` written out: generator forward, reconstruction + KL + adversarial loss, "
-        f"backward, Adam; then the discriminator on the detached reconstruction and the real batch, backward, Adam; it "
-        f"logs `g_loss.item()` and `d_loss.item()`. The perceptual loss is off in both (no weights file).",
+        f"step is the bundle's own, `VaeGanTrainer._iteration`, called in a for loop without ignite's engine and "
+        f"handlers (`benchmarks.common.stage1_step`). The perceptual loss is off in both (no weights file).",
         "- Timing window (case 1, both pipelines): `time.perf_counter` from the start of iteration 2 (before its "
         f"batch is fetched; ignite's `GET_BATCH_STARTED`) to the end of iteration {n} (after the bundle's own "
         f"`ITERATION_COMPLETED` handlers); seconds/iteration = window / {n - 1}. So data loading, the step and "

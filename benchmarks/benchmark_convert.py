@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 from scripts.convert_h5_to_nifti import convert  # noqa: E402
-from scripts.geometry import GridGeometry  # noqa: E402
-from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.data.geometry import GridGeometry  # noqa: E402
+from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5  # noqa: E402
 from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
 
 BOX_NM = (20000.0, 20000.0, 1200.0)  # a 20 x 20 um field of view, 1.2 um deep: a typical 3D SMLM acquisition

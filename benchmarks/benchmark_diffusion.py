@@ -37,11 +37,11 @@ import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.data import CacheDataset  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
-from scripts.amp import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
-from scripts.denoising import make_scheduler  # noqa: E402
-from scripts.engines import diffusion_loss  # noqa: E402
-from scripts.network_checks import latent_shape  # noqa: E402
-from scripts.networks import build_unet  # noqa: E402
+from scripts.networks.build import build_unet  # noqa: E402
+from scripts.networks.checks import latent_shape  # noqa: E402
+from scripts.networks.denoising import make_scheduler  # noqa: E402
+from scripts.networks.precision import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.training.engines import diffusion_loss  # noqa: E402
 
 AE_CONFIG = ROOT / "configs" / "train_autoencoder.json"
 CONFIG = ROOT / "configs" / "train_diffusion.json"
@@ -356,7 +356,7 @@ def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
     n, voxel = cfg["iterations"], cfg["voxel"]
     c1 = f"a: {voxel}³ data, batch {BATCH}, {n} iterations, {first['device']}"
     note = (
-        f"native CPU bf16 (`scripts.amp.cpu_has_bf16`): {cpu_has_bf16()}; stage 2 on CPU: "
+        f"native CPU bf16 (`scripts.networks.precision.cpu_has_bf16`): {cpu_has_bf16()}; stage 2 on CPU: "
         f"`autocast_dtype(cpu, amp=True, cpu_bf16=False)` = {autocast_dtype('cpu', True, False)} (the config's "
         f"default), with `cpu_bf16=True`: {autocast_dtype('cpu', True, True)}"
     )

@@ -8,7 +8,7 @@ Run from the bundle root::
 Every case uses the shipped networks (``models/``), each in a child process of its own, so its peak memory
 (``ru_maxrss``) is its own:
 
-1. **Decoding.** A latent of a 48-voxel-deep grid of growing width decoded by ``scripts.tiling.decode_tiled``
+1. **Decoding.** A latent of a 48-voxel-deep grid of growing width decoded by ``scripts.sampling.tiling.decode_tiled``
    against ``AutoencoderKL.decode`` of the whole volume (the reference), which runs until it no longer fits in
    20 GiB of address space. Peak memory above what the process held before decoding, and as a multiple of one
    float32 output grid.
@@ -21,7 +21,7 @@ Every case uses the shipped networks (``models/``), each in a child process of i
    data's kind (``simulate_microtubules``, filaments and points scaled by area): nearest-neighbour and z
    distributions over the whole field, and in its central quarter against its outer ring.
 4. **The target field.** 20 × 20 × 1 µm at 20 nm voxels (1000 × 1000 × 50), 10^6 points, RFlow-5, through
-   ``scripts.inference.Sampler``: the shipped networks with their geometry read at 20 nm (the networks do not see nm;
+   ``scripts.sampling.sampler.Sampler``: the shipped networks with their geometry read at 20 nm (the networks do not see nm;
    what is measured is time and memory at this grid size, not the quality of a model trained at 20 nm).
 5. **Scaling.** The same at fields of 2.5, 5, 7.07 and 10 µm (and the target's 20 µm): time and peak memory against
    area, with a least-squares line and its R².
@@ -87,7 +87,7 @@ def peak_bytes():
 
 
 def shipped(device="cpu"):
-    from scripts import weights
+    from scripts.networks import trained as weights
 
     models = ROOT / "models"
     autoencoder_ckpt = weights.load_autoencoder_checkpoint(models / "model_autoencoder.pt")
@@ -106,7 +106,7 @@ def shipped(device="cpu"):
 def child_decode(width, depth, method):
     """Seconds and peak bytes above the start of decoding one latent of a ``width`` × ``width`` × ``depth`` grid."""
     import torch
-    from scripts.tiling import decode_tiled, decoding_window
+    from scripts.sampling.tiling import decode_tiled, decoding_window
 
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
     _, ckpt, _, autoencoder, _, _ = shipped()
@@ -130,9 +130,9 @@ def child_sample(field_um, depth_nm, spacing_nm, num_points, steps, output_dir):
     geometry read at ``spacing_nm`` voxels."""
     import copy
 
-    from scripts.geometry import GridGeometry
-    from scripts.inference import Sampler
-    from scripts.pointcloud_io import read_point_clouds
+    from scripts.data.geometry import GridGeometry
+    from scripts.data.pointclouds import read_point_clouds
+    from scripts.sampling.sampler import Sampler
 
     autoencoder_ckpt, ckpt, refiner_ckpt, autoencoder, unet, refiner = shipped()
     ckpt, refiner_ckpt = copy.deepcopy(ckpt), copy.deepcopy(refiner_ckpt)
@@ -175,7 +175,7 @@ def child_sample(field_um, depth_nm, spacing_nm, num_points, steps, output_dir):
 
 
 def sampler_memory(sampler, ckpt, refiner):
-    from scripts.tiling import sampling_memory
+    from scripts.sampling.tiling import sampling_memory
 
     return sampling_memory(
         sampler.geometry.shape,
@@ -238,12 +238,13 @@ def decoding_rows(cfg):
 
 def seam_rows(cfg):
     import torch
-    from scripts.denoising import make_scheduler
-    from scripts.geometry import GridGeometry
-    from scripts.refiner import refine_grid, refine_slab
+    from benchmarks.seams import seam_contrast, seam_jump, tile_edges
+    from scripts.data.geometry import GridGeometry
+    from scripts.data.voxelize import normalize_, point_count, voxelize
+    from scripts.networks.denoising import make_scheduler
+    from scripts.networks.fine_stage import refine_grid, refine_slab
+    from scripts.sampling.tiling import decode_tiled, decoding_window, denoise_tiled
     from scripts.simulate_smlm import simulate_microtubules
-    from scripts.tiling import decode_tiled, decoding_window, denoise_tiled, seam_contrast, seam_jump, tile_edges
-    from scripts.voxelize import normalize_, point_count, voxelize
 
     autoencoder_ckpt, ckpt, refiner_ckpt, autoencoder, unet, refiner = shipped()
     tile = tuple(ckpt["latent_shape"][1:])
@@ -322,7 +323,7 @@ def seam_rows(cfg):
     lines.append("")
 
     # 3. fidelity at scale: the fields' points against a simulated field
-    from scripts.metrics import compare_distributions, nn_distances_nm
+    from scripts.evaluation.metrics import compare_distributions, nn_distances_nm
 
     points_per_mass = ckpt["dataset_info"]["points_per_mass"]["mean"]
     clouds = []

@@ -1,4 +1,4 @@
-"""Benchmark the point-cloud metrics of ``scripts/metrics.py`` against brute-force references.
+"""Benchmark the point-cloud metrics of ``scripts/evaluation/metrics.py`` against brute-force references.
 
 Run from the bundle root::
 
@@ -35,8 +35,8 @@ from benchmarks.common import SEED  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import torch  # noqa: E402
-from scripts.geometry import GridGeometry  # noqa: E402
-from scripts.metrics import (  # noqa: E402
+from scripts.data.geometry import GridGeometry  # noqa: E402
+from scripts.evaluation.metrics import (  # noqa: E402
     box_normalize,
     chamfer_matrix,
     emd,
@@ -161,7 +161,7 @@ def main(argv=None):
         "",
         f"- Timings: `time.perf_counter`, one run each, in this process. Clouds: `simulate_microtubules` (seeds 1 "
         f"and 2, ~10 000 points, box 5000 × 5000 × 600 nm), subsampled to {NUM_POINTS} points (seed {SEED}) and "
-        f"divided by the box's largest extent, as `scripts/evaluation.py` does. The references run on a random "
+        f"divided by the box's largest extent, as `scripts/evaluation/evaluator.py` does. The references run on a random "
         f"subset of the pairs (seed {SEED}); their totals are that time × all pairs / pairs timed. Speed-up = time "
         f"ratio (> 1: faster). Ours covers all pairs and includes building the {2 * n} KD-trees.",
         f"- Case 2 result (two sets drawn from one simulator, so 1-NNA should be near 50 % up to sampling noise): "

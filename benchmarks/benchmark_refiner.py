@@ -6,9 +6,9 @@ Run from the bundle root::
 
 Cases:
 
-- **speed**: 10^6 points from a 256×256×64 grid (a simulated 40 × 40 µm field) with ``scripts.refiner.refine_grid``
+- **speed**: 10^6 points from a 256×256×64 grid (a simulated 40 × 40 µm field) with ``scripts.networks.fine_stage.refine_grid``
   and the configs' fine-stage network (random weights: the time of a flow step does not depend on them), beside
-  the voxel-uniform export ``scripts.voxelize.grid_to_points`` of as many points.
+  the voxel-uniform export ``scripts.data.voxelize.grid_to_points`` of as many points.
 - **real**: the real ThunderSTORM acquisition of ``tests/data/ts3d_leterrier_real3d.csv`` split in two halves
   along x; tiles cut from the left half train the fine stage (``configs/train_refiner.json``, real grids only),
   tiles from the right half are voxelized and refined back to points, as many as each tile holds. Reported: the
@@ -43,14 +43,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import wasserstein_distance  # noqa: E402
 from scripts.convert_h5_to_nifti import convert, cut_tiles  # noqa: E402
-from scripts.geometry import GridGeometry  # noqa: E402
-from scripts.metrics import local_shape, nn_distances_nm  # noqa: E402
-from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
-from scripts.refiner import Refiner, offset_scale, refine_grid  # noqa: E402
+from scripts.data.geometry import GridGeometry  # noqa: E402
+from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.data.volumes import load_nifti  # noqa: E402
+from scripts.data.voxelize import grid_to_points, normalize_, voxelize  # noqa: E402
+from scripts.evaluation.metrics import local_shape, nn_distances_nm  # noqa: E402
+from scripts.networks.fine_stage import Refiner, offset_scale, refine_grid  # noqa: E402
+from scripts.networks.trained import load_refiner_checkpoint, trained_refiner  # noqa: E402
 from scripts.simulate_smlm import simulate_microtubules  # noqa: E402
-from scripts.volume_io import load_nifti  # noqa: E402
-from scripts.voxelize import grid_to_points, normalize_, voxelize  # noqa: E402
-from scripts.weights import load_refiner_checkpoint, trained_refiner  # noqa: E402
 
 REAL = ROOT / "tests" / "data" / "ts3d_leterrier_real3d.csv"
 FULL = {

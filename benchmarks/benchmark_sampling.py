@@ -4,10 +4,10 @@ Run from the bundle root::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_sampling.py [--quick]
 
-Cases: (1) seconds per generated sample with ``scripts.denoising.make_scheduler`` + ``sample_grids`` (noise →
+Cases: (1) seconds per generated sample with ``scripts.networks.denoising.make_scheduler`` + ``sample_grids`` (noise →
 denoising loop → decode), DDPM with all 1000 training timesteps against DDIM with 50, at the demo's grid size with
 the demo's networks (``scripts/run_demo.py``) and at 64³ with the configs' default networks; (2) grid → 100 000
-points with ``scripts.voxelize.grid_to_points`` ('probabilistic', and 'center'/'random' for comparison) against
+points with ``scripts.data.voxelize.grid_to_points`` ('probabilistic', and 'center'/'random' for comparison) against
 what a prototype would write: ``np.random.choice`` over every voxel, then each point's position in a Python loop.
 
 The networks are randomly initialised: the time of a denoising step does not depend on the weights' values, only
@@ -15,7 +15,6 @@ on the architecture and the grid size. ``--quick`` runs every case with the test
 small grids: a smoke check of the script, not a measurement.
 """
 
-import ast
 import gc
 import sys
 import time
@@ -33,12 +32,13 @@ import scipy  # noqa: E402
 import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 from scripts import run_demo  # noqa: E402
-from scripts.amp import autocast_dtype, cpu_has_bf16  # noqa: E402
-from scripts.denoising import make_scheduler, sample_grids  # noqa: E402
-from scripts.geometry import GridGeometry  # noqa: E402
-from scripts.network_checks import check_autoencoder, latent_shape  # noqa: E402
-from scripts.networks import build_autoencoder, build_unet  # noqa: E402
-from scripts.voxelize import grid_to_points  # noqa: E402
+from scripts.data.geometry import GridGeometry  # noqa: E402
+from scripts.data.voxelize import grid_to_points  # noqa: E402
+from scripts.networks.build import build_autoencoder, build_unet  # noqa: E402
+from scripts.networks.checks import autoencoder_grid, latent_shape  # noqa: E402
+from scripts.networks.denoising import make_scheduler, sample_grids  # noqa: E402
+from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.runtime.settings import literal  # noqa: E402
 
 BATCH = 2  # configs/inference.json's batch_size: grids denoised at once
 BOX_NM = ((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0))  # the demo data's box (scripts/simulate_smlm.py)
@@ -75,27 +75,17 @@ QUICK = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _literal(value):
-    """The demo passes its overrides as command-line strings ("[16,32,32]", "False"); read them as Python values."""
-    if isinstance(value, str):
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-    return value
-
-
 def network_args(grid, networks):
     """``(autoencoder_args, unet_args, scheduler_settings, latent_shape)`` parsed from the two training configs with
     the demo's overrides (``networks='demo'``), the tests' tiny networks ('tiny') or none ('default')."""
     overrides = {"demo": (run_demo.AUTOENCODER, run_demo.DIFFUSION), "tiny": (TINY_AUTOENCODER, TINY_UNET)}
     ae_over, unet_over = overrides.get(networks, ({}, {}))
-    ae_over = {k: _literal(v) for k, v in ae_over.items() if k != "voxel_size"}
+    ae_over = {k: literal(v) for k, v in ae_over.items() if k != "voxel_size"}
     config = ROOT / "configs" / "train_autoencoder.json"
     ae_args = dict(common.parse_config(config, ae_over, "autoencoder_args")["autoencoder_args"])
-    check_autoencoder(ae_args, grid)
+    autoencoder_grid(ae_args, grid)
     latent = latent_shape(ae_args, grid)
-    unet_args, settings, _ = common.unet_values({k: _literal(v) for k, v in unet_over.items()}, latent)
+    unet_args, settings, _ = common.unet_values({k: literal(v) for k, v in unet_over.items()}, latent)
     return ae_args, unet_args, settings, latent
 
 
@@ -296,10 +286,10 @@ def print_report(cfg, quick, load, device, amp_dtype, sampling, export):
     if quick:
         demo_note += "; the second size uses the tests' tiny networks (tests/conftest.py)"
     lines += [
-        f"- Case 1 measures one `scripts.denoising.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
+        f"- Case 1 measures one `scripts.networks.denoising.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
         f"scheduler from `make_scheduler(settings, kind, steps)` → decode → `.float().cpu()`) of {BATCH} samples "
         f"(`configs/inference.json` batch_size); seconds/sample = call / {BATCH}. Networks: "
-        f"`scripts.networks.build_autoencoder`/`build_unet` on the `autoencoder_args`/`unet_args` parsed from "
+        f"`scripts.networks.build.build_autoencoder`/`build_unet` on the `autoencoder_args`/`unet_args` parsed from "
         f"`configs/train_autoencoder.json`/`configs/train_diffusion.json` (defaults, or {demo_note}), randomly "
         f"initialised (seed {SEED}), eval mode, no grads: a step's time depends on the architecture and the latent "
         f"size, not on the weights' values, so trained checkpoints would time the same. Precision: what inference "

@@ -39,8 +39,8 @@ from scripts import run_demo  # noqa: E402
 BATCH = run_demo.DIFFUSION["batch_size"]
 N_VAL = 100  # validation clouds of the simulated sizes
 N_SCORED = 100  # samples per milestone, and test clouds
-MEMO_POINTS = 2048
-COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy (Carlini et al., 2023)  # points per cloud in the memorisation check (as the set metrics)
+MEMO_POINTS = 2048  # points per cloud in the memorisation check (as the set metrics)
+COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy (Carlini et al., 2023)
 QUICK = {"rows": "16:on", "milestones": "4,8", "n_test": 10, "n_val": 4}
 
 
@@ -70,7 +70,7 @@ def in_box(source, output, box_min, box_max):
     """The clouds of ``source`` clipped to the autoencoder's box (a point moves at most a fraction of a nm: that box
     is the demo data's extent), with the box's two corners added to the first cloud, so that the converter, which
     takes the box from the data, converts them into the autoencoder's box exactly."""
-    from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5
+    from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5
 
     clouds, _ = read_point_clouds(source)
     clouds = [np.clip(c, box_min, box_max).astype(np.float32) for c in clouds]
@@ -150,7 +150,7 @@ def memorisation(samples, train, test, rng):
     distance to the second nearest (clouds subsampled to :data:`MEMO_POINTS` points, divided by the box's largest
     extent, as in the evaluation). A copy of a training cloud is much nearer that cloud than any other (ratio well
     below 1); a blurred average of several is about as near to each (ratio near 1)."""
-    from scripts.metrics import chamfer_matrix, subsample
+    from scripts.evaluation.metrics import chamfer_matrix, subsample
 
     def prepared(clouds):
         return [subsample(c, MEMO_POINTS, rng) / 5000.0 for c in clouds]
@@ -165,7 +165,7 @@ def memorisation(samples, train, test, rng):
 
 def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with_reference_rows):
     """Sample and evaluate the checkpoint ``ckpt_file``; return the evaluation's rows and the memorisation check."""
-    from scripts.pointcloud_io import read_point_clouds
+    from scripts.data.pointclouds import read_point_clouds
 
     out = row / f"step{step}"
     result_file = out / "result.json"
@@ -232,7 +232,9 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
 def table(results):
     head = ["clouds", "flips/rot.", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
     lines = [
-        "| " + " | ".join(head) + " | copies | CD to nearest train ×10³ (samples / test) | nearest / 2nd (samples / test) |",
+        "| "
+        + " | ".join(head)
+        + " | copies | CD to nearest train ×10³ (samples / test) | nearest / 2nd (samples / test) |",
         "|---:|---|---:|---:|---:|" + "---:|" * len(run_demo.SUMMARY) + "---:|---|---|",
     ]
     for r in results:
@@ -312,8 +314,12 @@ def main():
     ]
     first = next((r for r in results if "train_vs_heldout" in r["rows"]), None)
     if first:
-        lines.append(f"| floor: training clouds | | | | | {run_demo.summary_cells(first['rows']['train_vs_heldout'])} | |")
-        lines.append(f"| mean-grid baseline | | | | | {run_demo.summary_cells(first['rows']['mean_grid_baseline'])} | |")
+        lines.append(
+            f"| floor: training clouds | | | | | {run_demo.summary_cells(first['rows']['train_vs_heldout'])} | |"
+        )
+        lines.append(
+            f"| mean-grid baseline | | | | | {run_demo.summary_cells(first['rows']['mean_grid_baseline'])} | |"
+        )
     report = "\n".join(lines)
     (work / "report.md").write_text(report + "\n")
     print(report)

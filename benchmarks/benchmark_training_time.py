@@ -83,8 +83,8 @@ def main():
                 epochs = QUICK["epochs"]
                 extra = {"n_clouds": QUICK["n_clouds"], "n_test": QUICK["n_test"]}
             else:
-                epochs = tuple(
-                    int(round(base[k] * scale)) for k in ("autoencoder_epochs", "diffusion_epochs", "refiner_epochs")
+                epochs = run_demo.scaled_epochs(
+                    scale, *(base[k] for k in ("autoencoder_epochs", "diffusion_epochs", "refiner_epochs"))
                 )
                 extra = {}
             start = time.perf_counter()

@@ -25,7 +25,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the converter's and trainers' prog
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
-# The tests' tiny networks (tests/conftest.py), which --quick swaps in for the configs' default ones.
+# The tiny networks of the tests (tests/conftest.py adds their training settings) and of --quick.
 TINY_AUTOENCODER = {
     "num_channels": [8, 16],
     "norm_num_groups": 8,
@@ -45,6 +45,7 @@ TINY_UNET = {
 # epoch. 15 clouds: 12 train (6 batches of 2, so the 12 iterations go twice through the loader), 3 val; --quick: 8
 # clouds, 6 train, 2 val.
 BATCH = 2  # the training benchmarks' batch size
+RECON_KEYS = ("l1_weight", "mse_weight", "fg_l1_weight", "fg_weight", "fg_threshold", "dice_weight")  # stage 1's loss
 TRAINING = {"voxel": 32, "n_clouds": 15, "train_ratio": 0.8, "points": 10_000, "iterations": 12}
 TRAINING_QUICK = {"voxel": 16, "n_clouds": 8, "train_ratio": 0.75, "points": 3_000, "iterations": 3}
 
@@ -193,6 +194,72 @@ def cuda_settings():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The bundle's training steps, outside ignite's loop (what the speed cases time)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _outside_the_loop(trainer, amp_dtype):
+    """``trainer`` set to train at ``amp_dtype`` (None: fp32) at epoch 1, as if ignite were running it."""
+    import torch
+
+    trainer.amp_dtype = amp_dtype
+    trainer.scalers = {n: torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16) for n in trainer.scalers}
+    trainer.state.epoch, trainer.state.iteration = 1, 1
+    return trainer
+
+
+def stage1_step(autoencoder_args, discriminator_args, values, device, amp_dtype):
+    """One stage-1 iteration of the bundle (``VaeGanTrainer._iteration``, the adversarial term on) as a function of
+    a batch of images, with the networks built from ``*_args`` and the optimizers and losses of ``values`` (the
+    parsed config's ``learning_rate``, ``discriminator_learning_rate``, ``kl_weight``, ``adv_weight`` and
+    reconstruction-loss weights; defaults where missing)."""
+    import torch
+    from monai.losses import PatchAdversarialLoss
+    from monai.networks.nets import PatchDiscriminator
+    from scripts.networks.build import build_autoencoder
+    from scripts.training.engines import VaeGanTrainer
+    from scripts.training.losses import ReconstructionLoss
+
+    autoencoder = build_autoencoder(autoencoder_args).to(device)
+    discriminator = PatchDiscriminator(**discriminator_args).to(device)
+    recon = {k: values[k] for k in RECON_KEYS if k in values}
+    trainer = VaeGanTrainer(
+        device,
+        1,
+        [None],
+        autoencoder,
+        discriminator,
+        torch.optim.Adam(autoencoder.parameters(), lr=values.get("learning_rate", 1e-4)),
+        torch.optim.Adam(discriminator.parameters(), lr=values.get("discriminator_learning_rate", 1e-4)),
+        ReconstructionLoss(**recon),
+        PatchAdversarialLoss(criterion="least_squares"),
+        kl_weight=values.get("kl_weight", 1e-6),
+        adv_weight=values.get("adv_weight", 0.01),
+        warm_up_epochs=0,
+        epoch_length=1,
+    )
+    _outside_the_loop(trainer, amp_dtype)
+    return lambda images: trainer._iteration(trainer, {"image": images})
+
+
+def stage2_step(unet_args, settings, learning_rate, device, amp_dtype):
+    """One stage-2 iteration of the bundle (``LatentDiffusionTrainer._iteration``) as a function of a batch of
+    latents (passed as the encoder's mean with zero spread, so the step uses them as they are)."""
+    import torch
+    from scripts.networks.build import build_unet
+    from scripts.networks.denoising import make_scheduler
+    from scripts.training.engines import LatentDiffusionTrainer
+
+    unet = build_unet(unet_args).to(device)
+    scheduler = make_scheduler(settings, "RFlow" if settings.get("objective") == "rflow" else "DDPM")
+    trainer = LatentDiffusionTrainer(
+        device, 1, [None], unet, torch.optim.Adam(unet.parameters(), learning_rate), scheduler, None, 1.0, 1
+    )
+    _outside_the_loop(trainer, amp_dtype)
+    return lambda latents: trainer._iteration(trainer, {"z_mu": latents, "z_sigma": torch.zeros_like(latents)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Timing, data, configs
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -224,7 +291,7 @@ def make_dataset(work, cfg):
     """``cfg['n_clouds']`` simulated microtubule clouds of ~``cfg['points']`` points converted to ``cfg['voxel']``³
     NIfTI grids (σ 1 voxel, ``cfg['train_ratio']`` train); returns the dataset folder."""
     from scripts.convert_h5_to_nifti import convert
-    from scripts.pointcloud_io import write_point_clouds_h5
+    from scripts.data.pointclouds import write_point_clouds_h5
     from scripts.simulate_smlm import simulate_microtubules
 
     print(f"simulating and converting the data in {work} ...", file=sys.stderr)
@@ -266,7 +333,7 @@ def parse_config(config, overrides, *keys):
 def unet_values(overrides, latent):
     """``(unet_args, scheduler_settings, learning_rate)`` of ``configs/train_diffusion.json`` with ``overrides`` for
     latents of shape ``latent`` (the config reads that from the stage-1 checkpoint); the UNet is checked to fit."""
-    from scripts.network_checks import check_diffusion
+    from scripts.networks.checks import check_diffusion
 
     config = ROOT / "configs" / "train_diffusion.json"
     keys = ("unet_args", "scheduler_settings", "learning_rate")

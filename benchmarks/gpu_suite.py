@@ -13,7 +13,7 @@ CUDA, as the trainers run):
 4. sampling: seconds per sample of noise → denoising → decode, RFlow-10, DDIM-50 and DDPM-1000;
 5. a large-field decode: the autoencoder's decoder on the latent of a 256 × 256 × 32 grid, whole-volume;
 6. a large field sampled: the shipped networks (``models/``) denoising the latent of a 1024 × 1024 × 48 grid in
-   tiles (RFlow-10, overlap 0.25) and decoding it by sliding window (``scripts/tiling.py``), as
+   tiles (RFlow-10, overlap 0.25) and decoding it by sliding window (``scripts/sampling/tiling.py``), as
    ``--field_size_nm`` samples a 20 µm field at 20 nm voxels (the fine stage's points are not included);
 7. conversion: simulated clouds to 64³ NIfTI grids with ``convert`` (the host's CPUs).
 
@@ -39,7 +39,7 @@ from benchmarks.common import BATCH, ROOT, SEED, TINY_AUTOENCODER, TINY_UNET  # 
 import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scripts.amp import autocast_context  # noqa: E402
+from scripts.networks.precision import autocast_context  # noqa: E402
 
 FULL = {"grid": 64, "timed": 5, "steps": {"RFlow": 10, "DDIM": 50, "DDPM": 1000}, "field": (256, 256, 32)}
 FULL.update(large_field=(1024, 1024, 48), field_steps=10)
@@ -75,13 +75,6 @@ def timed_steps(step, device, n):
     return statistics.median(times), _peak(device)
 
 
-def _scaled_step(scaler, loss, optimizer):
-    """One optimizer step on ``loss`` through the grad scaler (a pass-through when fp16 is off)."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-
-
 def autoencoder_settings(cfg):
     args = common.parse_config(
         ROOT / "configs" / "train_autoencoder.json", cfg["autoencoder"], "autoencoder_args", "discriminator_args"
@@ -91,7 +84,7 @@ def autoencoder_settings(cfg):
 
 def diffusion_settings(cfg):
     """The default autoencoder's settings, its latent shape for ``cfg['grid']``, and the UNet's settings."""
-    from scripts.network_checks import latent_shape
+    from scripts.networks.checks import latent_shape
 
     ae_args, _ = autoencoder_settings(cfg)
     latent = latent_shape(ae_args, cfg["grid"])
@@ -99,60 +92,23 @@ def diffusion_settings(cfg):
 
 
 def stage1(cfg, device, amp):
-    from monai.losses import PatchAdversarialLoss
-    from monai.networks.nets import PatchDiscriminator
-    from scripts.losses import kl_loss
-    from scripts.networks import build_autoencoder
-
     ae_args, d_args = autoencoder_settings(cfg)
-    autoencoder, discriminator = build_autoencoder(ae_args).to(device), PatchDiscriminator(**d_args).to(device)
-    g_opt, d_opt = torch.optim.Adam(autoencoder.parameters(), 1e-4), torch.optim.Adam(discriminator.parameters(), 1e-4)
-    adversarial = PatchAdversarialLoss(criterion="least_squares")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    step = common.stage1_step(ae_args, d_args, {}, device, amp)  # the bundle's VaeGanTrainer._iteration
     images = torch.rand(BATCH, 1, *(cfg["grid"],) * 3, device=device)
-
-    def step():
-        with autocast_context(device, amp):
-            recon, z_mu, z_sigma = autoencoder(images)
-            fake = discriminator(recon.float())[-1]
-            g_loss = (recon - images).abs().mean() + 1e-6 * kl_loss(z_mu, z_sigma)
-            g_loss = g_loss + 0.01 * adversarial(fake, target_is_real=True, for_discriminator=False)
-        _scaled_step(scaler, g_loss, g_opt)
-        with autocast_context(device, amp):
-            d_loss = adversarial(
-                discriminator(recon.detach().float())[-1], target_is_real=False, for_discriminator=True
-            )
-            d_loss = d_loss + adversarial(discriminator(images)[-1], target_is_real=True, for_discriminator=True)
-        _scaled_step(scaler, d_loss, d_opt)
-        scaler.update()
-
-    seconds, peak = timed_steps(step, device, cfg["timed"])
+    seconds, peak = timed_steps(lambda: step(images), device, cfg["timed"])
     return f"AutoencoderKL {ae_args['channels']} + discriminator, batch {BATCH}, {cfg['grid']}³", seconds, peak
 
 
 def stage2(cfg, device, amp):
-    from scripts.denoising import make_scheduler
-    from scripts.engines import diffusion_loss
-    from scripts.networks import build_unet
-
     _, latent, unet_args, settings, lr = diffusion_settings(cfg)
-    unet = build_unet(unet_args).to(device)
-    optimizer = torch.optim.Adam(unet.parameters(), lr)
-    scheduler = make_scheduler(settings, "RFlow" if settings.get("objective") == "rflow" else "DDPM")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    step = common.stage2_step(unet_args, settings, lr, device, amp)  # the bundle's LatentDiffusionTrainer._iteration
     latents = torch.randn(BATCH, *latent, device=device)
-
-    def step():
-        loss = diffusion_loss(unet, scheduler, latents, autocast_context(device, amp))
-        _scaled_step(scaler, loss, optimizer)
-        scaler.update()
-
-    seconds, peak = timed_steps(step, device, cfg["timed"])
+    seconds, peak = timed_steps(lambda: step(latents), device, cfg["timed"])
     return f"UNet {unet_args['channels']} on {list(latent)} latents, batch {BATCH}", seconds, peak
 
 
 def refiner_step(cfg, device, amp):
-    from scripts.refiner import Refiner, couple, offset_scale
+    from scripts.networks.fine_stage import Refiner, couple, offset_scale
 
     keys = ("refiner_channels", "refiner_hidden", "refiner_layers", "points_per_volume")
     values = common.parse_config(ROOT / "configs" / "train_refiner.json", cfg["refiner"], *keys)
@@ -185,8 +141,8 @@ def refiner_step(cfg, device, amp):
 
 
 def sampling(cfg, device, amp):
-    from scripts.denoising import make_scheduler, sample_grids
-    from scripts.networks import build_autoencoder, build_unet
+    from scripts.networks.build import build_autoencoder, build_unet
+    from scripts.networks.denoising import make_scheduler, sample_grids
 
     ae_args, latent, unet_args, settings, _ = diffusion_settings(cfg)
     autoencoder, unet = build_autoencoder(ae_args).to(device).eval(), build_unet(unet_args).to(device).eval()
@@ -202,8 +158,8 @@ def sampling(cfg, device, amp):
 
 
 def large_decode(cfg, device, amp):
-    from scripts.network_checks import latent_shape
-    from scripts.networks import build_autoencoder
+    from scripts.networks.build import build_autoencoder
+    from scripts.networks.checks import latent_shape
 
     ae_args, _ = autoencoder_settings(cfg)
     autoencoder = build_autoencoder(ae_args).to(device).eval()
@@ -220,9 +176,9 @@ def large_decode(cfg, device, amp):
 
 
 def large_field(cfg, device, amp):
-    from scripts import weights
-    from scripts.denoising import make_scheduler
-    from scripts.tiling import decode_tiled, decoding_window, denoise_tiled
+    from scripts.networks import trained as weights
+    from scripts.networks.denoising import make_scheduler
+    from scripts.sampling.tiling import decode_tiled, decoding_window, denoise_tiled
 
     models = ROOT / "models"
     autoencoder_ckpt = weights.load_autoencoder_checkpoint(models / "model_autoencoder.pt")
@@ -245,7 +201,7 @@ def large_field(cfg, device, amp):
 
 def conversion(cfg, work):
     from scripts.convert_h5_to_nifti import convert
-    from scripts.pointcloud_io import write_point_clouds_h5
+    from scripts.data.pointclouds import write_point_clouds_h5
     from scripts.simulate_smlm import simulate_microtubules
 
     h5 = work / "clouds.h5"
@@ -289,7 +245,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from scripts.amp import autocast_dtype
+    from scripts.networks.precision import autocast_dtype
 
     amp = autocast_dtype(device, True)
     torch.manual_seed(SEED)

@@ -6,7 +6,7 @@ Usage from the bundle root::
 
 Writes ``D/train/*.nii.gz``, ``D/val/*.nii.gz``, ``D/train_points.h5``, ``D/val_points.h5`` and
 ``D/dataset_info.json``. Everything is written to a staging folder inside ``D`` first and swapped in when complete
-(:mod:`scripts.outputs`), so a failure, a kill or Ctrl-C leaves an earlier conversion in ``D`` whole.
+(:mod:`scripts.runtime.output_folders`), so a failure, a kill or Ctrl-C leaves an earlier conversion in ``D`` whole.
 """
 
 import json
@@ -20,24 +20,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from scripts.cli import main  # noqa: E402
-from scripts.errors import UserError  # noqa: E402
-from scripts.geometry import GridGeometry, as_shape, as_triple  # noqa: E402
-from scripts.outputs import StagedOutput  # noqa: E402
-from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5  # noqa: E402
-from scripts.progress import progress  # noqa: E402
-from scripts.settings import check_memory  # noqa: E402
-from scripts.volume_io import save_nifti  # noqa: E402
-from scripts.voxelize import (  # noqa: E402
-    METHODS,
-    NORMALIZATIONS,
-    SPLATS,
-    dataset_percentile,
-    grid_mass_um3,
-    normalize_,
-    sigma_in_voxels,
-    voxelize,
-)
+from scripts.data.geometry import GridGeometry, as_shape, as_triple  # noqa: E402
+from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.data.volumes import save_nifti  # noqa: E402
+from scripts.data.voxelize import dataset_percentile, grid_mass_um3, normalize_, sigma_in_voxels, voxelize  # noqa: E402
+from scripts.runtime.command_line import main  # noqa: E402
+from scripts.runtime.errors import UserError  # noqa: E402
+from scripts.runtime.output_folders import StagedOutput  # noqa: E402
+from scripts.runtime.progress import progress  # noqa: E402
+from scripts.runtime.settings import NORMALIZATIONS, SPLATS, VOXELIZATIONS, check_memory  # noqa: E402
 
 # the converter's own files (an earlier conversion without a manifest is recognised by them)
 OUTPUT_PATTERNS = (
@@ -154,8 +145,8 @@ def _remove_legacy_staging(output_dir):
 
 def _check_arguments(shape, method, splat, normalize, sigma, sigma_unit, train_ratio, num_workers, tiles, percentile):
     """Refuse bad settings with one line before anything is read."""
-    if method not in METHODS:
-        raise UserError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if method not in VOXELIZATIONS:
+        raise UserError(f"method: expected one of {', '.join(VOXELIZATIONS)}, got {method!r}")
     if splat not in SPLATS:
         raise UserError(f"splat: expected one of {', '.join(SPLATS)}, got {splat!r}")
     if normalize not in NORMALIZATIONS:
@@ -339,14 +330,14 @@ def convert(
     """Voxelize every cloud of ``h5_file`` into one common box and write a train/val split of NIfTI grids.
 
     Args:
-        h5_file: input point clouds (any format :func:`scripts.pointcloud_io.read_point_clouds` reads);
+        h5_file: input point clouds (any format :func:`scripts.data.pointclouds.read_point_clouds` reads);
             ``input`` is an alias.
         output_dir: output folder; refused if it already holds a conversion, unless ``overwrite``.
         voxel_size: grid shape, an int or [X, Y, Z].
         method: 'gaussian', 'density' or 'occupancy'.
         sigma: Gaussian width, a number or [X, Y, Z], in ``sigma_unit`` ('voxel' or 'nm').
         splat: 'trilinear' (each point shared among its 8 nearest voxel centres, so grids keep sub-voxel positions:
-            what the fine stage reads) or 'nearest' (each point in its voxel); see :func:`scripts.voxelize.voxelize`.
+            what the fine stage reads) or 'nearest' (each point in its voxel); see :func:`scripts.data.voxelize.voxelize`.
         train_ratio: fraction of clouds for training; the rest is validation (at least one cloud when below 1).
         data_key: HDF5 key of the clouds (auto-detected when not given).
         volume_dims: box size in nm ([X, Y, Z] or a number); the box is ``[-padding, volume_dims + padding]`` per

@@ -14,10 +14,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from scripts.cli import main  # noqa: E402
-from scripts.errors import UserError  # noqa: E402
-from scripts.pointcloud_io import CSV_POINT_BYTES, write_points_csv  # noqa: E402
-from scripts.refiner import (  # noqa: E402
+from scripts.data.pointclouds import CSV_POINT_BYTES, write_points_csv  # noqa: E402
+from scripts.data.volumes import load_nifti  # noqa: E402
+from scripts.data.voxelize import point_count  # noqa: E402
+from scripts.networks.fine_stage import (  # noqa: E402
     check_grid,
     check_point_memory,
     check_spacing,
@@ -25,10 +25,15 @@ from scripts.refiner import (  # noqa: E402
     refine_memory,
     refine_slab,
 )
-from scripts.settings import check_disk, check_values  # noqa: E402
-from scripts.volume_io import load_nifti  # noqa: E402
-from scripts.voxelize import point_count  # noqa: E402
-from scripts.weights import checkpoint_path, default_model_dir, load_refiner_checkpoint, trained_refiner  # noqa: E402
+from scripts.networks.trained import (  # noqa: E402
+    checkpoint_path,
+    default_model_dir,
+    load_refiner_checkpoint,
+    trained_refiner,
+)
+from scripts.runtime.command_line import main  # noqa: E402
+from scripts.runtime.errors import UserError  # noqa: E402
+from scripts.runtime.settings import check_disk, check_values  # noqa: E402
 
 
 def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow_steps=None, seed=0, overwrite=False):

@@ -30,9 +30,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.atomic import atomic_path  # noqa: E402
-from scripts.cli import main  # noqa: E402
-from scripts.errors import UserError  # noqa: E402
+from scripts.runtime.atomic_write import atomic_path  # noqa: E402
+from scripts.runtime.command_line import main  # noqa: E402
+from scripts.runtime.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = ".run_demo.json"  # in every folder the demo writes into: only folders holding it are the demo's to replace
@@ -159,7 +159,7 @@ def _tile_flags(source, tiles, tile_size):
     """The converter's tile flags for the user's clouds: one large acquisition (a single cloud) is cut into tiles
     whose count and size are chosen from its extent unless given; several clouds are converted as they are."""
     from scripts.convert_h5_to_nifti import suggest_tiles
-    from scripts.pointcloud_io import read_point_clouds
+    from scripts.data.pointclouds import read_point_clouds
 
     clouds, _ = read_point_clouds(source)
     if len(clouds) > 1 and not tiles:
@@ -196,6 +196,13 @@ def summary(metrics):
     return "\n".join(lines)
 
 
+def scaled_epochs(scale, *epochs):
+    """``epochs`` multiplied by ``scale`` (``--epochs_scale``), rounded, at least 1 each."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserError(f"epochs_scale: expected a number above 0 (2 doubles every stage's epochs), got {scale!r}")
+    return tuple(max(1, round(e * scale)) for e in epochs)
+
+
 def run_demo(
     input=None,
     output_dir=None,
@@ -207,6 +214,7 @@ def run_demo(
     num_samples=None,
     tiles=None,
     tile_size=None,
+    epochs_scale=1.0,
     seed=0,
 ):
     """Run every stage of the pipeline; see the module docstring.
@@ -220,9 +228,14 @@ def run_demo(
         num_samples: clouds to sample (default: as many as the reference holds).
         tiles, tile_size: cut this many tiles of this size (nm) out of your clouds (default for one acquisition:
             chosen from its extent).
+        epochs_scale: multiplies every stage's epochs (rounded, at least 1): more training time for better samples
+            (about ``epochs_scale`` times the demo's training minutes).
         seed: every random choice of the run.
     """
     start = time.perf_counter()
+    autoencoder_epochs, diffusion_epochs, refiner_epochs = scaled_epochs(
+        epochs_scale, autoencoder_epochs, diffusion_epochs, refiner_epochs
+    )
     base = Path(output_dir) if output_dir else None
     data, outputs, logs = (
         (base / "data", base / "outputs", base / "logs")
@@ -236,7 +249,8 @@ def run_demo(
     if input is not None:
         source = Path(input)
         convert_flags = _tile_flags(source, tiles, tile_size)
-    with marked_folders(folders, {"input": str(input) if input is not None else "simulated", "seed": seed}):
+    run = {"input": str(input) if input is not None else "simulated", "seed": seed, "epochs_scale": epochs_scale}
+    with marked_folders(folders, run):
         if input is None:
             source = data / "microtubules.h5"
             reference = data / "test_clouds.h5"

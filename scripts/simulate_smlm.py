@@ -17,10 +17,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from scripts import cli  # noqa: E402
-from scripts.errors import UserError, fail  # noqa: E402
-from scripts.geometry import as_triple  # noqa: E402
-from scripts.pointcloud_io import write_point_clouds_h5  # noqa: E402
+from scripts.data.geometry import as_triple  # noqa: E402
+from scripts.data.pointclouds import write_point_clouds_h5  # noqa: E402
+from scripts.runtime import command_line  # noqa: E402
+from scripts.runtime.errors import UserError, fail  # noqa: E402
 
 # Spacing of the nodes along a filament centreline (nm); well below the tube radius and the localization
 # precision, so the discretisation is invisible in the points.
@@ -203,4 +203,4 @@ def main(output, n_clouds=64, seed=0, overwrite=False, **params):
 SIMULATION_OPTIONS = sorted(set(inspect.signature(simulate_microtubules).parameters) - {"n_clouds", "seed"})
 
 if __name__ == "__main__":
-    cli.main(main, extra_flags=SIMULATION_OPTIONS)
+    command_line.main(main, extra_flags=SIMULATION_OPTIONS)

@@ -15,8 +15,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from scripts.cli import main  # noqa: E402
-from scripts.errors import UserError  # noqa: E402
+from scripts.runtime.command_line import main  # noqa: E402
+from scripts.runtime.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

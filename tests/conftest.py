@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from benchmarks.common import TINY_AUTOENCODER as TINY_AUTOENCODER_NETWORK
+from benchmarks.common import TINY_UNET
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -18,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Stage 1 small enough for seconds on a CPU: 16³ grids, one downsampling (8³ latents), a 2-layer discriminator.
 TINY_AUTOENCODER = {
     "voxel_size": 16,
-    "num_channels": [8, 16],
-    "norm_num_groups": 8,
-    "attention_levels": [False, False],
-    "with_nonlocal_attn": False,
-    "discriminator_channels": 8,
-    "discriminator_num_layers": 2,
+    **TINY_AUTOENCODER_NETWORK,
     "batch_size": 2,
     "num_workers": 0,
     "cache_rate": 1.0,
@@ -49,7 +46,7 @@ def picasso_file(tmp_path_factory):
 def dataset_dir(tmp_path_factory):
     """Eight simulated microtubule clouds converted to 16³ grids (6 train, 2 val)."""
     from scripts.convert_h5_to_nifti import convert
-    from scripts.pointcloud_io import write_point_clouds_h5
+    from scripts.data.pointclouds import write_point_clouds_h5
     from scripts.simulate_smlm import simulate_microtubules
 
     root = tmp_path_factory.mktemp("data")
@@ -107,8 +104,8 @@ def write_h5(path, **datasets):
 
 
 def user_error(exc):
-    """The :class:`scripts.errors.UserError` behind ``exc`` (frameworks wrap exceptions), or ``None``."""
-    from scripts.errors import UserError
+    """The :class:`scripts.runtime.errors.UserError` behind ``exc`` (frameworks wrap exceptions), or ``None``."""
+    from scripts.runtime.errors import UserError
 
     while exc is not None and not isinstance(exc, UserError):
         exc = exc.__cause__ or exc.__context__
@@ -116,10 +113,7 @@ def user_error(exc):
 
 
 TINY_DIFFUSION = {
-    "num_channels": [8, 16],
-    "attention_levels": [False, True],
-    "num_head_channels": [0, 8],
-    "norm_num_groups": 8,
+    **TINY_UNET,
     "num_train_timesteps": 100,
     "batch_size": 2,
     "fast_dev_run": True,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from scripts import run_demo
-from scripts.errors import UserError
-from scripts.pointcloud_io import write_point_clouds_h5
+from scripts.data.pointclouds import write_point_clouds_h5
+from scripts.runtime.errors import UserError
 from scripts.simulate_smlm import simulate_microtubules
 
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TQDM_DISABLE="1")
@@ -94,3 +94,28 @@ def test_dropped_nan_coordinates_are_counted_aloud(tmp_path):
     ) in result.stderr.splitlines()
     info = json.loads((tmp_path / "c" / "dataset_info.json").read_text())
     assert info["source"]["nonfinite_dropped"] == 3 and info["source"]["nonfinite_clouds"] == 2
+
+
+def test_epochs_scale_multiplies_every_stage_and_is_checked_first(tmp_path, monkeypatch):
+    calls = {}
+
+    class StopError(Exception):
+        pass
+
+    def stage(config, settings):  # record each stage's settings; stop after the fine stage's
+        calls[config] = settings
+        if config == "train_refiner.json":
+            raise StopError
+
+    monkeypatch.setattr(run_demo, "_bundle", stage)
+    monkeypatch.setattr(run_demo, "_run", lambda args: None)
+    stages = ("train_autoencoder.json", "train_diffusion.json", "train_refiner.json")
+    for scale, expected in ((1, [15, 80, 60]), (2, [30, 160, 120]), (0.5, [8, 40, 30])):
+        calls.clear()
+        with pytest.raises(StopError):
+            run_demo.run_demo(output_dir=tmp_path / f"x{scale}", epochs_scale=scale)
+        assert [calls[c]["n_epochs"] for c in stages] == expected
+        assert calls["train_refiner.json"]["val_interval"] == expected[2]  # the fine stage still validates once
+    with pytest.raises(UserError, match=r"^epochs_scale: expected a number above 0"):
+        run_demo.run_demo(output_dir=tmp_path / "zero", epochs_scale=0)
+    assert not (tmp_path / "zero").exists()  # refused before any folder was made

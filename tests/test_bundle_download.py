@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from scripts.checkpoint import load_checkpoint
-from scripts.geometry import GridGeometry
-from scripts.pointcloud_io import read_point_clouds
+from scripts.data.geometry import GridGeometry
+from scripts.data.pointclouds import read_point_clouds
+from scripts.networks.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "smlm_ldm"

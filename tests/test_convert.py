@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import write_h5
 from scripts.convert_h5_to_nifti import convert, cut_tiles
-from scripts.errors import UserError
-from scripts.geometry import GridGeometry
-from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5
+from scripts.data.geometry import GridGeometry
+from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5
+from scripts.data.volumes import load_nifti
+from scripts.data.voxelize import grid_to_points
+from scripts.runtime.errors import UserError
 from scripts.simulate_smlm import simulate_microtubules
-from scripts.volume_io import load_nifti
-from scripts.voxelize import grid_to_points
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

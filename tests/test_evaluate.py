@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import run_cli, run_workflow, user_error
-from scripts.pointcloud_io import write_points_csv
+from scripts.data.pointclouds import write_points_csv
 
 ROWS = ["train_vs_heldout", "reconstruction", "mean_grid_baseline", "samples"]
 SMALL = {"num_points": 256, "emd_points": 32, "num_pictures": 2}

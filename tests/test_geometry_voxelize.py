@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
-from scripts.errors import UserError
-from scripts.geometry import GridGeometry, as_shape
-from scripts.voxelize import grid_mass_um3, grid_to_points, normalize_, sigma_in_voxels, voxelize
+from scripts.data.geometry import GridGeometry, as_shape
+from scripts.data.voxelize import grid_mass_um3, grid_to_points, normalize_, sigma_in_voxels, voxelize
+from scripts.runtime.errors import UserError
 
 
 def _cloud(n=5000, seed=0):

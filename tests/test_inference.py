@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_cli, run_workflow, user_error
-from scripts.checkpoint import load_checkpoint, save_checkpoint
-from scripts.geometry import GridGeometry
-from scripts.networks import ExportableAutoencoder, build_unet
-from scripts.pointcloud_io import read_point_clouds
-from scripts.volume_io import load_nifti
+from scripts.data.geometry import GridGeometry
+from scripts.data.pointclouds import read_point_clouds
+from scripts.data.volumes import load_nifti
+from scripts.networks.build import ExportableAutoencoder, build_unet
+from scripts.networks.checkpoints import load_checkpoint, save_checkpoint
 
 SMALL = {"num_samples": 3, "batch_size": 2, "num_inference_steps": 4}
 
@@ -160,7 +160,7 @@ def test_metadata_is_valid_against_the_schema():
 
 
 def test_network_shapes_match_the_metadata(model_dir, tmp_path):
-    from scripts.errors import UserError
+    from scripts.runtime.errors import UserError
     from scripts.verify_networks import verify_networks
 
     lines = verify_networks(model_dir, ROOT / "configs" / "metadata.json")
@@ -197,8 +197,8 @@ def test_each_sample_is_written_as_it_is_made_and_none_is_kept(model_dir, tmp_pa
     is made, and the HDF5 file holds what the CSVs hold."""
     import weakref
 
-    from scripts import weights
-    from scripts.inference import Sampler
+    from scripts.networks import trained as weights
+    from scripts.sampling.sampler import Sampler
 
     ae_path, dm_path = (weights.checkpoint_path(model_dir, stage) for stage in ("autoencoder", "diffusion"))
     ae_ckpt = weights.load_autoencoder_checkpoint(ae_path)

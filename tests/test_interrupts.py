@@ -17,8 +17,8 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import EVENT_LIMIT_S, ROOT, overrides, started, wait_for_line
-from scripts.checkpoint import load_checkpoint
-from scripts.pointcloud_io import write_point_clouds_h5
+from scripts.data.pointclouds import write_point_clouds_h5
+from scripts.networks.checkpoints import load_checkpoint
 from scripts.simulate_smlm import simulate_microtubules
 
 HOOKS = "$__import__('tests.bundle_hooks').bundle_hooks"
@@ -124,7 +124,7 @@ def test_conversion_killed_leaves_staging_that_the_next_run_removes(many_clouds,
 
 def test_killed_during_the_swap_is_completed_at_the_next_start(many_clouds, tmp_path):
     """A run killed after its journal, half-way through moving files: the next start finishes the swap."""
-    from scripts.outputs import recover_stale_staging
+    from scripts.runtime.output_folders import recover_stale_staging
 
     out, new = tmp_path / "vox", tmp_path / "new"
     assert _run(_convert(many_clouds, out, "--voxel_size", "8")).returncode == 0

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import EVENT_LIMIT_S, ROOT, diffusion_overrides, overrides, started, wait_for_line
-from scripts.checkpoint import load_checkpoint
+from scripts.networks.checkpoints import load_checkpoint
 
 # an overlay that pauses training after iteration ``pause_at`` (announcing it on stdout) so the test can kill there
 HOOKS = "$__import__('tests.bundle_hooks').bundle_hooks"  # its own id: MONAI parses any "import" text before refs

@@ -5,17 +5,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from benchmarks.seams import seam_jump, tile_edges
 from conftest import ROOT, run_cli
-from scripts.denoising import make_scheduler
-from scripts.geometry import GridGeometry
-from scripts.metrics import dice_iou
-from scripts.pointcloud_io import read_point_clouds
-from scripts.refiner import Refiner, refine_grid
+from scripts.data.geometry import GridGeometry
+from scripts.data.pointclouds import read_point_clouds
+from scripts.data.volumes import load_nifti
+from scripts.data.voxelize import normalize_, voxelize
+from scripts.evaluation.metrics import dice_iou
+from scripts.networks.denoising import make_scheduler
+from scripts.networks.fine_stage import Refiner, refine_grid
+from scripts.networks.trained import (
+    frozen_autoencoder,
+    load_autoencoder_checkpoint,
+    load_diffusion_checkpoint,
+    trained_unet,
+)
+from scripts.sampling.tiling import decode_tiled, denoise_tiled, tile_slices, tile_starts
 from scripts.simulate_smlm import simulate_microtubules
-from scripts.tiling import decode_tiled, denoise_tiled, seam_jump, tile_edges, tile_slices, tile_starts
-from scripts.volume_io import load_nifti
-from scripts.voxelize import normalize_, voxelize
-from scripts.weights import frozen_autoencoder, load_autoencoder_checkpoint, load_diffusion_checkpoint, trained_unet
 
 SMALL = {"batch_size": 2, "num_inference_steps": 4, "method": "probabilistic"}
 

@@ -2,8 +2,8 @@ import itertools
 
 import numpy as np
 import pytest
-from scripts.geometry import GridGeometry
-from scripts.metrics import (
+from scripts.data.geometry import GridGeometry
+from scripts.evaluation.metrics import (
     box_normalize,
     chamfer_distance,
     chamfer_matrix,
@@ -166,7 +166,7 @@ def test_nn_distances_and_distribution_distance():
 
 
 def test_local_shape_of_a_line_a_sheet_and_a_blob():
-    from scripts.metrics import local_shape
+    from scripts.evaluation.metrics import local_shape
 
     rng = np.random.default_rng(0)
     line = np.c_[rng.uniform(0, 4000, 3000), rng.normal(0, 5, 3000), rng.normal(0, 5, 3000)]
@@ -183,7 +183,7 @@ def test_local_shape_of_a_line_a_sheet_and_a_blob():
 
 
 def test_pair_distances_and_ripley_l_on_known_clouds():
-    from scripts.metrics import pair_distances, ripley_l
+    from scripts.evaluation.metrics import pair_distances, ripley_l
 
     pts = np.array([[0, 0, 0], [10, 0, 0], [100, 0, 0], [700, 0, 0]], float)
     np.testing.assert_allclose(np.sort(pair_distances(pts, 20, 650)), [90, 100, 600])
@@ -198,7 +198,7 @@ def test_pair_distances_and_ripley_l_on_known_clouds():
 
 def test_histogram_w1_matches_scipy():
     from scipy.stats import wasserstein_distance
-    from scripts.metrics import histogram_w1
+    from scripts.evaluation.metrics import histogram_w1
 
     rng = np.random.default_rng(2)
     a, b = rng.gamma(3, 8, 20000), rng.gamma(3, 9, 15000)

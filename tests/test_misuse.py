@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_AUTOENCODER, TINY_DIFFUSION, run_workflow, write_h5
-from scripts.pointcloud_io import write_point_clouds_h5, write_points_csv
+from scripts.data.pointclouds import write_point_clouds_h5, write_points_csv
 from scripts.simulate_smlm import simulate_microtubules
 
 DATA = Path(__file__).parent / "data"
@@ -101,8 +101,8 @@ def _existing_simulation(ws):
 def _grids(ws):
     """Grids at the shipped fine stage's voxels: a sound one, one with NaN and Inf voxels, one with negative voxels
     and one of zeros."""
-    from scripts.geometry import GridGeometry
-    from scripts.volume_io import save_nifti
+    from scripts.data.geometry import GridGeometry
+    from scripts.data.volumes import save_nifti
 
     geometry = GridGeometry((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0), (32, 32, 16))
     sound = np.random.default_rng(3).random((32, 32, 16)).astype(np.float32) ** 6
@@ -121,7 +121,7 @@ def _shipped_demo_set(ws):
 
 def _published(ws):
     """The workspace's trained weights published to ``ws/models`` (no fine stage)."""
-    from scripts.weights import publish
+    from scripts.networks.trained import publish
 
     publish(ws / "outputs", ws / "models")
 
@@ -1029,7 +1029,10 @@ def test_publishing_onto_a_full_disk_keeps_the_earlier_set(workspace, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ one folder, one run
 
-HOLD = "import sys; from scripts.outputs import hold_folder; hold_folder(sys.argv[1]); print('locked', flush=True); input()"
+HOLD = (
+    "import sys; from scripts.runtime.output_folders import hold_folder; hold_folder(sys.argv[1]); "
+    "print('locked', flush=True); input()"
+)
 IN_USE = r"in use by another run \(pid {pid}: python -c .*\); wait for it to finish or choose another --{name}"
 HELD_RUNS = {  # a run and the folder it writes, with --overwrite true: another run holding it is the only obstacle
     "sample": (
@@ -1104,11 +1107,15 @@ def test_a_training_run_holds_its_ckpt_dir_until_it_ends(dataset_dir, tmp_path):
 
 
 def test_a_staged_output_is_held_while_written_and_not_refused_by_its_own_process(tmp_path):
-    from scripts.errors import UserError
-    from scripts.outputs import StagedOutput
+    from scripts.runtime.errors import UserError
+    from scripts.runtime.output_folders import StagedOutput
 
     out = tmp_path / "new" / "out"
-    try_hold = [sys.executable, "-c", "import sys; from scripts.outputs import hold_folder; hold_folder(sys.argv[1])"]
+    try_hold = [
+        sys.executable,
+        "-c",
+        "import sys; from scripts.runtime.output_folders import hold_folder; hold_folder(sys.argv[1])",
+    ]
     staged = StagedOutput(out, "files", ["*.txt"])
     assert staged.check() == [] and not (tmp_path / "new").exists()  # a check creates nothing
     with staged as folder:
@@ -1128,7 +1135,7 @@ def test_a_staged_output_is_held_while_written_and_not_refused_by_its_own_proces
 
 
 def _unreadable(item):
-    from scripts.errors import UserError
+    from scripts.runtime.errors import UserError
 
     raise UserError(f"{item}: not a readable NIfTI volume")
 
@@ -1138,7 +1145,7 @@ def test_a_user_error_in_a_data_loader_worker_is_one_line(capsys):
     with the worker's traceback as its text; the excepthook finds the UserError's line in it."""
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, Lambda
-    from scripts.errors import _one_line_excepthook
+    from scripts.runtime.errors import _one_line_excepthook
 
     loader = DataLoader(Dataset(["in/a.nii.gz"], transform=Compose([Lambda(_unreadable)])), num_workers=2)
     with pytest.raises(RuntimeError, match="DataLoader worker") as caught:

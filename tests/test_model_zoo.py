@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_workflow, user_error
-from scripts.checkpoint import load_checkpoint
-from scripts.errors import UserError
-from scripts.networks import ExportableAutoencoder, ExportableUNet
-from scripts.pointcloud_io import read_point_clouds
-from scripts.weights import checkpoint_path, default_model_dir, publish
+from scripts.data.pointclouds import read_point_clouds
+from scripts.networks.build import ExportableAutoencoder, ExportableUNet
+from scripts.networks.checkpoints import load_checkpoint
+from scripts.networks.trained import checkpoint_path, default_model_dir, publish
+from scripts.runtime.errors import UserError
 
 SCHEMA = ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, diffusion_overrides, overrides, run_workflow
 from monai.bundle import ConfigParser
-from scripts.checkpoint import load_checkpoint
+from scripts.networks.checkpoints import load_checkpoint
 
 HOOKS = "$__import__('tests.bundle_hooks').bundle_hooks"  # its own id: MONAI parses any "import" text before refs
 SEEN = "$@hooks.record_files(@train#trainer, @train#sampler, @train#datalist, @seen_file)"

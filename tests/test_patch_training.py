@@ -6,11 +6,11 @@ import torch
 from conftest import ROOT, diffusion_overrides, overrides, run_cli, run_workflow, user_error
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
-from scripts.checkpoint import load_checkpoint
-from scripts.data import list_volumes, volume_transforms
-from scripts.engines import SlidingWindowReconstruction
-from scripts.latents import SlidingWindowEncoder, _aligned_overlap, encode_volumes
-from scripts.weights import frozen_autoencoder
+from scripts.data.datasets import list_volumes, volume_transforms
+from scripts.networks.checkpoints import load_checkpoint
+from scripts.networks.trained import frozen_autoencoder
+from scripts.training.engines import SlidingWindowReconstruction
+from scripts.training.latents import SlidingWindowEncoder, _aligned_overlap, encode_volumes
 
 GRID, PATCH = [32, 32, 16], [16, 16, 16]  # the tiny dataset's 16³ volumes resized to a grid of two by two patches
 

@@ -4,8 +4,8 @@ import h5py
 import numpy as np
 import pytest
 from conftest import write_h5
-from scripts.errors import UserError
-from scripts.pointcloud_io import read_point_clouds, write_point_clouds_h5, write_points_csv
+from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5, write_points_csv
+from scripts.runtime.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_workflow
-from scripts.checkpoint import load_checkpoint
-from scripts.data import symmetries
-from scripts.geometry import GridGeometry
-from scripts.pointcloud_io import read_point_clouds
-from scripts.refiner import Refiner, couple, draw_anchors, offset_scale, refine_grid, splat_voxel
-from scripts.voxelize import grid_to_points, voxelize
+from scripts.data.datasets import symmetries
+from scripts.data.geometry import GridGeometry
+from scripts.data.pointclouds import read_point_clouds
+from scripts.data.voxelize import grid_to_points, voxelize
+from scripts.networks.checkpoints import load_checkpoint
+from scripts.networks.fine_stage import Refiner, couple, draw_anchors, offset_scale, refine_grid, splat_voxel
 
 
 def _refiner_overrides(dataset_dir, autoencoder_ckpt, out, **extra):

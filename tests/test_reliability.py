@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts.checkpoint import load_checkpoint, save_checkpoint
-from scripts.errors import UserError
+from scripts.networks.checkpoints import load_checkpoint, save_checkpoint
+from scripts.runtime.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint(tmp_path):
     driver = f"""
 import io, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
-import scripts.checkpoint as c
+import scripts.networks.checkpoints as c
 real_save = torch.save
 def slow_save(obj, f):
     buffer = io.BytesIO()
@@ -99,7 +99,7 @@ def test_disk_full_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
 
 def test_sample_write_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     import numpy as np
-    from scripts.pointcloud_io import write_points_csv
+    from scripts.data.pointclouds import write_points_csv
 
     write_points_csv(tmp_path / "sample_0000.csv", np.zeros((3, 3)))
     before = (tmp_path / "sample_0000.csv").read_text()

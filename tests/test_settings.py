@@ -4,10 +4,10 @@ import re
 from pathlib import Path
 
 import pytest
-from scripts.cli import check_flags, flag_names
-from scripts.dependencies import PACKAGES, check_dependencies
-from scripts.errors import UserError
-from scripts.settings import as_bool, check_command_line_ids, check_values, command_line_overrides
+from scripts.runtime.command_line import check_flags, flag_names
+from scripts.runtime.dependencies import PACKAGES, check_dependencies
+from scripts.runtime.errors import UserError
+from scripts.runtime.settings import as_bool, check_command_line_ids, check_values, command_line_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
-from scripts.errors import UserError
+from scripts.runtime.errors import UserError
 from scripts.simulate_smlm import simulate_microtubules, write_point_clouds_h5
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from conftest import ROOT, overrides, run_cli, run_workflow, user_error
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
-from scripts.checkpoint import load_checkpoint
-from scripts.errors import UserError
+from scripts.networks.checkpoints import load_checkpoint
+from scripts.runtime.errors import UserError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -219,8 +219,8 @@ def test_empty_folder_and_non_volume_file_from_the_command_line(tmp_path):
 def test_volumes_of_different_boxes_are_refused_but_other_grid_sizes_are_resized(dataset_dir, tmp_path):
     import shutil
 
-    from scripts.geometry import GridGeometry
-    from scripts.volume_io import load_nifti, save_nifti
+    from scripts.data.geometry import GridGeometry
+    from scripts.data.volumes import load_nifti, save_nifti
 
     data = tmp_path / "data"
     shutil.copytree(dataset_dir, data)

@@ -8,10 +8,10 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import Dataset
 from monai.networks.nets import DiffusionModelUNet
-from scripts.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
-from scripts.data import list_volumes, volume_transforms
-from scripts.latents import compute_scale_factor, encode_volumes
-from scripts.weights import frozen_autoencoder
+from scripts.data.datasets import list_volumes, volume_transforms
+from scripts.networks.checkpoints import load_checkpoint, save_checkpoint, weights_sha256
+from scripts.networks.trained import frozen_autoencoder
+from scripts.training.latents import compute_scale_factor, encode_volumes
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -160,7 +160,7 @@ def test_missing_and_mismatched_autoencoder(dataset_dir, autoencoder_ckpt, tmp_p
 
 
 def test_ema_weights_differ_from_the_raw_ones_resume_and_are_what_is_sampled(dataset_dir, autoencoder_ckpt, tmp_path):
-    from scripts.weights import trained_unet
+    from scripts.networks.trained import trained_unet
 
     run_workflow("train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, ema_decay=0.5))
     ckpt_dir = tmp_path / "outputs" / "diffusion"
@@ -191,8 +191,8 @@ def test_ema_weights_differ_from_the_raw_ones_resume_and_are_what_is_sampled(dat
 
 
 def test_augmented_latent_cache_holds_every_symmetry(dataset_dir, autoencoder_ckpt):
-    from scripts.data import RandFlipRotated, symmetries
-    from scripts.latents import LatentVariants, latent_items
+    from scripts.data.datasets import RandFlipRotated, symmetries
+    from scripts.training.latents import LatentVariants, latent_items
 
     ckpt = load_checkpoint(autoencoder_ckpt)
     autoencoder = frozen_autoencoder(ckpt, autoencoder_ckpt, "cpu")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import ROOT, diffusion_overrides, overrides, run_workflow
 from ignite.engine import Engine, Events
-from scripts.errors import Interrupted
-from scripts.handlers import ValidationAtIntervalAndEnd
+from scripts.runtime.errors import Interrupted
+from scripts.training.handlers import ValidationAtIntervalAndEnd
 
 
 class _Recorded(ValidationAtIntervalAndEnd):

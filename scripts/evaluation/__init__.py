@@ -1,0 +1,1 @@
+"""Scoring generated clouds: the metrics, the evaluation of sets, its report, projections and renders."""

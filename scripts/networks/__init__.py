@@ -1,0 +1,1 @@
+"""The networks, their checks, the noise schedulers, mixed precision, checkpoints and trained weights."""

@@ -1,0 +1,1 @@
+"""Run-time guards: settings, one-line errors, safe output folders and files, command lines, progress."""

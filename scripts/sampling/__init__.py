@@ -1,0 +1,1 @@
+"""Sampling new clouds: the sampler and the tiled denoising and decoding of large fields."""
