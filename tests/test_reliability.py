@@ -121,4 +121,4 @@ def test_no_unsafe_torch_load_in_the_repository():
             if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
-    assert "weights_only=True" in (ROOT / "scripts" / "checkpoint.py").read_text()
+    assert "weights_only=True" in (ROOT / "scripts" / "networks" / "checkpoints.py").read_text()
