@@ -39,8 +39,8 @@ from monai.data import CacheDataset  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 from scripts.networks.build import build_unet  # noqa: E402
 from scripts.networks.checks import latent_shape  # noqa: E402
-from scripts.networks.denoising import make_scheduler  # noqa: E402
 from scripts.networks.precision import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.networks.schedulers import make_scheduler  # noqa: E402
 from scripts.training.engines import diffusion_loss  # noqa: E402
 
 AE_CONFIG = ROOT / "configs" / "train_autoencoder.json"

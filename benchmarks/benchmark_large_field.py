@@ -8,7 +8,7 @@ Run from the bundle root::
 Every case uses the shipped networks (``models/``), each in a child process of its own, so its peak memory
 (``ru_maxrss``) is its own:
 
-1. **Decoding.** A latent of a 48-voxel-deep grid of growing width decoded by ``scripts.sampling.tiling.decode_tiled``
+1. **Decoding.** A latent of a 48-voxel-deep grid of growing width decoded by ``scripts.sampling.large_fields.decode_tiled``
    against ``AutoencoderKL.decode`` of the whole volume (the reference), which runs until it no longer fits in
    20 GiB of address space. Peak memory above what the process held before decoding, and as a multiple of one
    float32 output grid.
@@ -106,7 +106,7 @@ def shipped(device="cpu"):
 def child_decode(width, depth, method):
     """Seconds and peak bytes above the start of decoding one latent of a ``width`` × ``width`` × ``depth`` grid."""
     import torch
-    from scripts.sampling.tiling import decode_tiled, decoding_window
+    from scripts.sampling.large_fields import decode_tiled, decoding_window
 
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
     _, ckpt, _, autoencoder, _, _ = shipped()
@@ -175,7 +175,7 @@ def child_sample(field_um, depth_nm, spacing_nm, num_points, steps, output_dir):
 
 
 def sampler_memory(sampler, ckpt, refiner):
-    from scripts.sampling.tiling import sampling_memory
+    from scripts.sampling.large_fields import sampling_memory
 
     return sampling_memory(
         sampler.geometry.shape,
@@ -241,9 +241,9 @@ def seam_rows(cfg):
     from benchmarks.seams import seam_contrast, seam_jump, tile_edges
     from scripts.data.geometry import GridGeometry
     from scripts.data.voxelize import normalize_, point_count, voxelize
-    from scripts.networks.denoising import make_scheduler
     from scripts.networks.fine_stage import refine_grid, refine_slab
-    from scripts.sampling.tiling import decode_tiled, decoding_window, denoise_tiled
+    from scripts.networks.schedulers import make_scheduler
+    from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled
     from scripts.simulate_smlm import simulate_microtubules
 
     autoencoder_ckpt, ckpt, refiner_ckpt, autoencoder, unet, refiner = shipped()

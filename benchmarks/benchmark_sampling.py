@@ -4,7 +4,7 @@ Run from the bundle root::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_sampling.py [--quick]
 
-Cases: (1) seconds per generated sample with ``scripts.networks.denoising.make_scheduler`` + ``sample_grids`` (noise →
+Cases: (1) seconds per generated sample with ``scripts.networks.schedulers.make_scheduler`` + ``sample_grids`` (noise →
 denoising loop → decode), DDPM with all 1000 training timesteps against DDIM with 50, at the demo's grid size with
 the demo's networks (``scripts/run_demo.py``) and at 64³ with the configs' default networks; (2) grid → 100 000
 points with ``scripts.data.voxelize.grid_to_points`` ('probabilistic', and 'center'/'random' for comparison) against
@@ -36,8 +36,8 @@ from scripts.data.geometry import GridGeometry  # noqa: E402
 from scripts.data.voxelize import grid_to_points  # noqa: E402
 from scripts.networks.build import build_autoencoder, build_unet  # noqa: E402
 from scripts.networks.checks import autoencoder_grid, latent_shape  # noqa: E402
-from scripts.networks.denoising import make_scheduler, sample_grids  # noqa: E402
 from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
+from scripts.networks.schedulers import make_scheduler, sample_grids  # noqa: E402
 from scripts.runtime.settings import literal  # noqa: E402
 
 BATCH = 2  # configs/inference.json's batch_size: grids denoised at once
@@ -286,7 +286,7 @@ def print_report(cfg, quick, load, device, amp_dtype, sampling, export):
     if quick:
         demo_note += "; the second size uses the tests' tiny networks (tests/conftest.py)"
     lines += [
-        f"- Case 1 measures one `scripts.networks.denoising.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
+        f"- Case 1 measures one `scripts.networks.schedulers.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
         f"scheduler from `make_scheduler(settings, kind, steps)` → decode → `.float().cpu()`) of {BATCH} samples "
         f"(`configs/inference.json` batch_size); seconds/sample = call / {BATCH}. Networks: "
         f"`scripts.networks.build.build_autoencoder`/`build_unet` on the `autoencoder_args`/`unet_args` parsed from "

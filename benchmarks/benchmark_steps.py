@@ -10,7 +10,7 @@ sampler then draws 100 clouds (points placed by the demo's fine stage), evaluate
 DDPM-1000, DDIM-10/25/50 on the ddpm model; RFlow-5/10/30 on the rflow model. DDIM-50 and RFlow-10 are sampled
 with ``--seeds`` seeds: their spread is each metric's run-to-run spread, against which "equal quality" is judged.
 
-Seconds per sample: noise → denoising → decode (``scripts.networks.denoising.sample_grids``), a batch of 10 timed in
+Seconds per sample: noise → denoising → decode (``scripts.networks.schedulers.sample_grids``), a batch of 10 timed in
 process on this machine, without the fine stage's point placement (the same for every sampler).
 """
 
@@ -76,8 +76,8 @@ def train(objective, data, outputs, work, epochs, seed):
 
 def seconds_per_sample(models, kind, steps, batch=10):
     """Denoising and decoding of ``batch`` samples, timed once after a warm-up of one step."""
-    from scripts.networks.denoising import make_scheduler, sample_grids
     from scripts.networks.precision import autocast_dtype
+    from scripts.networks.schedulers import make_scheduler, sample_grids
     from scripts.networks.trained import (
         frozen_autoencoder,
         load_autoencoder_checkpoint,

@@ -247,7 +247,7 @@ def stage2_step(unet_args, settings, learning_rate, device, amp_dtype):
     latents (passed as the encoder's mean with zero spread, so the step uses them as they are)."""
     import torch
     from scripts.networks.build import build_unet
-    from scripts.networks.denoising import make_scheduler
+    from scripts.networks.schedulers import make_scheduler
     from scripts.training.engines import LatentDiffusionTrainer
 
     unet = build_unet(unet_args).to(device)

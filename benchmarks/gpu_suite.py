@@ -13,7 +13,7 @@ CUDA, as the trainers run):
 4. sampling: seconds per sample of noise → denoising → decode, RFlow-10, DDIM-50 and DDPM-1000;
 5. a large-field decode: the autoencoder's decoder on the latent of a 256 × 256 × 32 grid, whole-volume;
 6. a large field sampled: the shipped networks (``models/``) denoising the latent of a 1024 × 1024 × 48 grid in
-   tiles (RFlow-10, overlap 0.25) and decoding it by sliding window (``scripts/sampling/tiling.py``), as
+   tiles (RFlow-10, overlap 0.25) and decoding it by sliding window (``scripts/sampling/large_fields.py``), as
    ``--field_size_nm`` samples a 20 µm field at 20 nm voxels (the fine stage's points are not included);
 7. conversion: simulated clouds to 64³ NIfTI grids with ``convert`` (the host's CPUs).
 
@@ -142,7 +142,7 @@ def refiner_step(cfg, device, amp):
 
 def sampling(cfg, device, amp):
     from scripts.networks.build import build_autoencoder, build_unet
-    from scripts.networks.denoising import make_scheduler, sample_grids
+    from scripts.networks.schedulers import make_scheduler, sample_grids
 
     ae_args, latent, unet_args, settings, _ = diffusion_settings(cfg)
     autoencoder, unet = build_autoencoder(ae_args).to(device).eval(), build_unet(unet_args).to(device).eval()
@@ -177,8 +177,8 @@ def large_decode(cfg, device, amp):
 
 def large_field(cfg, device, amp):
     from scripts.networks import trained as weights
-    from scripts.networks.denoising import make_scheduler
-    from scripts.sampling.tiling import decode_tiled, decoding_window, denoise_tiled
+    from scripts.networks.schedulers import make_scheduler
+    from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled
 
     models = ROOT / "models"
     autoencoder_ckpt = weights.load_autoencoder_checkpoint(models / "model_autoencoder.pt")

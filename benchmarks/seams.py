@@ -3,7 +3,7 @@ tiles meet, and how much a field changes there against elsewhere."""
 
 import numpy as np
 import torch
-from scripts.sampling.tiling import tile_starts
+from scripts.sampling.large_fields import tile_starts
 
 
 def tile_edges(size, tile, overlap):

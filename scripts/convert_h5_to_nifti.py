@@ -21,8 +21,8 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 from scripts.data.geometry import GridGeometry, as_shape, as_triple  # noqa: E402
+from scripts.data.nifti import save_nifti  # noqa: E402
 from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5  # noqa: E402
-from scripts.data.volumes import save_nifti  # noqa: E402
 from scripts.data.voxelize import dataset_percentile, grid_mass_um3, normalize_, sigma_in_voxels, voxelize  # noqa: E402
 from scripts.runtime.command_line import main  # noqa: E402
 from scripts.runtime.errors import UserError  # noqa: E402

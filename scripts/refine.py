@@ -14,8 +14,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from scripts.data.nifti import load_nifti  # noqa: E402
 from scripts.data.pointclouds import CSV_POINT_BYTES, write_points_csv  # noqa: E402
-from scripts.data.volumes import load_nifti  # noqa: E402
 from scripts.data.voxelize import point_count  # noqa: E402
 from scripts.networks.fine_stage import (  # noqa: E402
     check_grid,

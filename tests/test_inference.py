@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import ROOT, run_cli, run_workflow, user_error
 from scripts.data.geometry import GridGeometry
+from scripts.data.nifti import load_nifti
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.volumes import load_nifti
 from scripts.networks.build import ExportableAutoencoder, build_unet
 from scripts.networks.checkpoints import load_checkpoint, save_checkpoint
 

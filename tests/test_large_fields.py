@@ -8,19 +8,19 @@ import torch
 from benchmarks.seams import seam_jump, tile_edges
 from conftest import ROOT, run_cli
 from scripts.data.geometry import GridGeometry
+from scripts.data.nifti import load_nifti
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.volumes import load_nifti
 from scripts.data.voxelize import normalize_, voxelize
 from scripts.evaluation.metrics import dice_iou
-from scripts.networks.denoising import make_scheduler
 from scripts.networks.fine_stage import Refiner, refine_grid
+from scripts.networks.schedulers import make_scheduler
 from scripts.networks.trained import (
     frozen_autoencoder,
     load_autoencoder_checkpoint,
     load_diffusion_checkpoint,
     trained_unet,
 )
-from scripts.sampling.tiling import decode_tiled, denoise_tiled, tile_slices, tile_starts
+from scripts.sampling.large_fields import decode_tiled, denoise_tiled, tile_slices, tile_starts
 from scripts.simulate_smlm import simulate_microtubules
 
 SMALL = {"batch_size": 2, "num_inference_steps": 4, "method": "probabilistic"}

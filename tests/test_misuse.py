@@ -102,7 +102,7 @@ def _grids(ws):
     """Grids at the shipped fine stage's voxels: a sound one, one with NaN and Inf voxels, one with negative voxels
     and one of zeros."""
     from scripts.data.geometry import GridGeometry
-    from scripts.data.volumes import save_nifti
+    from scripts.data.nifti import save_nifti
 
     geometry = GridGeometry((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0), (32, 32, 16))
     sound = np.random.default_rng(3).random((32, 32, 16)).astype(np.float32) ** 6

@@ -220,7 +220,7 @@ def test_volumes_of_different_boxes_are_refused_but_other_grid_sizes_are_resized
     import shutil
 
     from scripts.data.geometry import GridGeometry
-    from scripts.data.volumes import load_nifti, save_nifti
+    from scripts.data.nifti import load_nifti, save_nifti
 
     data = tmp_path / "data"
     shutil.copytree(dataset_dir, data)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from scripts.data.datasets import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.data.geometry import GridGeometry
+from scripts.data.nifti import load_nifti
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.volumes import load_nifti
 from scripts.data.voxelize import grid_to_points, point_count, voxelize_like
 from scripts.evaluation.metrics import (
     box_normalize,

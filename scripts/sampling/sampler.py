@@ -8,22 +8,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from scripts.data.geometry import GridGeometry
+from scripts.data.nifti import save_nifti
 from scripts.data.pointclouds import CSV_POINT_BYTES, H5_POINT_BYTES, PointCloudsH5Writer, write_points_csv
-from scripts.data.volumes import save_nifti
 from scripts.data.voxelize import grid_to_points, point_count
 from scripts.evaluation.projections import projections
 from scripts.evaluation.rendering import render_points
 from scripts.networks.build import downsampling
-from scripts.networks.denoising import make_scheduler, sample_grids
 from scripts.networks.fine_stage import POINT_BYTES, check_point_memory, check_spacing, refine_grid, refine_slab
 from scripts.networks.precision import autocast_dtype
+from scripts.networks.schedulers import make_scheduler, sample_grids
 from scripts.networks.trained import REFINER_HINT
 from scripts.runtime.atomic_write import atomic_path
 from scripts.runtime.errors import UserError, interrupted
 from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.progress import interactive, progress
 from scripts.runtime.settings import OUTPUT_FORMATS, check_disk, check_memory, check_values, free_disk_bytes, round_down
-from scripts.sampling.tiling import decode_tiled, decoding_window, denoise_tiled, field_shapes, sampling_memory
+from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled, field_shapes, sampling_memory
 
 logger = logging.getLogger(__name__)
 # the sampler's own files (an earlier run without a manifest is recognised by them)

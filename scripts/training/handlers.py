@@ -283,7 +283,7 @@ class SampleImageHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine):
-        from scripts.networks.denoising import make_scheduler, sample_grids
+        from scripts.networks.schedulers import make_scheduler, sample_grids
 
         epoch = engine.state.epoch
         if epoch % self.interval:
