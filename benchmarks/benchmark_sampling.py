@@ -38,7 +38,7 @@ from scripts.networks.build import build_autoencoder, build_unet  # noqa: E402
 from scripts.networks.checks import autoencoder_grid, latent_shape  # noqa: E402
 from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
 from scripts.networks.schedulers import make_scheduler, sample_grids  # noqa: E402
-from scripts.runtime.settings import literal  # noqa: E402
+from scripts.runtime.validators import literal  # noqa: E402
 
 BATCH = 2  # configs/inference.json's batch_size: grids denoised at once
 BOX_NM = ((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0))  # the demo data's box (scripts/simulate_smlm.py)

@@ -117,7 +117,7 @@ def prepare_row(row, n_train, n_val, geometry, log):
     return dataset
 
 
-def train_to(row, dataset, models, augment, epochs, log, quick):
+def train_to(row, dataset, models, augment, epochs, log, quick, seed=0, changes=None):
     """Train the row's stage 2 to ``epochs`` (resuming the row's latest checkpoint) and return the last
     validation loss."""
     ckpt = row / "diffusion"
@@ -134,7 +134,8 @@ def train_to(row, dataset, models, augment, epochs, log, quick):
         "generate_samples_interval": 10**6,
         "ckpt_dir": ckpt,
         "log_dir": row / "logs",
-        "seed": 0,
+        "seed": seed,
+        **(changes or {}),
         "autoencoder_path": models / "model_autoencoder.pt",
         **({"resume_from": latest} if latest.is_file() else {}),
     }
@@ -230,7 +231,7 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
 
 
 def table(results):
-    head = ["clouds", "flips/rot.", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
+    head = ["clouds", "flips/rot. (changes)", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
     lines = [
         "| "
         + " | ".join(head)
@@ -254,6 +255,10 @@ def main():
     parser.add_argument("--rows", default="102:off,102:on,1000:off,1000:on,5000:off,5000:on", help="N:on|off,...")
     parser.add_argument("--milestones", default="1000,2000,4000,8000,16000", help="optimizer steps, comma separated")
     parser.add_argument("--model_dir", default=str(ROOT / "models"), help="autoencoder and fine stage (shipped)")
+    parser.add_argument("--seed", type=int, default=0, help="stage 2's training seed (sampling keeps seed 0)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="ID=VALUE", help="a change to the recipe (train_diffusion.json)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.milestones = QUICK["rows"], QUICK["milestones"]
@@ -273,9 +278,12 @@ def main():
     for spec in args.rows.split(","):
         size, augment = spec.split(":")
         n_train, augment = int(size), {"on": True, "off": False}[augment]
-        row = work / f"n{n_train}_{'aug' if augment else 'noaug'}"
+        changes = dict(c.split("=", 1) for c in args.set)
+        label = "".join(f"_{k}-{v}" for k, v in sorted(changes.items())) + (f"_seed{args.seed}" if args.seed else "")
+        row = work / f"n{n_train}_{'aug' if augment else 'noaug'}{label}"
         row.mkdir(exist_ok=True)
-        dataset = prepare_row(row, n_train, n_val, geometry, log)
+        (work / f"data{n_train}").mkdir(exist_ok=True)  # one conversion per size, shared by its rows
+        dataset = prepare_row(work / f"data{n_train}", n_train, n_val, geometry, log)
         n_actual = json.loads((dataset / "dataset_info.json").read_text())["counts"]["n_train"]
         per_epoch = math.ceil(n_actual / BATCH)
         timing_file = row / "minutes.json"
@@ -286,7 +294,7 @@ def main():
             kept = row / f"step{step}.pt"
             if not kept.is_file():
                 start = time.perf_counter()
-                val_loss = train_to(row, dataset, models, augment, epochs, log, args.quick)
+                val_loss = train_to(row, dataset, models, augment, epochs, log, args.quick, args.seed, changes)
                 previous = max([v["minutes"] for v in minutes.values()], default=0.0)
                 minutes[str(step)] = {"minutes": previous + (time.perf_counter() - start) / 60, "val_loss": val_loss}
                 shutil.copyfile(row / "diffusion" / "latest_checkpoint.pt", kept)
@@ -296,7 +304,10 @@ def main():
                 {
                     **result,
                     "n_train": n_actual,
-                    "augment": "on" if augment else "off",
+                    "augment": ", ".join(
+                        ["on" if augment else "off", *(f"{k}={v}" for k, v in sorted(changes.items()))]
+                        + ([f"seed {args.seed}"] if args.seed else [])
+                    ),
                     "steps": epochs * per_epoch,
                     **minutes[str(step)],
                 }

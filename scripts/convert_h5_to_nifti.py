@@ -28,7 +28,8 @@ from scripts.runtime.command_line import main  # noqa: E402
 from scripts.runtime.errors import UserError  # noqa: E402
 from scripts.runtime.output_folders import StagedOutput  # noqa: E402
 from scripts.runtime.progress import progress  # noqa: E402
-from scripts.runtime.settings import NORMALIZATIONS, SPLATS, VOXELIZATIONS, check_memory  # noqa: E402
+from scripts.runtime.resources import check_memory  # noqa: E402
+from scripts.runtime.settings import NORMALIZATIONS, SPLATS, VOXELIZATIONS  # noqa: E402
 
 # the converter's own files (an earlier conversion without a manifest is recognised by them)
 OUTPUT_PATTERNS = (

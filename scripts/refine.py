@@ -33,7 +33,8 @@ from scripts.networks.trained import (  # noqa: E402
 )
 from scripts.runtime.command_line import main  # noqa: E402
 from scripts.runtime.errors import UserError  # noqa: E402
-from scripts.runtime.settings import check_disk, check_values  # noqa: E402
+from scripts.runtime.resources import check_disk  # noqa: E402
+from scripts.runtime.settings import check_values  # noqa: E402
 
 
 def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow_steps=None, seed=0, overwrite=False):

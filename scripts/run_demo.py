@@ -252,118 +252,137 @@ def run_demo(
     run = {"input": str(input) if input is not None else "simulated", "seed": seed, "epochs_scale": epochs_scale}
     with marked_folders(folders, run):
         if input is None:
-            source = data / "microtubules.h5"
-            reference = data / "test_clouds.h5"
-            for path, n, s in ((source, n_clouds, seed), (reference, n_test, seed + 1)):
-                _run(
-                    [
-                        sys.executable,
-                        "scripts/simulate_smlm.py",
-                        "--output",
-                        path,
-                        "--n_clouds",
-                        n,
-                        "--seed",
-                        s,
-                        "--overwrite",
-                        "true",
-                    ]
-                )
+            source, reference = data / "microtubules.h5", data / "test_clouds.h5"
+            _simulate(source, n_clouds, seed)
+            _simulate(reference, n_test, seed + 1)
         dataset = data / "voxels_nifti"
-        _run(
-            [
-                sys.executable,
-                "scripts/convert_h5_to_nifti.py",
-                "--h5_file",
-                source,
-                "--output_dir",
-                dataset,
-                "--voxel_size",
-                json.dumps(VOXEL_SIZE),
-                "--method",
-                "gaussian",
-                "--sigma",
-                "1.0",
-                "--seed",
-                seed,
-                *convert_flags,
-                "--overwrite",
-                "true",
-            ]
-        )
-        common = {"dataset_dir": dataset, "seed": seed, "overwrite": "true"}
-        _bundle(
-            "train_autoencoder.json",
-            {
-                **AUTOENCODER,
-                **common,
-                "voxel_size": json.dumps(VOXEL_SIZE),
-                "n_epochs": autoencoder_epochs,
-                "ckpt_dir": outputs / "autoencoder",
-                "log_dir": logs / "autoencoder",
-            },
-        )
-        autoencoder = outputs / "autoencoder" / "best_model.pt"
-        _bundle(
-            "train_diffusion.json",
-            {
-                **DIFFUSION,
-                **common,
-                "n_epochs": diffusion_epochs,
-                "ckpt_dir": outputs / "diffusion",
-                "log_dir": logs / "diffusion",
-                "autoencoder_path": autoencoder,
-            },
-        )
-        _bundle(
-            "train_refiner.json",
-            {
-                **REFINER,
-                **common,
-                "n_epochs": refiner_epochs,
-                "val_interval": refiner_epochs,  # one validation, at the end, writes best_model.pt
-                "ckpt_dir": outputs / "refiner",
-                "log_dir": logs / "refiner",
-                "autoencoder_path": autoencoder,
-            },
-        )
+        _convert(source, dataset, seed, convert_flags)
+        _train(dataset, outputs, logs, seed, (autoencoder_epochs, diffusion_epochs, refiner_epochs))
         info = json.loads((dataset / "dataset_info.json").read_text())
         n_reference = n_test if reference else info["counts"]["n_val"]
-        _bundle(
-            "inference.json",
-            {
-                "model_dir": outputs,
-                "output_dir": outputs / "samples",
-                "seed": seed,
-                "num_samples": num_samples or n_reference,
-                "batch_size": 10,
-                "num_inference_steps": DIFFUSION["num_inference_steps"],
-                "overwrite": "true",
-            },
-        )
-        evaluation = outputs / "evaluation"
-        _bundle(
-            "evaluate.json",
-            {
-                "dataset_dir": dataset,
-                "samples_dir": outputs / "samples",
-                "model_dir": outputs,
-                "output_dir": evaluation,
-                "emd_points": 0,
-                "sets": DEMO_ROWS,
-                "num_workers": 2,
-                "seed": seed,
-                "overwrite": "true",
-                **({"reference_file": reference} if reference else {}),
-            },
-        )
-        metrics = json.loads((evaluation / "metrics.json").read_text())
+        metrics = _sample_and_evaluate(dataset, outputs, reference, seed, num_samples or n_reference)
         print("\n" + summary(metrics) + "\n")
         print(
             f"demo finished in {time.perf_counter() - start:.0f} s: samples in {outputs / 'samples'} (nifti/, "
-            f"pointcloud/, preview.png); held-out beside generated clouds: {evaluation / 'renderings.png'}; all metrics: "
-            f"{evaluation / 'metrics.md'}; TensorBoard logs in {logs}"
+            f"pointcloud/, preview.png); held-out beside generated clouds: {outputs / 'evaluation' / 'renderings.png'}; "
+            f"all metrics: {outputs / 'evaluation' / 'metrics.md'}; TensorBoard logs in {logs}"
         )
+
+
+def _simulate(path, n, seed):
+    _run(
+        [
+            sys.executable,
+            "scripts/simulate_smlm.py",
+            "--output",
+            path,
+            "--n_clouds",
+            n,
+            "--seed",
+            seed,
+            "--overwrite",
+            "true",
+        ]
+    )
+
+
+def _convert(source, dataset, seed, flags):
+    _run(
+        [
+            sys.executable,
+            "scripts/convert_h5_to_nifti.py",
+            "--h5_file",
+            source,
+            "--output_dir",
+            dataset,
+            "--voxel_size",
+            json.dumps(VOXEL_SIZE),
+            "--method",
+            "gaussian",
+            "--sigma",
+            "1.0",
+            "--seed",
+            seed,
+            *flags,
+            "--overwrite",
+            "true",
+        ]
+    )
+
+
+def _train(dataset, outputs, logs, seed, epochs):
+    """The three training stages, with the recipe at the top of this file and ``epochs`` (stage 1, 2, fine)."""
+    autoencoder_epochs, diffusion_epochs, refiner_epochs = epochs
+    common = {"dataset_dir": dataset, "seed": seed, "overwrite": "true"}
+    _bundle(
+        "train_autoencoder.json",
+        {
+            **AUTOENCODER,
+            **common,
+            "voxel_size": json.dumps(VOXEL_SIZE),
+            "n_epochs": autoencoder_epochs,
+            "ckpt_dir": outputs / "autoencoder",
+            "log_dir": logs / "autoencoder",
+        },
+    )
+    autoencoder = outputs / "autoencoder" / "best_model.pt"
+    _bundle(
+        "train_diffusion.json",
+        {
+            **DIFFUSION,
+            **common,
+            "n_epochs": diffusion_epochs,
+            "ckpt_dir": outputs / "diffusion",
+            "log_dir": logs / "diffusion",
+            "autoencoder_path": autoencoder,
+        },
+    )
+    _bundle(
+        "train_refiner.json",
+        {
+            **REFINER,
+            **common,
+            "n_epochs": refiner_epochs,
+            "val_interval": refiner_epochs,  # one validation, at the end, writes best_model.pt
+            "ckpt_dir": outputs / "refiner",
+            "log_dir": logs / "refiner",
+            "autoencoder_path": autoencoder,
+        },
+    )
+
+
+def _sample_and_evaluate(dataset, outputs, reference, seed, num_samples):
+    """Sample ``num_samples`` clouds and evaluate them against ``reference`` (or the validation split); returns
+    ``metrics.json``."""
+    _bundle(
+        "inference.json",
+        {
+            "model_dir": outputs,
+            "output_dir": outputs / "samples",
+            "seed": seed,
+            "num_samples": num_samples,
+            "batch_size": 10,
+            "num_inference_steps": DIFFUSION["num_inference_steps"],
+            "overwrite": "true",
+        },
+    )
+    evaluation = outputs / "evaluation"
+    _bundle(
+        "evaluate.json",
+        {
+            "dataset_dir": dataset,
+            "samples_dir": outputs / "samples",
+            "model_dir": outputs,
+            "output_dir": evaluation,
+            "emd_points": 0,
+            "sets": DEMO_ROWS,
+            "num_workers": 2,
+            "seed": seed,
+            "overwrite": "true",
+            **({"reference_file": reference} if reference else {}),
+        },
+    )
+    return json.loads((evaluation / "metrics.json").read_text())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import pytest
 from scripts.runtime.command_line import check_flags, flag_names
 from scripts.runtime.dependencies import PACKAGES, check_dependencies
 from scripts.runtime.errors import UserError
-from scripts.runtime.settings import as_bool, check_command_line_ids, check_values, command_line_overrides
+from scripts.runtime.settings import check_command_line_ids, check_values, command_line_overrides
+from scripts.runtime.validators import as_bool
 
 ROOT = Path(__file__).resolve().parents[1]
 MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"

@@ -250,3 +250,25 @@ def test_the_ddpm_objective_trains_resumes_and_samples_with_ddpm_and_ddim(
         run_workflow("inference.json", model_dir=str(model_dir), output_dir=str(tmp_path / "d"), scheduler="DDIM")
     error = user_error(info.value)
     assert "trained with the rflow objective, which samples with RFlow" in str(error) and "\n" not in str(error)
+
+
+def test_logit_normal_timesteps_train_more_at_middle_noise_levels(dataset_dir, autoencoder_ckpt, tmp_path):
+    from scripts.training.engines import draw_timesteps
+
+    generator = torch.Generator().manual_seed(0)
+    uniform = draw_timesteps(100_000, 1000, "uniform", generator)
+    logit = draw_timesteps(100_000, 1000, "logit-normal", generator)
+    assert 0 <= int(logit.min()) and int(logit.max()) <= 999
+    middle = [float(((t >= 333) & (t < 667)).float().mean()) for t in (uniform, logit)]
+    assert abs(middle[0] - 1 / 3) < 0.01 and middle[1] > 0.45  # sigmoid(N(0,1)) puts ~49 % in the middle third
+    workflow = run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, timestep_sampling="logit-normal"),
+    )
+    assert workflow.parser.get_parsed_content("train#trainer").timestep_sampling == "logit-normal"
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train_diffusion.json",
+            **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path / "bad", timestep_sampling="lognormal"),
+        )
+    assert str(user_error(info.value)).startswith("timestep_sampling: expected one of")

@@ -6,7 +6,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscrimi
 from scripts.data.geometry import as_shape
 from scripts.networks.build import downsampling
 from scripts.runtime.errors import UserError
-from scripts.runtime.settings import check_memory
+from scripts.runtime.resources import check_memory
 
 
 def check_divisible(voxel_size, levels, what, name="voxel_size"):

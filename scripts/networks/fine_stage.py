@@ -22,7 +22,7 @@ import torch
 from scripts.data.geometry import GridGeometry
 from scripts.data.voxelize import gaussian_kernel
 from scripts.runtime.errors import UserError
-from scripts.runtime.settings import check_memory, physical_memory_bytes, round_down
+from scripts.runtime.resources import check_memory, physical_memory_bytes, round_down
 from torch import nn
 
 

@@ -10,7 +10,7 @@ import sys
 from functools import wraps
 
 from scripts.runtime.errors import UserError, exit_on_user_error, install_excepthook
-from scripts.runtime.settings import as_bool, closest
+from scripts.runtime.validators import as_bool, closest
 
 FIRE_FLAGS = ("help", "h")
 
@@ -39,7 +39,7 @@ def check_flags(func, argv, extra=()):
 
 
 def with_switches(func):
-    """``func`` with every argument whose default is a bool parsed by :func:`scripts.runtime.settings.as_bool` first."""
+    """``func`` with every argument whose default is a bool parsed by :func:`scripts.runtime.validators.as_bool` first."""
     signature = inspect.signature(func)
     switches = [p for p, v in signature.parameters.items() if isinstance(v.default, bool)]
 

@@ -6,18 +6,24 @@ necessary: through ``python -m monai.bundle run`` and fire a lowercase ``false``
 which Python counts as true, and MONAI's CLI merges an id that no config defines without a word.
 """
 
-import ast
-import difflib
-import os
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-from scripts.data.geometry import as_shape
 from scripts.runtime.errors import UserError
-
-TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+from scripts.runtime.validators import (
+    choice,
+    closest,
+    device,
+    existing_file,
+    flag,
+    integer,
+    list_of,
+    literal,
+    number,
+    optional_voxel_size,
+    subset,
+    voxel_size,
+)
 
 # Allowed values: the table below and the modules that use them read them from here.
 VOXELIZATIONS = ("occupancy", "density", "gaussian")  # the converter's method
@@ -27,6 +33,7 @@ EXPORT_METHODS = ("probabilistic", "weighted", "center", "random")  # points dra
 CACHE_MODES = ("memory", "disk", "none")  # stage 2's latent cache
 OUTPUT_FORMATS = ("nifti", "csv", "h5")
 OBJECTIVES = ("rflow", "ddpm")
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")  # stage 2's training timesteps
 SCHEDULERS = ("RFlow", "DDPM", "DDIM")
 NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
 EVALUATION_SETS = (
@@ -37,143 +44,6 @@ EVALUATION_SETS = (
     "samples",
     "samples_voxel_uniform",
 )
-
-
-def as_bool(value, name):
-    """``value`` as a bool: True/False, 1/0, or true/false/yes/no/1/0 in any case; anything else is refused."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    word = str(value).strip().lower() if isinstance(value, str) else None
-    if word in TRUE_WORDS or word in FALSE_WORDS:
-        return word in TRUE_WORDS
-    raise UserError(f"{name}: expected true or false (also True/False, yes/no, 1/0), got {value!r}")
-
-
-def closest(name, known):
-    """`` did you mean X?`` for the known name closest to ``name``, or an empty string."""
-    match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else ""
-
-
-# ---------------------------------------------------------------------------------------------------- validators
-# Each takes (value, name) and returns the value as the code uses it, or raises a UserError naming the setting.
-
-
-def flag(value, name):
-    return as_bool(value, name)
-
-
-def integer(lo=None, optional=False):
-    def check(value, name):
-        if value is None and optional:
-            return None
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            if not (isinstance(value, float) and value.is_integer()):
-                raise UserError(f"{name}: expected an integer{_at_least(lo)}, got {value!r}")
-        if lo is not None and value < lo:
-            raise UserError(f"{name}: must be {lo} or more, got {value!r}")
-        return int(value)
-
-    return check
-
-
-def number(lo=None, hi=None, above=False, optional=False):
-    """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``above``)."""
-
-    def check(value, name):
-        if value is None and optional:
-            return None
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise UserError(f"{name}: expected a number, got {value!r}")
-        if not np.isfinite(value):
-            raise UserError(f"{name}: expected a finite number, got {value!r}")
-        if lo is not None and (value <= lo if above else value < lo):
-            raise UserError(f"{name}: must be {'more than' if above else 'at least'} {lo}, got {value!r}")
-        if hi is not None and value > hi:
-            raise UserError(f"{name}: must be at most {hi}, got {value!r}")
-        return value
-
-    return check
-
-
-def choice(*options, optional=False, ignore_case=False):
-    def check(value, name):
-        if value is None and optional:
-            return None
-        if ignore_case and isinstance(value, str):
-            value = next((o for o in options if o.lower() == value.lower()), value)
-        if value not in options:
-            raise UserError(
-                f"{name}: expected one of {', '.join(map(str, options))}, got {value!r}{closest(value, options)}"
-            )
-        return value
-
-    return check
-
-
-def list_of(item, at_least=1, optional=False):
-    def check(value, name):
-        if value is None and optional:
-            return None
-        if isinstance(value, str) and value.strip()[:1] == "[" and value.strip()[-1:] == "]":
-            value = [literal(v.strip()) for v in value.strip()[1:-1].split(",") if v.strip()]  # [false,true]
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) < at_least:
-            raise UserError(f"{name}: expected a list such as [16, 32, 32], got {value!r}")
-        return [item(v, name) for v in value]
-
-    return check
-
-
-def subset(*options):
-    def check(value, name):
-        values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-        if not values or any(v not in options for v in values):
-            raise UserError(f"{name}: expected a list of {', '.join(options)}, got {value!r}")
-        return values
-
-    return check
-
-
-def voxel_size(value, name):
-    as_shape(value, name)
-    return value
-
-
-def optional_voxel_size(value, name):
-    return None if value is None else voxel_size(value, name)
-
-
-def device(value, name):
-    import torch
-
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise UserError(f"{name}: expected cpu, cuda or cuda:N, got {value!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{name}: {value} was asked for, but this torch ({torch.__version__}) sees no CUDA device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"{name}: {value} was asked for, but there are {torch.cuda.device_count()} CUDA devices")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"{name}: expected cpu, cuda or cuda:N, got {value!r}")
-    return dev
-
-
-def existing_file(optional=False):
-    def check(value, name):
-        if value is None and optional:
-            return None
-        if not isinstance(value, (str, Path)) or not Path(value).is_file():
-            raise UserError(f"{value}: {name} names no such file")
-        return str(value)
-
-    return check
-
-
-def _at_least(lo):
-    return "" if lo is None else f" of {lo} or more"
 
 
 # ---------------------------------------------------------------------------------------------------- the table
@@ -262,6 +132,7 @@ SETTINGS = {
     "num_samples": _POSITIVE,
     "scheduler": choice(*SCHEDULERS, optional=True, ignore_case=True),
     "objective": choice(*OBJECTIVES),
+    "timestep_sampling": choice(*TIMESTEP_SAMPLINGS),
     "method": choice(*EXPORT_METHODS),
     "threshold": number(0, 1),
     "num_points": integer(1, optional=True),
@@ -429,66 +300,9 @@ def check_command_line_ids(argv=None):
         raise UserError(f"{key}: no such setting in {files}{closest(key, top if '#' not in key else known)}")
 
 
-def literal(text):
-    """A command-line string read as the Python value it spells (``'[16,32]'``, ``'False'``), else as it is."""
-    try:
-        return ast.literal_eval(text) if isinstance(text, str) else text
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _ids(config, prefix=""):
     items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
     for key, value in items:
         key = f"{prefix}{key}"
         yield key
         yield from _ids(value, key + "#")
-
-
-# ---------------------------------------------------------------------------------------------------- resources
-
-
-def physical_memory_bytes():
-    """This machine's memory (the GPU's when training there is not asked here), or ``None`` where unknown."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_memory(needed_bytes, what, hint):
-    """Refuse ``what`` when ``needed_bytes`` exceed this machine's memory, with both figures."""
-    total = physical_memory_bytes()
-    if total is not None and needed_bytes > total:
-        raise UserError(
-            f"{what} needs about {_size(needed_bytes)} (estimated), but this machine has {_size(total)}; {hint}"
-        )
-
-
-def free_disk_bytes(folder):
-    """Free bytes on the filesystem ``folder`` is (or will be) on: that of its nearest existing parent."""
-    existing = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
-    return shutil.disk_usage(existing).free
-
-
-def check_disk(needed_bytes, folder, what, hint):
-    """Refuse ``what`` when ``needed_bytes`` exceed the free space of ``folder``'s filesystem, with both figures."""
-    free = free_disk_bytes(folder)
-    if needed_bytes > free:
-        raise UserError(
-            f"{what} needs about {_size(needed_bytes)} on disk (estimated), but {folder} has {_size(free)} free; {hint}"
-        )
-
-
-def round_down(n):
-    """``n`` rounded down to two significant digits (a count to suggest in a message)."""
-    n = max(0, int(n))
-    scale = 10 ** max(0, len(str(n)) - 2)
-    return n // scale * scale
-
-
-def _size(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}"
-        n /= 1024

@@ -22,7 +22,8 @@ from scripts.runtime.atomic_write import atomic_path
 from scripts.runtime.errors import UserError, interrupted
 from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.progress import interactive, progress
-from scripts.runtime.settings import OUTPUT_FORMATS, check_disk, check_memory, check_values, free_disk_bytes, round_down
+from scripts.runtime.resources import check_disk, check_memory, free_disk_bytes, round_down
+from scripts.runtime.settings import OUTPUT_FORMATS, check_values
 from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled, field_shapes, sampling_memory
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,31 @@
+"""The stage-2 scaling benchmark's smoke run (``--quick``): a tiny row trains to two milestones, resuming between
+them, and each milestone is sampled, scored and checked for copies; a second run reads the milestones back."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
+    command = [sys.executable, "benchmarks/benchmark_stage2_scaling.py", "--quick", "--work_dir", str(tmp_path)]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = tmp_path / "n16_aug"  # 16 training clouds (and 4 for validation)
+    minutes = json.loads((row / "minutes.json").read_text())
+    assert set(minutes) == {"4", "8"}
+    train_log = (row / "train.log").read_text()
+    assert "--resume_from" in train_log.split("--n_epochs 4")[-1]  # the second milestone resumed the first
+    for step in (4, 8):
+        result_file = json.loads((row / f"step{step}" / "result.json").read_text())
+        assert {"train_vs_heldout", "mean_grid_baseline", "samples"} >= set(result_file["rows"])
+        memo = result_file["memorisation"]
+        assert memo["n"] == 10 and 0 <= memo["copies"] <= 10 and 0 < memo["sample_ratio"] <= 1
+        assert (row / f"step{step}" / "evaluation" / "renderings.png").is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("| 16 | on | ") == 2 and "floor: training clouds" in report
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and (row / "train.log").read_text() == train_log  # nothing trained again
