@@ -230,6 +230,30 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
     return result
 
 
+def figure(row, steps, output):
+    """One picture of a row: the test clouds' renders (the evaluation's top row) above the samples' at each of
+    ``steps`` (the bottom row of each milestone's ``renderings.png``), labelled with the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = [plt.imread(row / f"step{s}" / "evaluation" / "renderings.png") for s in steps]
+    half = pictures[0].shape[0] // 2
+    strips = [("test clouds", pictures[0][:half])] + [
+        (f"{s} steps", p[p.shape[0] // 2 :]) for s, p in zip(steps, pictures)
+    ]
+    fig, axes = plt.subplots(len(strips), 1, figsize=(12, 2.3 * len(strips)), dpi=100)
+    for ax, (label, strip) in zip(axes, strips):
+        ax.imshow(strip)
+        ax.set_ylabel(label, fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)
+
+
 def table(results):
     head = ["clouds", "flips/rot. (changes)", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
     lines = [
@@ -256,6 +280,7 @@ def main():
     parser.add_argument("--milestones", default="1000,2000,4000,8000,16000", help="optimizer steps, comma separated")
     parser.add_argument("--model_dir", default=str(ROOT / "models"), help="autoencoder and fine stage (shipped)")
     parser.add_argument("--seed", type=int, default=0, help="stage 2's training seed (sampling keeps seed 0)")
+    parser.add_argument("--figure", default=None, help="also write one PNG per row: test clouds above each milestone")
     parser.add_argument(
         "--set", action="append", default=[], metavar="ID=VALUE", help="a change to the recipe (train_diffusion.json)"
     )
@@ -313,6 +338,8 @@ def main():
                 }
             )
             print("\n".join(table(results[-1:])[2:]), flush=True)
+        if args.figure:
+            figure(row, milestones, Path(args.figure).with_suffix(f".{row.name}.png"))
     import monai
     import torch
 
