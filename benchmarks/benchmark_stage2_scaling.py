@@ -254,19 +254,23 @@ def figure(row, steps, output):
     plt.close(fig)
 
 
+def _shape(row):
+    return f"{row['linearity']['mean']:.2f} / {row['planarity']['mean']:.2f}"
+
+
 def table(results):
     head = ["clouds", "flips/rot. (changes)", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
+    head += ["linearity / planarity mean", "copies", "CD to nearest train ×10³ (samples / test)"]
+    head += ["nearest / 2nd (samples / test)"]
     lines = [
-        "| "
-        + " | ".join(head)
-        + " | copies | CD to nearest train ×10³ (samples / test) | nearest / 2nd (samples / test) |",
-        "|---:|---|---:|---:|---:|" + "---:|" * len(run_demo.SUMMARY) + "---:|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|---:|---|---:|---:|---:|" + "---:|" * len(run_demo.SUMMARY) + "---|---:|---|---|",
     ]
     for r in results:
         m = r["memorisation"]
         lines.append(
             f"| {r['n_train']} | {r['augment']} | {r['steps']} | {r['val_loss']:.4f} | {r['minutes']:.0f} | "
-            f"{run_demo.summary_cells(r['rows']['samples'])} | {m['copies']}/{m['n']} | "
+            f"{run_demo.summary_cells(r['rows']['samples'])} | {_shape(r['rows']['samples'])} | {m['copies']}/{m['n']} | "
             f"{m['sample_median'] * 1e3:.2f} / {m['test_median'] * 1e3:.2f} | "
             f"{m['sample_ratio']:.2f} / {m['test_ratio']:.2f} |"
         )
@@ -352,12 +356,18 @@ def main():
     ]
     first = next((r for r in results if "train_vs_heldout" in r["rows"]), None)
     if first:
-        lines.append(
-            f"| floor: training clouds | | | | | {run_demo.summary_cells(first['rows']['train_vs_heldout'])} | |"
-        )
-        lines.append(
-            f"| mean-grid baseline | | | | | {run_demo.summary_cells(first['rows']['mean_grid_baseline'])} | |"
-        )
+        for label, key in (
+            ("floor: training clouds", "train_vs_heldout"),
+            ("mean-grid baseline", "mean_grid_baseline"),
+        ):
+            cells = f"{run_demo.summary_cells(first['rows'][key])} | {_shape(first['rows'][key])}"
+            lines.append(f"| {label} | | | | | {cells} | | | |")
+        test = first["rows"]["samples"]
+        lines += [
+            "",
+            f"Test clouds: linearity mean {test['linearity']['reference_mean']:.2f}, planarity mean "
+            f"{test['planarity']['reference_mean']:.2f}.",
+        ]
     report = "\n".join(lines)
     (work / "report.md").write_text(report + "\n")
     print(report)
