@@ -150,13 +150,11 @@ def child_sample(field_um, depth_nm, spacing_nm, num_points, steps, output_dir):
         output_dir,
         num_samples=1,
         batch_size=1,
-        num_inference_steps=steps,
-        method="refine",
-        num_points=int(num_points),
-        refiner=refiner,
-        refiner_checkpoint=refiner_ckpt,
-        field_size_nm=[field_um * 1000, field_um * 1000, depth_nm],
         overwrite=True,
+        denoising={"num_inference_steps": steps},
+        export={"method": "refine", "num_points": int(num_points)},
+        fine_stage={"refiner": refiner, "checkpoint": refiner_ckpt},
+        field={"size_nm": [field_um * 1000, field_um * 1000, depth_nm]},
     )
     estimate = sum(sampler_memory(sampler, ckpt, refiner))
     sampler.run()  # writes each sample as it is made and keeps none

@@ -211,10 +211,8 @@ def test_each_sample_is_written_as_it_is_made_and_none_is_kept(model_dir, tmp_pa
         out,
         num_samples=5,
         batch_size=2,
-        num_inference_steps=2,
-        num_points=300,
-        threshold=0.0,
-        output_formats=("csv", "h5"),
+        denoising={"num_inference_steps": 2},
+        export={"num_points": 300, "threshold": 0.0, "output_formats": ("csv", "h5")},
     )
     written, write = [], sampler._write
 

@@ -33,6 +33,29 @@ PREVIEW_BYTES = 2**23  # on disk, at most: MAX_PREVIEW_ROWS rows of two pictures
 SAMPLE_FILES = ("nifti/sample_*.nii.gz", "pointcloud/sample_*.csv", "pointcloud/samples.h5", "preview.png")
 
 
+GROUPS = {  # the Sampler's settings by group, with their defaults
+    "denoising": {"scheduler": None, "num_inference_steps": 50},
+    "export": {
+        "method": "probabilistic",
+        "threshold": 0.1,
+        "num_points": None,
+        "output_formats": ("nifti", "csv"),
+        "preview": True,
+        "pixel_nm": 15.0,
+    },
+    "fine_stage": {"refiner": None, "checkpoint": None, "flow_steps": None},
+    "field": {"size_nm": None, "tile_overlap": 0.5, "sw_batch_size": 8},
+}
+
+
+def _group(name, given):
+    """The settings of group ``name``: ``given`` over the defaults; a key the group does not have is refused."""
+    unknown = sorted(set(given or {}) - set(GROUPS[name]))
+    if unknown:
+        raise UserError(f"{name}: no setting {unknown[0]!r} in this group; it has {', '.join(GROUPS[name])}")
+    return {**GROUPS[name], **(given or {})}
+
+
 class Sampler:
     """Writes ``num_samples`` generated grids and point clouds under ``output_dir``.
 
@@ -47,20 +70,23 @@ class Sampler:
         diffusion_checkpoint: the stage-2 checkpoint (scale factor, noise schedule, latent shape, data geometry).
         output_dir: output folder (created; see ``overwrite``).
         num_samples, batch_size: how many grids, and how many are denoised at once.
-        scheduler: 'RFlow' (rectified-flow checkpoints), 'DDPM' or 'DDIM' (ddpm ones); ``None``: RFlow or DDIM, as
-            the checkpoint was trained; num_inference_steps: its steps (``None``: all training timesteps).
         seed: the same seed writes the same files.
-        method, threshold, num_points: point export: 'refine' (the fine stage, ``refiner``, places points at
-            localization precision) or a voxel export of :func:`scripts.data.voxelize.grid_to_points`; both draw voxels
-            above ``threshold``; ``num_points`` ``None`` takes the training data's points per unit of grid mass.
-        field_size_nm: the sampled field, [X, Y, Z] nm from the training box's minimum corner (``None``: the
-            training box), rounded up to whole voxels of the training grid; less than one voxel on an axis is refused.
-        refiner, refiner_checkpoint: the fine stage and its checkpoint, for ``method='refine'``.
-        flow_steps: its flow's steps (``None``: those it was validated with).
-        output_formats: any of 'nifti', 'csv', 'h5'.
-        preview: write ``preview.png``; pixel_nm: its rendering pixel size.
         overwrite: replace the samples of an earlier run in ``output_dir`` (only the bundle's own files, all of
             them: the folder never mixes two runs); otherwise such a folder is refused.
+        denoising: ``scheduler``: 'RFlow' (rectified-flow checkpoints), 'DDPM' or 'DDIM' (ddpm ones), ``None``:
+            RFlow or DDIM, as the checkpoint was trained; ``num_inference_steps``: its steps (``None``: all training
+            timesteps).
+        export: how grids become files. ``method``, ``threshold``, ``num_points``: 'refine' (the fine stage places
+            points at localization precision) or a voxel export of :func:`scripts.data.voxelize.grid_to_points`;
+            both draw voxels above ``threshold``; ``num_points`` ``None`` takes the training data's points per unit
+            of grid mass. ``output_formats``: any of 'nifti', 'csv', 'h5'. ``preview``: write ``preview.png``,
+            rendered at ``pixel_nm``.
+        fine_stage: ``refiner`` and its ``checkpoint``, for ``method='refine'``; ``flow_steps``: its flow's steps
+            (``None``: those it was validated with).
+        field: ``size_nm``: the sampled field, [X, Y, Z] nm from the training box's minimum corner (``None``: the
+            training box), rounded up to whole voxels of the training grid (less than one voxel on an axis is
+            refused); ``tile_overlap`` and ``sw_batch_size``: the tiles of a field larger than the training box.
+        Each group takes the defaults of :data:`GROUPS` for what it leaves out.
     """
 
     def __init__(
@@ -71,25 +97,27 @@ class Sampler:
         output_dir,
         num_samples=8,
         batch_size=2,
-        scheduler=None,
-        num_inference_steps=50,
         seed=0,
-        method="probabilistic",
-        threshold=0.1,
-        num_points=None,
-        output_formats=("nifti", "csv"),
-        preview=True,
-        pixel_nm=15.0,
         device="cpu",
         amp=True,
         overwrite=False,
-        refiner=None,
-        refiner_checkpoint=None,
-        flow_steps=None,
-        field_size_nm=None,
-        tile_overlap=0.5,
-        sw_batch_size=8,
+        denoising=None,
+        export=None,
+        fine_stage=None,
+        field=None,
     ):
+        groups = {"denoising": denoising, "export": export, "fine_stage": fine_stage, "field": field}
+        settings = {name: _group(name, given) for name, given in groups.items()}
+        scheduler, num_inference_steps = (settings["denoising"][k] for k in ("scheduler", "num_inference_steps"))
+        export = settings["export"]
+        method, threshold, num_points = export["method"], export["threshold"], export["num_points"]
+        output_formats, preview, pixel_nm = export["output_formats"], export["preview"], export["pixel_nm"]
+        refiner, refiner_checkpoint, flow_steps = (
+            settings["fine_stage"][k] for k in ("refiner", "checkpoint", "flow_steps")
+        )
+        field_size_nm, tile_overlap, sw_batch_size = (
+            settings["field"][k] for k in ("size_nm", "tile_overlap", "sw_batch_size")
+        )
         check_values(
             {"num_samples": num_samples, "batch_size": batch_size, "method": method, "num_points": num_points},
             "inference",
