@@ -66,8 +66,8 @@ def overrides(dataset_dir, out_dir, **extra):
     }
 
 
-def run_workflow(config, **override):
-    """Run a bundle config in this process and return the workflow (its parsed objects can be inspected)."""
+def initialized_workflow(config, **override):
+    """A bundle config's workflow in this process, initialized (its ``initialize`` run) but not run."""
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
@@ -78,6 +78,12 @@ def run_workflow(config, **override):
         **override,
     )
     workflow.initialize()
+    return workflow
+
+
+def run_workflow(config, **override):
+    """Run a bundle config in this process and return the workflow (its parsed objects can be inspected)."""
+    workflow = initialized_workflow(config, **override)
     try:
         workflow.run()
     finally:

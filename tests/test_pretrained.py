@@ -5,21 +5,8 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, diffusion_overrides, overrides, run_cli, run_workflow, user_error
-from monai.bundle import ConfigWorkflow
+from conftest import ROOT, diffusion_overrides, initialized_workflow, overrides, run_cli, run_workflow, user_error
 from scripts.networks.checkpoints import load_checkpoint
-
-
-def _initialized(config, **override):
-    workflow = ConfigWorkflow(
-        config_file=str(ROOT / "configs" / config),
-        meta_file=str(ROOT / "configs" / "metadata.json"),
-        logging_file=str(ROOT / "configs" / "logging.conf"),
-        workflow_type="train",
-        **override,
-    )
-    workflow.initialize()
-    return workflow
 
 
 def _same_weights(network, state):
@@ -28,14 +15,14 @@ def _same_weights(network, state):
 
 def test_stage_1_starts_from_the_pretrained_weights_with_a_fresh_run(dataset_dir, autoencoder_ckpt, tmp_path):
     pretrained = load_checkpoint(autoencoder_ckpt, "autoencoder")
-    workflow = _initialized(
+    workflow = initialized_workflow(
         "train_autoencoder.json", **overrides(dataset_dir, tmp_path, pretrained=str(autoencoder_ckpt))
     )
     try:
         assert _same_weights(workflow.parser.get_parsed_content("autoencoder"), pretrained["autoencoder"])
     finally:
         workflow.finalize()
-    fresh = _initialized("train_autoencoder.json", **overrides(dataset_dir, tmp_path / "fresh"))
+    fresh = initialized_workflow("train_autoencoder.json", **overrides(dataset_dir, tmp_path / "fresh"))
     try:  # without pretrained the same config starts elsewhere: the check above can fail
         assert not _same_weights(fresh.parser.get_parsed_content("autoencoder"), pretrained["autoencoder"])
     finally:
@@ -51,7 +38,7 @@ def test_stage_2_starts_from_the_moving_average_of_the_pretrained_unet(
 ):
     source = model_dir / "diffusion" / "best_model.pt"
     pretrained = load_checkpoint(source, "diffusion")
-    workflow = _initialized(
+    workflow = initialized_workflow(
         "train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, pretrained=str(source))
     )
     try:

@@ -89,11 +89,17 @@ def load_diffusion_checkpoint(diffusion_path, autoencoder_checkpoint, autoencode
     return ckpt
 
 
+def weights_key(checkpoint, stage):
+    """The entry of ``checkpoint`` whose weights are used: the UNet's moving average where there is one, else the
+    stage's weights (``unet``, ``autoencoder``, ``refiner``)."""
+    return "unet_ema" if "unet_ema" in checkpoint else WEIGHTS[stage]
+
+
 def trained_unet(checkpoint, path, device):
     """The diffusion UNet built from the hyper-parameters in its checkpoint, with its exponential moving average
     of weights (``unet_ema``; the raw ``unet`` weights for checkpoints without one), in eval mode."""
     unet = build_unet(checkpoint["network_config"]["unet"])
-    key = "unet_ema" if "unet_ema" in checkpoint else "unet"
+    key = weights_key(checkpoint, "diffusion")
     load_state(unet, checkpoint[key], path, key)
     return unet.to(device).eval()
 
@@ -115,7 +121,7 @@ def start_from(network, pretrained, stage, resume_from=None):
             "with its own weights, pretrained starts a new run from other weights: set one"
         )
     ckpt = load_checkpoint(pretrained, stage)
-    key = "unet_ema" if "unet_ema" in ckpt else WEIGHTS[stage]
+    key = weights_key(ckpt, stage)
     try:
         load_state(network, ckpt[key], pretrained, key)
     except UserError as e:
