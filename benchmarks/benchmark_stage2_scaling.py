@@ -254,6 +254,11 @@ def figure(row, steps, output):
     plt.close(fig)
 
 
+def _short(value):
+    """A recipe change as it reads in a row's folder name: a file (``pretrained``) by its name alone."""
+    return Path(value).stem if "/" in value else value
+
+
 def _shape(row):
     return f"{row['linearity']['mean']:.2f} / {row['planarity']['mean']:.2f}"
 
@@ -308,7 +313,8 @@ def main():
         size, augment = spec.split(":")
         n_train, augment = int(size), {"on": True, "off": False}[augment]
         changes = dict(c.split("=", 1) for c in args.set)
-        label = "".join(f"_{k}-{v}" for k, v in sorted(changes.items())) + (f"_seed{args.seed}" if args.seed else "")
+        label = "".join(f"_{k}-{_short(v)}" for k, v in sorted(changes.items()))
+        label += f"_seed{args.seed}" if args.seed else ""
         row = work / f"n{n_train}_{'aug' if augment else 'noaug'}{label}"
         row.mkdir(exist_ok=True)
         (work / f"data{n_train}").mkdir(exist_ok=True)  # one conversion per size, shared by its rows
@@ -334,7 +340,7 @@ def main():
                     **result,
                     "n_train": n_actual,
                     "augment": ", ".join(
-                        ["on" if augment else "off", *(f"{k}={v}" for k, v in sorted(changes.items()))]
+                        ["on" if augment else "off", *(f"{k}={_short(v)}" for k, v in sorted(changes.items()))]
                         + ([f"seed {args.seed}"] if args.seed else [])
                     ),
                     "steps": epochs * per_epoch,
