@@ -4,11 +4,13 @@ import re
 from pathlib import Path
 
 import pytest
+from scripts.evaluation.evaluator import Evaluation
 from scripts.runtime.command_line import check_flags, flag_names
 from scripts.runtime.dependencies import PACKAGES, check_dependencies
 from scripts.runtime.errors import UserError
-from scripts.runtime.settings import check_command_line_ids, check_values, command_line_overrides
+from scripts.runtime.settings import check_command_line_ids, check_values, command_line_overrides, grouped
 from scripts.runtime.validators import as_bool
+from scripts.sampling.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"
@@ -53,6 +55,30 @@ def test_values_are_checked_and_parsed():
         UserError, match=r"^scheduler: expected one of RFlow, DDPM, DDIM, got 'DDIN'; did you mean DDIM\?"
     ):
         check_values({"scheduler": "DDIN"}, "inference")
+
+
+@pytest.mark.parametrize(
+    "make, group, wrong",
+    [
+        (lambda o, **g: Sampler(None, None, {}, o, **g), "export", "formats"),
+        (lambda o, **g: Sampler(None, None, {}, o, **g), "field", "size"),
+        (lambda o, **g: Evaluation(o, o, {}, None, "ae.pt", o, **g), "metrics", "num_point"),
+        (lambda o, **g: Evaluation(o, o, {}, None, "ae.pt", o, **g), "reference", "reference_file"),
+    ],
+)
+def test_a_key_a_settings_group_lacks_is_refused_in_one_line(tmp_path, make, group, wrong):
+    """The Sampler's and the Evaluation's grouped settings (``inference.json``'s ``sampler#export``, ...) refuse a
+    key their group does not have, naming the group and what it has, before anything else is checked or written."""
+    with pytest.raises(UserError, match=rf"^{group}: no setting '{wrong}' in this group; it has \w+, ") as error:
+        make(tmp_path / "out", **{group: {wrong: 1}})
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_grouped_settings_take_the_defaults_for_what_they_leave_out():
+    settings = grouped({"export": {"method": "refine", "threshold": 0.1}}, export={"threshold": 0.3})
+    assert settings == {"export": {"method": "refine", "threshold": 0.3}}
+    assert grouped({"export": {"method": "refine"}}, export=None) == {"export": {"method": "refine"}}
 
 
 def test_command_line_ids_of_a_bundle_run_only():

@@ -48,13 +48,29 @@ from scripts.evaluation.report import markdown_report, write_figures
 from scripts.networks.fine_stage import check_spacing, refine_grid
 from scripts.runtime.errors import UserError
 from scripts.runtime.output_folders import StagedOutput, listed_files
-from scripts.runtime.settings import check_values
+from scripts.runtime.settings import check_values, grouped
 
 logger = logging.getLogger(__name__)
 CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
 SAMPLE_HINT = "sample first: python -m monai.bundle run --config_file configs/inference.json"
 EVALUATION_FILES = ("metrics.json", "metrics.md", "*.png")
 STATISTICS = ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm")
+GROUPS = {  # the Evaluation's settings by group, with their defaults
+    "reference": {"file": None, "box_tolerance": 0.1, "max_clouds": None},
+    "metrics": {
+        "num_points": 2048,
+        "emd_points": 512,
+        "structure_radius_nm": 150.0,
+        "pair_range_nm": (20.0, 500.0),
+        "nn_bins": 60,
+        "z_bins": 30,
+        "realism_test": True,
+        "realism_folds": 5,
+    },
+    "export": {"threshold": 0.1, "method": "probabilistic", "num_points": None},
+    "fine_stage": {"refiner": None, "checkpoint": None, "flow_steps": None},
+    "pictures": {"num_pictures": 6, "pixel_nm": 15.0},
+}
 ROWS = {
     "train_vs_heldout": "training clouds (what a perfect model scores)",
     "reconstruction": "autoencoder reconstructions of the held-out grids, points uniform inside voxels",
@@ -75,37 +91,37 @@ class Evaluation:
             optionally ``nifti/*.nii.gz``).
         autoencoder_checkpoint, autoencoder, autoencoder_path: the stage-1 checkpoint, its frozen network, its file.
         output_dir: where the results go (created; an earlier evaluation there is refused unless ``overwrite``).
-        reference_file: held-out clouds to compare with instead of ``val_points.h5`` (any readable point-cloud
-            file; grids are made of them as the dataset's were); ``None``: the validation split. Refused when its
-            clouds span another box than the training clouds, or a cloud holds fewer than 2 distinct points.
-        reference_box_tolerance: how far each corner of the reference clouds' box may lie from that of the training
-            clouds, as a fraction of the training box's side (0.1: 500 nm on a 5 µm side).
-        refiner, refiner_checkpoint: the fine stage (adds the refined and voxel-uniform rows), or ``None``.
-        flow_steps: the fine stage's flow steps (``None``: those of its checkpoint).
-        num_points: points per cloud for MMD/COV/1-NNA under Chamfer distance (clouds are subsampled, seeded).
-        emd_points: points per cloud for EMD (the first ``emd_points`` of each subsample); 0 or ``None`` skips EMD
-            (``--emd_points 0`` on the command line, where MONAI drops ``None`` overrides).
-        seed: seeds every subsample and export.
-        threshold: foreground threshold of grid values in [0, 1] (Dice, IoU, foreground fraction and intensities),
-            also the export threshold of reconstructions; method: export method for reconstructions (see
-            :func:`scripts.data.voxelize.grid_to_points`); export_num_points: points per exported cloud (``None``: the
-            training data's points per unit of grid mass, as the sampler does).
-        max_reference_clouds: use at most this many held-out clouds (seeded choice); ``None``: all.
-        structure_radius_nm: neighbourhood radius of the linearity and planarity statistics.
-        pair_range_nm: ``[r_min, r_max]`` of the pair-distance statistic (and of Ripley's L).
-        realism_test: add each set's classifier two-sample test against the held-out clouds (``realism``: the
-            cross-validated accuracy of a logistic regression on per-cloud statistics, see
-            :func:`scripts.evaluation.metrics.classifier_two_sample_test`; 50 %: indistinguishable, 100 %: always told apart).
-        realism_folds: its cross-validation folds (at most the clouds per set).
         sets: the rows to compute (names of :data:`ROWS`); ``None``: all (the refined and voxel-uniform rows need a
             fine stage).
+        seed: seeds every subsample and export.
         batch_size: volumes per autoencoder forward pass.
-        num_pictures: clouds and grids shown per set in the figures (``renderings.png``: held-out above,
-            generated below, one renderer and scale); pixel_nm: rendering pixel size in nm.
-        nn_bins, z_bins: histogram bins of the nearest-neighbour distance and of the z profile.
         num_workers: threads per KD-tree query (-1: all cores).
         device: where the autoencoder runs.
         overwrite: replace an earlier evaluation in ``output_dir`` (only its own files).
+        reference: the clouds compared with. ``file``: held-out clouds to use instead of ``val_points.h5`` (any
+            readable point-cloud file; grids are made of them as the dataset's were); ``None``: the validation
+            split. Refused when its clouds span another box than the training clouds (each corner to
+            ``box_tolerance`` of the training box's side; 0.1: 500 nm on a 5 µm side), or a cloud holds fewer than 2
+            distinct points. ``max_clouds``: use at most this many of them (seeded choice); ``None``: all.
+        metrics: ``num_points``: points per cloud for MMD/COV/1-NNA under Chamfer distance (clouds are subsampled,
+            seeded); ``emd_points``: points per cloud for EMD (the first ``emd_points`` of each subsample; 0 or
+            ``None`` skips EMD: ``--emd_points 0`` on the command line, where MONAI drops ``None`` overrides);
+            ``structure_radius_nm``: the neighbourhood of the linearity and planarity statistics;
+            ``pair_range_nm``: ``[r_min, r_max]`` of the pair-distance statistic (and of Ripley's L); ``nn_bins``,
+            ``z_bins``: histogram bins of the nearest-neighbour distance and of the z profile; ``realism_test``:
+            add each set's classifier two-sample test against the held-out clouds (the cross-validated accuracy of
+            a logistic regression on per-cloud statistics, see
+            :func:`scripts.evaluation.metrics.classifier_two_sample_test`; 50 %: indistinguishable, 100 %: always
+            told apart), with ``realism_folds`` cross-validation folds (at most the clouds per set).
+        export: how reconstructed grids become points: ``threshold`` (foreground of grid values in [0, 1], also for
+            Dice, IoU, the foreground fraction and intensities), ``method`` (see
+            :func:`scripts.data.voxelize.grid_to_points`), ``num_points`` (``None``: the training data's points per
+            unit of grid mass, as the sampler does).
+        fine_stage: ``refiner`` and its ``checkpoint`` (they add the refined and voxel-uniform rows), or ``None``;
+            ``flow_steps``: its flow's steps (``None``: those of its checkpoint).
+        pictures: ``num_pictures`` clouds and grids shown per set in the figures (``renderings.png``: held-out
+            above, generated below, one renderer and scale), rendered at ``pixel_nm``.
+        Each group takes the defaults of :data:`GROUPS` for what it leaves out.
     """
 
     def __init__(
@@ -116,38 +132,35 @@ class Evaluation:
         autoencoder,
         autoencoder_path,
         output_dir,
-        reference_file=None,
-        reference_box_tolerance=0.1,
-        refiner=None,
-        refiner_checkpoint=None,
-        flow_steps=None,
-        num_points=2048,
-        emd_points=512,
-        seed=0,
-        threshold=0.1,
-        method="probabilistic",
-        export_num_points=None,
-        max_reference_clouds=None,
-        structure_radius_nm=150.0,
-        pair_range_nm=(20.0, 500.0),
-        realism_test=True,
-        realism_folds=5,
         sets=None,
+        seed=0,
         batch_size=2,
-        num_pictures=6,
-        pixel_nm=15.0,
-        nn_bins=60,
-        z_bins=30,
         num_workers=1,
         device="cpu",
         overwrite=False,
+        reference=None,
+        metrics=None,
+        export=None,
+        fine_stage=None,
+        pictures=None,
     ):
         self.dataset_dir, self.samples_dir, self.output_dir = Path(dataset_dir), Path(samples_dir), Path(output_dir)
-        checked = {"num_points": num_points, "num_pictures": num_pictures, "batch_size": batch_size, "sets": sets}
-        checked.update(emd_points=emd_points, structure_radius_nm=structure_radius_nm, pair_range_nm=pair_range_nm)
-        checked.update(reference_box_tolerance=reference_box_tolerance, realism_test=realism_test)
-        checked["realism_folds"] = realism_folds
-        checked = check_values(checked, "evaluate")
+        groups = grouped(
+            GROUPS, reference=reference, metrics=metrics, export=export, fine_stage=fine_stage, pictures=pictures
+        )
+        reference, metrics, export, fine_stage = (groups[k] for k in ("reference", "metrics", "export", "fine_stage"))
+        checked = check_values(
+            {
+                **{k: metrics[k] for k in ("num_points", "emd_points", "structure_radius_nm", "pair_range_nm")},
+                **{k: metrics[k] for k in ("realism_test", "realism_folds")},
+                "reference_box_tolerance": reference["box_tolerance"],
+                "num_pictures": groups["pictures"]["num_pictures"],
+                "batch_size": batch_size,
+                "sets": sets,
+            },
+            "evaluate",
+        )
+        num_points, emd_points = metrics["num_points"], metrics["emd_points"]
         if emd_points is not None and emd_points > num_points:
             raise UserError(
                 f"emd_points: must be an integer in [0, num_points={num_points}] or null, got {emd_points!r}"
@@ -172,24 +185,36 @@ class Evaluation:
                 f"{list(self.geometry.box_max_nm)} nm)"
             )
         self.points_per_mass = (self.info.get("points_per_mass") or {}).get("mean")
-        if export_num_points is None and self.points_per_mass is None and method in ("probabilistic", "weighted"):
+        self.threshold, self.method, self.export_num_points = (
+            export["threshold"],
+            export["method"],
+            export["num_points"],
+        )
+        if (
+            self.export_num_points is None
+            and self.points_per_mass is None
+            and self.method in ("probabilistic", "weighted")
+        ):
             raise UserError(f"export_num_points: {self.dataset_dir} records no points per mass; set export_num_points")
         self.autoencoder, self.device = autoencoder, device
         self.voxel_size = tuple(autoencoder_checkpoint["voxel_size"])
         self.num_points, self.emd_points, self.seed = num_points, emd_points or None, seed
-        self.threshold, self.method, self.export_num_points = threshold, method, export_num_points
-        self.max_reference_clouds, self.batch_size = max_reference_clouds, batch_size
-        self.num_pictures, self.pixel_nm, self.nn_bins, self.z_bins = num_pictures, pixel_nm, nn_bins, z_bins
+        self.max_reference_clouds, self.batch_size = reference["max_clouds"], batch_size
+        self.num_pictures, self.pixel_nm = groups["pictures"]["num_pictures"], groups["pictures"]["pixel_nm"]
+        self.nn_bins, self.z_bins = metrics["nn_bins"], metrics["z_bins"]
         self.workers = num_workers
-        self.reference_file = Path(reference_file) if reference_file else None
+        self.reference_file = Path(reference["file"]) if reference["file"] else None
         self.reference_box_tolerance = checked["reference_box_tolerance"]
         if self.reference_file is not None and not self.reference_file.is_file():
             raise UserError(f"{self.reference_file}: reference_file names no such file")
-        self.refiner = refiner
-        if refiner is not None:
-            check_spacing(refiner_checkpoint, self.geometry.with_shape(self.voxel_size), "the autoencoder's grids")
-            self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
-        self.structure_radius_nm, self.pair_range_nm = float(structure_radius_nm), tuple(map(float, pair_range_nm))
+        self.refiner = fine_stage["refiner"]
+        if self.refiner is not None:
+            check_spacing(
+                fine_stage["checkpoint"], self.geometry.with_shape(self.voxel_size), "the autoencoder's grids"
+            )
+            self.flow_steps = fine_stage["flow_steps"] or fine_stage["checkpoint"]["sampling"]["flow_steps"]
+        self.structure_radius_nm = float(metrics["structure_radius_nm"])
+        self.pair_range_nm = tuple(map(float, metrics["pair_range_nm"]))
         self.sets = checked["sets"]
         self.realism_test, self.realism_folds = checked["realism_test"], checked["realism_folds"]
 

@@ -193,6 +193,18 @@ def check_values(values, stage):
     return {key: table[key](value, key) if key in table else value for key, value in values.items()}
 
 
+def grouped(defaults, **given):
+    """The settings of each group ``name=given``: ``given`` over ``defaults[name]``. A key the group does not have is
+    refused in one line naming the group and its keys."""
+    settings = {}
+    for name, values in given.items():
+        unknown = sorted(set(values or {}) - set(defaults[name]))
+        if unknown:
+            raise UserError(f"{name}: no setting {unknown[0]!r} in this group; it has {', '.join(defaults[name])}")
+        settings[name] = {**defaults[name], **(values or {})}
+    return settings
+
+
 # ---------------------------------------------------------------------------------------------------- bundle configs
 
 

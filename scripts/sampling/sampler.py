@@ -23,7 +23,7 @@ from scripts.runtime.errors import UserError, interrupted
 from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.progress import interactive, progress
 from scripts.runtime.resources import check_disk, check_memory, free_disk_bytes, round_down
-from scripts.runtime.settings import OUTPUT_FORMATS, check_values
+from scripts.runtime.settings import OUTPUT_FORMATS, check_values, grouped
 from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled, field_shapes, sampling_memory
 
 logger = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ GROUPS = {  # the Sampler's settings by group, with their defaults
     "fine_stage": {"refiner": None, "checkpoint": None, "flow_steps": None},
     "field": {"size_nm": None, "tile_overlap": 0.5, "sw_batch_size": 8},
 }
-
-
-def _group(name, given):
-    """The settings of group ``name``: ``given`` over the defaults; a key the group does not have is refused."""
-    unknown = sorted(set(given or {}) - set(GROUPS[name]))
-    if unknown:
-        raise UserError(f"{name}: no setting {unknown[0]!r} in this group; it has {', '.join(GROUPS[name])}")
-    return {**GROUPS[name], **(given or {})}
 
 
 class Sampler:
@@ -106,8 +98,7 @@ class Sampler:
         fine_stage=None,
         field=None,
     ):
-        groups = {"denoising": denoising, "export": export, "fine_stage": fine_stage, "field": field}
-        settings = {name: _group(name, given) for name, given in groups.items()}
+        settings = grouped(GROUPS, denoising=denoising, export=export, fine_stage=fine_stage, field=field)
         scheduler, num_inference_steps = (settings["denoising"][k] for k in ("scheduler", "num_inference_steps"))
         export = settings["export"]
         method, threshold, num_points = export["method"], export["threshold"], export["num_points"]
