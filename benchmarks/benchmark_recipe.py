@@ -80,7 +80,7 @@ def main():
             (models / "refiner").mkdir()
             (models / "refiner" / "best_model.pt").symlink_to((outputs / "refiner" / "best_model.pt").resolve())
             start = time.perf_counter()
-            run_demo._bundle(
+            run_demo.bundle_step(
                 "train_diffusion.json",
                 {
                     **run_demo.DIFFUSION,
@@ -95,7 +95,7 @@ def main():
                 },
             )
             minutes = (time.perf_counter() - start) / 60
-            run_demo._bundle(
+            run_demo.bundle_step(
                 "inference.json",
                 {
                     "model_dir": models,
@@ -108,7 +108,7 @@ def main():
                     ),
                 },
             )
-            run_demo._bundle(
+            run_demo.bundle_step(
                 "evaluate.json",
                 {
                     "dataset_dir": data / "voxels_nifti",

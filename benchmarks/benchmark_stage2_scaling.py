@@ -22,7 +22,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,26 +43,11 @@ COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy
 QUICK = {"rows": "16:on", "milestones": "4,8", "n_test": 10, "n_val": 4}
 
 
-def _run(args, log):
-    """Run a command, its output appended to ``log``; stop the benchmark when it fails."""
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(map(str, args)) + "\n")
-        f.flush()
-        result = subprocess.run(list(map(str, args)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}): {' '.join(map(str, args))}; see {log}")
-
-
-def _bundle(config, settings, log):
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}"]
-    for key, value in settings.items():
-        args += [f"--{key}", value]
-    _run(args, log)
-
-
 def _simulate(path, n, seed, log):
     if not path.is_file():
-        _run([sys.executable, "scripts/simulate_smlm.py", "--output", path, "--n_clouds", n, "--seed", seed], log)
+        run_demo.run_step(
+            [sys.executable, "scripts/simulate_smlm.py", "--output", path, "--n_clouds", n, "--seed", seed], log
+        )
 
 
 def in_box(source, output, box_min, box_max):
@@ -93,7 +77,7 @@ def prepare_row(row, n_train, n_val, geometry, log):
         if not clouds.is_file():
             in_box(row / "simulated.h5", clouds, geometry["box_min_nm"], geometry["box_max_nm"])
         ratio = n_train / (n_train + n_val)
-    _run(
+    run_demo.run_step(
         [
             sys.executable,
             "scripts/convert_h5_to_nifti.py",
@@ -141,7 +125,7 @@ def train_to(row, dataset, models, augment, epochs, log, quick, seed=0, changes=
     }
     train_log = row / "train.log"
     start = train_log.stat().st_size if train_log.is_file() else 0
-    _bundle("train_diffusion.json", settings, train_log)
+    run_demo.bundle_step("train_diffusion.json", settings, train_log)
     losses = re.findall(r"Metrics -- \S*?: ([0-9.eE+-]+)", train_log.read_text()[start:])
     return float(losses[-1]) if losses else float("nan")
 
@@ -178,7 +162,7 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
         if not (model_dir / name).exists():
             (model_dir / name).symlink_to((models / name).resolve())
     shutil.copyfile(ckpt_file, model_dir / "diffusion" / "best_model.pt")
-    _bundle(
+    run_demo.bundle_step(
         "inference.json",
         {
             "model_dir": model_dir,
@@ -193,7 +177,7 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
         log,
     )
     sets = ["train_vs_heldout", "mean_grid_baseline", "samples"] if with_reference_rows else ["samples"]
-    _bundle(
+    run_demo.bundle_step(
         "evaluate.json",
         {
             "dataset_dir": dataset,

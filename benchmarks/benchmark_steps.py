@@ -57,7 +57,7 @@ def train(objective, data, outputs, work, epochs, seed):
             (models / "diffusion" / "best_model.pt").symlink_to(demo.resolve())
             return models, None
     start = time.perf_counter()
-    run_demo._bundle(
+    run_demo.bundle_step(
         "train_diffusion.json",
         {
             **run_demo.DIFFUSION,
@@ -100,7 +100,7 @@ def seconds_per_sample(models, kind, steps, batch=10):
 
 def sample_and_evaluate(models, kind, steps, seed, data, work, num_samples):
     tag = f"{kind}{steps}_s{seed}"
-    run_demo._bundle(
+    run_demo.bundle_step(
         "inference.json",
         {
             "model_dir": models,
@@ -113,7 +113,7 @@ def sample_and_evaluate(models, kind, steps, seed, data, work, num_samples):
             "preview": False,
         },
     )
-    run_demo._bundle(
+    run_demo.bundle_step(
         "evaluate.json",
         {
             "dataset_dir": data / "voxels_nifti",

@@ -92,11 +92,20 @@ SUMMARY = (
 )
 
 
-def _run(args):
-    print("$ " + " ".join(str(a) for a in args), flush=True)
-    result = subprocess.run([str(a) for a in args], cwd=ROOT)
+def run_step(args, log=None):
+    """Run one step from the bundle's root, its output on the terminal or appended to ``log``; stop with its status
+    when it fails (the step has printed its own error line, or left it in ``log``)."""
+    args = [str(a) for a in args]
+    if log is None:
+        print("$ " + " ".join(args), flush=True)
+        result = subprocess.run(args, cwd=ROOT)
+    else:
+        with open(log, "a") as f:
+            f.write("$ " + " ".join(args) + "\n")
+            f.flush()
+            result = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        sys.exit(result.returncode)  # the step has printed its own error line; the demo stops with its status
+        sys.exit(result.returncode if log is None else f"failed ({result.returncode}): {' '.join(args)}; see {log}")
 
 
 def demo_folders(data, outputs, logs, simulate):
@@ -148,11 +157,12 @@ def marked_folders(folders, run):
         raise
 
 
-def _bundle(config, settings):
+def bundle_step(config, settings, log=None):
+    """``python -m monai.bundle run`` of ``configs/<config>`` with ``settings`` as ``--id value``: see :func:`run_step`."""
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}"]
     for key, value in settings.items():
         args += [f"--{key}", value]
-    _run(args)
+    run_step(args, log)
 
 
 def _tile_flags(source, tiles, tile_size):
@@ -270,7 +280,7 @@ def run_demo(
 
 
 def _simulate(path, n, seed):
-    _run(
+    run_step(
         [
             sys.executable,
             "scripts/simulate_smlm.py",
@@ -287,7 +297,7 @@ def _simulate(path, n, seed):
 
 
 def _convert(source, dataset, seed, flags):
-    _run(
+    run_step(
         [
             sys.executable,
             "scripts/convert_h5_to_nifti.py",
@@ -314,7 +324,7 @@ def _train(dataset, outputs, logs, seed, epochs):
     """The three training stages, with the recipe at the top of this file and ``epochs`` (stage 1, 2, fine)."""
     autoencoder_epochs, diffusion_epochs, refiner_epochs = epochs
     common = {"dataset_dir": dataset, "seed": seed, "overwrite": "true"}
-    _bundle(
+    bundle_step(
         "train_autoencoder.json",
         {
             **AUTOENCODER,
@@ -326,7 +336,7 @@ def _train(dataset, outputs, logs, seed, epochs):
         },
     )
     autoencoder = outputs / "autoencoder" / "best_model.pt"
-    _bundle(
+    bundle_step(
         "train_diffusion.json",
         {
             **DIFFUSION,
@@ -337,7 +347,7 @@ def _train(dataset, outputs, logs, seed, epochs):
             "autoencoder_path": autoencoder,
         },
     )
-    _bundle(
+    bundle_step(
         "train_refiner.json",
         {
             **REFINER,
@@ -354,7 +364,7 @@ def _train(dataset, outputs, logs, seed, epochs):
 def _sample_and_evaluate(dataset, outputs, reference, seed, num_samples):
     """Sample ``num_samples`` clouds and evaluate them against ``reference`` (or the validation split); returns
     ``metrics.json``."""
-    _bundle(
+    bundle_step(
         "inference.json",
         {
             "model_dir": outputs,
@@ -367,7 +377,7 @@ def _sample_and_evaluate(dataset, outputs, reference, seed, num_samples):
         },
     )
     evaluation = outputs / "evaluation"
-    _bundle(
+    bundle_step(
         "evaluate.json",
         {
             "dataset_dir": dataset,

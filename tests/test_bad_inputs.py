@@ -119,3 +119,18 @@ def test_epochs_scale_multiplies_every_stage_and_is_checked_first(tmp_path, monk
     with pytest.raises(UserError, match=r"^epochs_scale: expected a number above 0"):
         run_demo.run_demo(output_dir=tmp_path / "zero", epochs_scale=0)
     assert not (tmp_path / "zero").exists()  # refused before any folder was made
+
+
+def test_a_failing_step_stops_the_demo_and_the_benchmarks_with_its_status(tmp_path, capfd):
+    """``run_demo.run_step``, which the demo and the benchmarks run every step with: its output on the terminal or in
+    a log, and the first failure stops the run with that step's status (the step's own line is kept)."""
+    failing = [sys.executable, "-c", "import sys; print('step says why'); sys.exit(3)"]
+    with pytest.raises(SystemExit) as stop:
+        run_demo.run_step(failing)
+    assert stop.value.code == 3 and "step says why" in capfd.readouterr().out
+    log = tmp_path / "commands.log"
+    with pytest.raises(SystemExit, match=rf"^failed \(3\): .*; see {re.escape(str(log))}$"):
+        run_demo.run_step(failing, log)
+    assert "step says why" in log.read_text() and log.read_text().startswith("$ ")
+    run_demo.run_step([sys.executable, "-c", "print('fine')"], log)
+    assert log.read_text().rstrip().endswith("fine")
