@@ -259,6 +259,20 @@ def stage2_step(unet_args, settings, learning_rate, device, amp_dtype):
     return lambda latents: trainer._iteration(trainer, {"z_mu": latents, "z_sigma": torch.zeros_like(latents)})
 
 
+def refiner_step(refiner_args, sigma_voxels, device, amp_dtype):
+    """One fine-stage iteration of the bundle (``RefinerTrainer._iteration``: coupling the points to anchors, the
+    flow-matching loss and the optimizer step) as a function of a batch ``{"image": grids, "points": (B, n, 3)}``."""
+    import torch
+    from scripts.networks.fine_stage import Refiner
+    from scripts.training.fine_stage_engines import RefinerTrainer
+
+    refiner = Refiner(**refiner_args).to(device)
+    optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
+    trainer = RefinerTrainer(device, 1, [None], refiner, optimizer, sigma_voxels, epoch_length=1)
+    _outside_the_loop(trainer, amp_dtype)
+    return lambda batch: trainer._iteration(trainer, batch)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Timing, data, configs
 # ----------------------------------------------------------------------------------------------------------------

@@ -108,35 +108,20 @@ def stage2(cfg, device, amp):
 
 
 def refiner_step(cfg, device, amp):
-    from scripts.networks.fine_stage import Refiner, couple, offset_scale
+    from scripts.networks.fine_stage import offset_scale
 
     keys = ("refiner_channels", "refiner_hidden", "refiner_layers", "points_per_volume")
     values = common.parse_config(ROOT / "configs" / "train_refiner.json", cfg["refiner"], *keys)
     args = {"channels": values["refiner_channels"], "hidden": values["refiner_hidden"]}
     args.update(num_layers=values["refiner_layers"], offset_scale=offset_scale([1.0, 1.0, 1.0]))
     points_per_volume = values["points_per_volume"]
-    refiner = Refiner(**args).to(device)
-    optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
+    # the bundle's RefinerTrainer._iteration
+    train = common.refiner_step(args, [1.0, 1.0, 1.0], device, amp)
     shape = (cfg["grid"],) * 3
-    grids = torch.rand(BATCH, 1, *shape, device=device)
     generator = torch.Generator().manual_seed(SEED)
-    anchors, offsets, index = [], [], []
-    for b in range(BATCH):
-        points = torch.rand(points_per_volume, 3, generator=generator) * torch.tensor(shape) - 0.5
-        a, o, _ = couple(points, shape, [1.0, 1.0, 1.0], "trilinear", generator)
-        anchors.append(a)
-        offsets.append(o)
-        index.append(torch.full((len(a),), b))
-    anchors, offsets, index = (torch.cat(x).to(device) for x in (anchors, offsets, index))
-
-    def step():
-        with autocast_context(device, amp):
-            loss = refiner.loss(grids, index, anchors, offsets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.float().backward()
-        optimizer.step()
-
-    seconds, peak = timed_steps(step, device, cfg["timed"])
+    points = torch.rand(BATCH, points_per_volume, 3, generator=generator) * torch.tensor(shape) - 0.5
+    batch = {"image": torch.rand(BATCH, 1, *shape, generator=generator), "points": points}
+    seconds, peak = timed_steps(lambda: train(batch), device, cfg["timed"])
     return f"fine stage {args['channels']}, {points_per_volume} points × {BATCH} volumes", seconds, peak
 
 
