@@ -1,5 +1,7 @@
 """Checks of network settings against the data, done at start-up so a bad config gets one line, not a trace."""
 
+from typing import NamedTuple, Optional
+
 import numpy as np
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
@@ -62,6 +64,30 @@ def autoencoder_patch(autoencoder_args, patch_size, voxel_size):
             f"{[min(p, g) for p, g in zip(patch, grid)]}"
         )
     return check_divisible(patch, len(autoencoder_args["channels"]) - 1, "autoencoder", "patch_size")
+
+
+class TrainingShapes(NamedTuple):
+    """Stage 1's shapes, resolved in one place: ``grid`` (the whole grid, ``voxel_size``), ``patch`` (the training
+    patch, ``None`` for whole grids), ``train`` (what a training batch holds) and ``setting`` (the setting ``train``
+    comes from, for messages)."""
+
+    grid: tuple
+    patch: Optional[tuple]
+
+    @property
+    def train(self):
+        return self.grid if self.patch is None else self.patch
+
+    @property
+    def setting(self):
+        return "voxel_size" if self.patch is None else "patch_size"
+
+
+def training_shapes(autoencoder_args, voxel_size, patch_size=None):
+    """:class:`TrainingShapes` of stage 1, each checked against the autoencoder (:func:`autoencoder_grid`,
+    :func:`autoencoder_patch`)."""
+    grid = autoencoder_grid(autoencoder_args, voxel_size)
+    return TrainingShapes(grid, autoencoder_patch(autoencoder_args, patch_size, grid))
 
 
 def latent_shape(autoencoder_args, voxel_size):

@@ -55,6 +55,14 @@ def reconstruct(images, network):
     return unwrap(network).reconstruct(images)
 
 
+def reconstruction_inferer(patch_shape=None, sw_batch_size=4, sw_overlap=0.25):
+    """The stage-1 evaluator's inferer: :func:`reconstruct` for an autoencoder trained on whole grids, else
+    :class:`SlidingWindowReconstruction` with windows of the training patch ``patch_shape``."""
+    if patch_shape is None:
+        return reconstruct
+    return SlidingWindowReconstruction(patch_shape, sw_batch_size, sw_overlap)
+
+
 class SlidingWindowReconstruction(SlidingWindowInferer):
     """Inferer of the stage-1 evaluator for an autoencoder trained on patches: the deterministic reconstruction of
     whole grids, window by window.
