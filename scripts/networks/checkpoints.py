@@ -37,6 +37,7 @@ SHIPPED_KEYS = (
     "latent_shape",
     "scheduler",
     "scale_factor",
+    "latent_draw",
     "autoencoder_weights_sha256",
     "best_metric",
     "key_metric_name",

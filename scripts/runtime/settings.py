@@ -34,6 +34,7 @@ CACHE_MODES = ("memory", "disk", "none")  # stage 2's latent cache
 OUTPUT_FORMATS = ("nifti", "csv", "h5")
 OBJECTIVES = ("rflow", "ddpm")
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")  # stage 2's training timesteps
+LATENT_DRAWS = ("sample", "mean")  # stage 2's latents: a draw of the encoder's posterior, or its mean
 SCHEDULERS = ("RFlow", "DDPM", "DDIM")
 NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
 EVALUATION_SETS = (
@@ -133,6 +134,7 @@ SETTINGS = {
     "scheduler": choice(*SCHEDULERS, optional=True, ignore_case=True),
     "objective": choice(*OBJECTIVES),
     "timestep_sampling": choice(*TIMESTEP_SAMPLINGS),
+    "latent_draw": choice(*LATENT_DRAWS),
     "method": choice(*EXPORT_METHODS),
     "threshold": number(0, 1),
     "num_points": integer(1, optional=True),

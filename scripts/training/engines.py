@@ -279,8 +279,8 @@ def diffusion_loss(unet, scheduler, latents, autocast, generator=None, timestep_
 class LatentDiffusionTrainer(MixedPrecisionTrainer):
     """Stage 2: noise prediction on the frozen autoencoder's latents, scaled by ``scale_factor``.
 
-    Batches hold cached ``z_mu``/``z_sigma`` (a latent is drawn from them each step) or ``image`` (encoded on the
-    fly by ``autoencoder``).
+    Batches hold cached ``z_mu``/``z_sigma`` or ``image`` (encoded on the fly by ``autoencoder``); ``latent_draw``
+    'sample' draws each step's latents from the encoder's posterior, 'mean' trains on its mean.
     """
 
     def __init__(
@@ -298,14 +298,16 @@ class LatentDiffusionTrainer(MixedPrecisionTrainer):
         train_handlers=None,
         cpu_bf16=False,
         timestep_sampling="uniform",
+        latent_draw="sample",
     ):
         self.unet, self.optimizer, self.scheduler = unet, optimizer, scheduler
-        self.timestep_sampling = timestep_sampling
+        self.timestep_sampling, self.latent_draw = timestep_sampling, latent_draw
         self.autoencoder, self.scale_factor = autoencoder, scale_factor
         super().__init__(device, max_epochs, train_data_loader, epoch_length, amp, train_handlers, ("g",), cpu_bf16)
 
     def _iteration(self, engine, batchdata):
-        latents = sample_latents(batchdata, self.autoencoder, self.state.device) * self.scale_factor
+        latents = sample_latents(batchdata, self.autoencoder, self.state.device, draw=self.latent_draw)
+        latents = latents * self.scale_factor
         self.unet.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = diffusion_loss(
@@ -341,7 +343,7 @@ class SeededEvaluator(Evaluator):
 
 class LatentDiffusionEvaluator(SeededEvaluator):
     """Validation loss of stage 2 with the same noise and timesteps at every validation (a seeded generator), so
-    epochs compare fairly. The key metric is ``val_loss``."""
+    epochs compare fairly, on latents drawn as in training (``latent_draw``). The key metric is ``val_loss``."""
 
     def __init__(
         self,
@@ -356,6 +358,7 @@ class LatentDiffusionEvaluator(SeededEvaluator):
         val_handlers=None,
         amp=True,
         cpu_bf16=False,
+        latent_draw="sample",
     ):
         from ignite.metrics import Average
 
@@ -363,11 +366,12 @@ class LatentDiffusionEvaluator(SeededEvaluator):
         super().__init__(device, val_data_loader, metric, seed, epoch_length, val_handlers)
         self.unet, self.scheduler, self.autoencoder, self.scale_factor = unet, scheduler, autoencoder, scale_factor
         self.amp_dtype = autocast_dtype(device, amp, cpu_bf16)
+        self.latent_draw = latent_draw
 
     def _iteration(self, engine, batchdata):
         self.unet.eval()
         autocast = autocast_context(self.state.device, self.amp_dtype)
         with torch.no_grad():
-            latents = sample_latents(batchdata, self.autoencoder, self.state.device, self.generator)
+            latents = sample_latents(batchdata, self.autoencoder, self.state.device, self.generator, self.latent_draw)
             loss = diffusion_loss(self.unet, self.scheduler, latents * self.scale_factor, autocast, self.generator)
         return {CommonKeys.LOSS: loss}

@@ -182,20 +182,23 @@ def latent_items(
     return LatentVariants(items, crop)
 
 
-def sample_latents(batch, autoencoder, device, generator=None):
-    """Latents of a batch: drawn from cached ``z_mu``/``z_sigma``, or encoded from ``image`` on the fly."""
+def sample_latents(batch, autoencoder, device, generator=None, draw="sample"):
+    """Latents of a batch, from cached ``z_mu``/``z_sigma`` or encoded from ``image`` on the fly: ``draw`` 'sample'
+    draws them from the encoder's posterior N(z_mu, z_sigma²), 'mean' takes its mean ``z_mu``."""
     if "z_mu" in batch:
         z_mu, z_sigma = batch["z_mu"].to(device), batch["z_sigma"].to(device)
     else:
         with torch.no_grad():
             z_mu, z_sigma = autoencoder.encode(batch["image"].to(device))
+    if draw == "mean":
+        return z_mu.float()
     noise = torch.randn(z_mu.shape, generator=generator, device="cpu" if generator is not None else z_mu.device)
     return z_mu.float() + z_sigma.float() * noise.to(z_mu.device)
 
 
-def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size):
-    """1 / std of the encoder's latents over ``n_batches`` batches; under DDP each rank takes its own shard and the
-    ranks' factors are averaged."""
+def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size, draw="sample"):
+    """1 / std of the encoder's latents (drawn as ``draw`` says, see :func:`sample_latents`) over ``n_batches``
+    batches; under DDP each rank takes its own shard and the ranks' factors are averaged."""
     distributed = dist.is_available() and dist.is_initialized()
     sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False) if distributed else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler)
@@ -203,7 +206,7 @@ def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size):
     for i, batch in enumerate(loader):
         if i >= n_batches:
             break
-        latents.append(sample_latents(batch, autoencoder, device))
+        latents.append(sample_latents(batch, autoencoder, device, draw=draw))
     factor = torch.tensor(1.0 / torch.cat(latents).std().item(), dtype=torch.float64, device=device)
     local = factor.item()
     if distributed:
@@ -213,7 +216,7 @@ def compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size):
     return factor.item()
 
 
-def resolve_scale_factor(scale_factor, resume_from, dataset, autoencoder, device, n_batches, batch_size):
+def resolve_scale_factor(scale_factor, resume_from, dataset, autoencoder, device, n_batches, batch_size, draw="sample"):
     """A number from the config wins; a resumed run keeps the value stored in its checkpoint; else compute it."""
     if scale_factor is not None:
         logger.info(f"scale_factor = {float(scale_factor)} (from the config)")
@@ -223,4 +226,4 @@ def resolve_scale_factor(scale_factor, resume_from, dataset, autoencoder, device
         if stored is not None:
             logger.info(f"scale_factor = {stored} (from {resume_from})")
             return float(stored)
-    return compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size)
+    return compute_scale_factor(dataset, autoencoder, device, n_batches, batch_size, draw)
