@@ -272,3 +272,32 @@ def test_logit_normal_timesteps_train_more_at_middle_noise_levels(dataset_dir, a
             **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path / "bad", timestep_sampling="lognormal"),
         )
     assert str(user_error(info.value)).startswith("timestep_sampling: expected one of")
+
+
+def test_posterior_mean_latents_leave_out_the_encoders_noise(dataset_dir, autoencoder_ckpt, tmp_path):
+    """``latent_draw: mean`` trains, validates and scales on the encoder's posterior means; 'sample' draws around
+    them with the posterior's spread."""
+    from scripts.training.latents import sample_latents
+
+    mu, sigma = torch.randn(64, 3, 4, 4, 2), torch.full((64, 3, 4, 4, 2), 0.5)
+    batch = {"z_mu": mu, "z_sigma": sigma}
+    assert torch.equal(sample_latents(batch, None, "cpu", draw="mean"), mu)
+    drawn = sample_latents(batch, None, "cpu", torch.Generator().manual_seed(0))
+    assert (drawn - mu).std().item() == pytest.approx(0.5, rel=0.05)
+    items = [{"z_mu": mu[i], "z_sigma": sigma[i]} for i in range(8)]
+    mean_factor = compute_scale_factor(Dataset(items), None, "cpu", 4, 2, draw="mean")
+    assert mean_factor == pytest.approx(1 / mu[:8].std().item())
+    assert compute_scale_factor(Dataset(items), None, "cpu", 4, 2) < 0.95 * mean_factor  # the noise widens them
+
+    workflow = run_workflow(
+        "train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, latent_draw="mean")
+    )
+    assert workflow.parser.get_parsed_content("train#trainer").latent_draw == "mean"
+    assert workflow.parser.get_parsed_content("validate#evaluator").latent_draw == "mean"
+    assert load_checkpoint(tmp_path / "outputs" / "diffusion" / "latest_checkpoint.pt")["latent_draw"] == "mean"
+    with pytest.raises(Exception) as info:
+        run_workflow(
+            "train_diffusion.json",
+            **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path / "bad", latent_draw="means"),
+        )
+    assert str(user_error(info.value)).startswith("latent_draw: expected one of sample, mean, got 'means'")
