@@ -1,0 +1,149 @@
+"""What stage 2's samples are made of: the same sampling noise under every recipe of a scaling run, and the Gaussian
+flow of that noise.
+
+Reads what ``benchmarks/benchmark_stage2_scaling.py`` kept in ``--work_dir`` (each row's ``step*.pt`` and the
+samples scored at each milestone, all drawn with sampling seed 0):
+
+1. **Same noise, another recipe.** For each pair of scored checkpoints: the median Chamfer distance (clouds of 2048
+   points divided by the box's largest extent, as the set metrics) between sample i of one and sample i of the
+   other, beside the reference: sample i of one and sample j ≠ i of the other (two unrelated samples). A ratio far
+   below 1 says the two recipes draw the same cloud from the same noise.
+2. **The Gaussian flow.** Rectified flow maps noise to a Gaussian with the latents' mean and power spectrum by
+   ``z = m + F⁻¹(√P · F(noise))``. For each checkpoint: its 20-step samples and that map, from the same noise, both
+   decoded; the correlation of the decoded grids for the same noise beside that for other noise (reference), and
+   each one's foreground fraction beside the decoded training latents'. A high same-noise correlation says the
+   samples' layout is the Gaussian part of the latent distribution (its second-order statistics), sharpened.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_stage2_layout.py --work_dir ~/runs/scaling
+"""
+
+import itertools
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
+
+from benchmarks import common  # noqa: E402
+
+# isort: split
+import numpy as np  # noqa: E402
+
+N_GAUSS, N_SPECTRUM, N_PAIRS, POINTS, STEPS = 30, 200, 30, 2048, 20
+QUICK = {"n_gauss": 4, "n_spectrum": 8, "n_pairs": 4}
+
+
+def scored(work):
+    """``{"row stepN": folder}`` of every milestone with samples, in the order the scaling run made them."""
+    found = {}
+    for folder in sorted(Path(work).glob("n*/step*/samples/pointcloud/samples.h5"), key=lambda p: p.stat().st_mtime):
+        step = folder.parents[2]
+        found[f"{step.parent.name} {step.name}"] = step
+    return found
+
+
+def same_noise(found, n_pairs, rng):
+    """Rows of (pair, same-seed CD, other-seed CD, ratio) over every pair of scored milestones."""
+    from scipy.spatial import cKDTree
+    from scripts.data.pointclouds import read_point_clouds
+
+    def cd(a, b):
+        return np.mean(cKDTree(b).query(a)[0] ** 2) + np.mean(cKDTree(a).query(b)[0] ** 2)
+
+    clouds = {}
+    for name, step in found.items():
+        read = read_point_clouds(step / "samples" / "pointcloud" / "samples.h5")[0][:n_pairs]
+        clouds[name] = [c[rng.choice(len(c), POINTS, replace=len(c) < POINTS)] / 5000.0 for c in read]
+    rows = []
+    for a, b in itertools.combinations(clouds, 2):
+        n = min(len(clouds[a]), len(clouds[b]))
+        same = np.median([cd(clouds[a][i], clouds[b][i]) for i in range(n)])
+        other = np.median([cd(clouds[a][i], clouds[b][(i + 1) % n]) for i in range(n)])
+        rows.append((f"{a} / {b}", same * 1e3, other * 1e3, same / other))
+    return rows
+
+
+def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum):
+    """(same-noise correlation, other-noise correlation, foreground % of real, model, Gaussian) for one checkpoint."""
+    import torch
+    from scripts.data.datasets import volume_transforms
+    from scripts.networks.checkpoints import load_checkpoint
+    from scripts.networks.schedulers import make_scheduler
+    from scripts.networks.trained import frozen_autoencoder, load_autoencoder_checkpoint, trained_unet
+    from scripts.training.latents import sample_latents
+
+    ae_ckpt = load_autoencoder_checkpoint(autoencoder_path)
+    autoencoder = frozen_autoencoder(ae_ckpt, autoencoder_path, "cpu")
+    ckpt = load_checkpoint(ckpt_path, "diffusion")
+    unet, scale, shape = trained_unet(ckpt, ckpt_path, "cpu"), ckpt["scale_factor"], tuple(ckpt["latent_shape"])
+    size = re.match(r"n(\d+)_", row).group(1)
+    transform = volume_transforms(tuple(ae_ckpt["voxel_size"]))
+    files = sorted((Path(work) / f"data{size}" / "voxels_nifti" / "train").glob("*.nii.gz"))[:n_spectrum]
+    with torch.no_grad():
+        images = torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
+        mu, sigma = autoencoder.encode(images)
+        real = sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", draw=ckpt.get("latent_draw", "sample"))
+        real = real * scale
+        mean = real.mean((0, 2, 3, 4), keepdim=True)
+        power = (torch.fft.fftn(real - mean, dim=(2, 3, 4)).abs() ** 2).mean(0, keepdim=True)
+        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+        whitened = torch.fft.fftn(noise, dim=(2, 3, 4)) * torch.sqrt(power / float(np.prod(shape[1:])))
+        gauss = mean + torch.fft.ifftn(whitened, dim=(2, 3, 4)).real
+        scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS)
+        z = noise.clone()
+        for t, after in zip(scheduler.timesteps, [*scheduler.timesteps[1:], 0]):
+            z, _ = scheduler.step(unet(z, timesteps=torch.full((n,), t)), t, z, after)
+        grids = [autoencoder.decode(x / scale)[:, 0] for x in (real[:n], z, gauss)]
+
+    def corr(a, b):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return float(a @ b / (a.norm() * b.norm()))
+
+    model, gaussian = grids[1], grids[2]
+    same = np.median([corr(model[i], gaussian[i]) for i in range(n)])
+    other = np.median([corr(model[i], gaussian[(i + 1) % n]) for i in range(n)])
+    return (same, other, *(float((g > 0.1).float().mean()) * 100 for g in grids))
+
+
+def main():
+    parser = common.arg_parser(__doc__, "fewer clouds: a smoke check on a --quick scaling run")
+    parser.add_argument("--work_dir", required=True, help="the scaling benchmark's --work_dir")
+    parser.add_argument("--model_dir", default=str(common.ROOT / "models"), help="the autoencoder the rows used")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else {"n_gauss": N_GAUSS, "n_spectrum": N_SPECTRUM, "n_pairs": N_PAIRS}
+    found = scored(args.work_dir)
+    if not found:
+        sys.exit(f"{args.work_dir}: no scored milestones; run benchmarks/benchmark_stage2_scaling.py there first")
+    load = common.load_average()
+    import monai
+    import torch
+
+    lines = common.machine_header("What stage 2's samples are made of", args.quick, load, (torch, monai, np))
+    lines += ["", "Same sampling noise, another recipe (Chamfer ×10³, medians):", ""]
+    lines += ["| pair | same noise | other noise (reference) | ratio |", "|---|---:|---:|---:|"]
+    pairs = same_noise(found, sizes["n_pairs"], np.random.default_rng(0))
+    lines += [f"| {p} | {s:.2f} | {o:.2f} | {r:.2f} |" for p, s, o, r in pairs]
+    if pairs:
+        ratios = [r for *_, r in pairs]
+        lines += [
+            "",
+            f"Ratio over the {len(pairs)} pairs: median {np.median(ratios):.2f}, range {min(ratios):.2f}–{max(ratios):.2f}.",
+        ]
+    lines += ["", f"The Gaussian flow of the same noise ({sizes['n_gauss']} samples, {STEPS} steps):", ""]
+    lines += [
+        "| checkpoint | corr. same noise | corr. other noise (reference) | foreground % real / samples / Gaussian |",
+        "|---|---:|---:|---|",
+    ]
+    autoencoder = Path(args.model_dir) / "model_autoencoder.pt"
+    for name, step in found.items():
+        ckpt = step.parent / f"{step.name}.pt"
+        if ckpt.is_file():
+            same, other, *fg = gaussian_flow(
+                args.work_dir, step.parent.name, ckpt, autoencoder, sizes["n_gauss"], sizes["n_spectrum"]
+            )
+            lines.append(f"| {name} | {same:.2f} | {other:.2f} | {' / '.join(f'{f:.1f}' for f in fg)} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
