@@ -63,8 +63,9 @@ def same_noise(found, n_pairs, rng):
     return rows
 
 
-def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum):
-    """(same-noise correlation, other-noise correlation, foreground % of real, model, Gaussian) for one checkpoint."""
+def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum, figure=None):
+    """(same-noise correlation, other-noise correlation, foreground % of real, model, Gaussian) for one checkpoint;
+    with ``figure``, a PNG of the xy maximum projections: decoded training latents, samples, Gaussian flow."""
     import torch
     from scripts.data.datasets import volume_transforms
     from scripts.networks.checkpoints import load_checkpoint
@@ -100,15 +101,38 @@ def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum):
         return float(a @ b / (a.norm() * b.norm()))
 
     model, gaussian = grids[1], grids[2]
+    if figure:
+        _figure(grids, figure)
     same = np.median([corr(model[i], gaussian[i]) for i in range(n)])
     other = np.median([corr(model[i], gaussian[(i + 1) % n]) for i in range(n)])
     return (same, other, *(float((g > 0.1).float().mean()) * 100 for g in grids))
+
+
+def _figure(grids, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = ("training clouds (decoded latents)", "stage 2's samples", "Gaussian flow of the same noise")
+    n = min(6, len(grids[1]))
+    fig, axes = plt.subplots(3, n, figsize=(2 * n, 6.3), squeeze=False)
+    for r, (title, batch) in enumerate(zip(titles, grids)):
+        for c in range(n):
+            axes[r, c].imshow(batch[c].max(-1).values.T, origin="lower", cmap="magma", vmin=0, vmax=1)
+            axes[r, c].axis("off")
+        axes[r, 0].set_title(title, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main():
     parser = common.arg_parser(__doc__, "fewer clouds: a smoke check on a --quick scaling run")
     parser.add_argument("--work_dir", required=True, help="the scaling benchmark's --work_dir")
     parser.add_argument("--model_dir", default=str(common.ROOT / "models"), help="the autoencoder the rows used")
+    parser.add_argument("--figure", default=None, help="a PNG of one checkpoint's samples beside their Gaussian flow")
+    parser.add_argument("--figure_of", default=None, help="that checkpoint, as the table names it (default: the last)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else {"n_gauss": N_GAUSS, "n_spectrum": N_SPECTRUM, "n_pairs": N_PAIRS}
     found = scored(args.work_dir)
@@ -135,13 +159,15 @@ def main():
         "|---|---:|---:|---|",
     ]
     autoencoder = Path(args.model_dir) / "model_autoencoder.pt"
-    for name, step in found.items():
-        ckpt = step.parent / f"{step.name}.pt"
-        if ckpt.is_file():
-            same, other, *fg = gaussian_flow(
-                args.work_dir, step.parent.name, ckpt, autoencoder, sizes["n_gauss"], sizes["n_spectrum"]
-            )
-            lines.append(f"| {name} | {same:.2f} | {other:.2f} | {' / '.join(f'{f:.1f}' for f in fg)} |")
+    checkpoints = {name: step.parent / f"{step.name}.pt" for name, step in found.items()}
+    checkpoints = {name: ckpt for name, ckpt in checkpoints.items() if ckpt.is_file()}
+    for i, (name, ckpt) in enumerate(checkpoints.items()):
+        chosen = name == args.figure_of if args.figure_of else i == len(checkpoints) - 1
+        figure = args.figure if chosen else None
+        same, other, *fg = gaussian_flow(
+            args.work_dir, ckpt.parent.name, ckpt, autoencoder, sizes["n_gauss"], sizes["n_spectrum"], figure
+        )
+        lines.append(f"| {name} | {same:.2f} | {other:.2f} | {' / '.join(f'{f:.1f}' for f in fg)} |")
     print("\n".join(lines))
 
 

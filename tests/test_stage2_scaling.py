@@ -31,9 +31,11 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and (row / "train.log").read_text() == train_log  # nothing trained again
     layout = [sys.executable, "benchmarks/benchmark_stage2_layout.py", "--quick", "--work_dir", str(tmp_path)]
+    layout += ["--figure", str(tmp_path / "flow.png"), "--figure_of", "n16_aug step4"]
     result = subprocess.run(layout, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| n16_aug step4 / n16_aug step8 | " in result.stdout  # the two milestones' samples, same noise
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| n16_aug step")]
     gauss = [cells for cells in rows if "/" not in cells[1]]  # one row per checkpoint: its Gaussian flow
     assert len(gauss) == 2 and all(-1 <= float(cells[2]) <= 1 for cells in gauss)
+    assert (tmp_path / "flow.png").stat().st_size > 0
