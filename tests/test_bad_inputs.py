@@ -102,13 +102,13 @@ def test_epochs_scale_multiplies_every_stage_and_is_checked_first(tmp_path, monk
     class StopError(Exception):
         pass
 
-    def stage(config, settings):  # record each stage's settings; stop after the fine stage's
+    def stage(config, settings, log=None):  # record each stage's settings; stop after the fine stage's
         calls[config] = settings
         if config == "train_refiner.json":
             raise StopError
 
-    monkeypatch.setattr(run_demo, "_bundle", stage)
-    monkeypatch.setattr(run_demo, "_run", lambda args: None)
+    monkeypatch.setattr(run_demo, "bundle_step", stage)
+    monkeypatch.setattr(run_demo, "run_step", lambda args, log=None: None)
     stages = ("train_autoencoder.json", "train_diffusion.json", "train_refiner.json")
     for scale, expected in ((1, [15, 80, 60]), (2, [30, 160, 120]), (0.5, [8, 40, 30])):
         calls.clear()
