@@ -301,3 +301,44 @@ def test_posterior_mean_latents_leave_out_the_encoders_noise(dataset_dir, autoen
             **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path / "bad", latent_draw="means"),
         )
     assert str(user_error(info.value)).startswith("latent_draw: expected one of sample, mean, got 'means'")
+
+
+def test_a_checkpoint_from_before_latent_draw_resumes_as_sample_and_a_mean_one_only_as_mean(
+    dataset_dir, autoencoder_ckpt, tmp_path
+):
+    """Checkpoints written before ``latent_draw`` was recorded were trained on posterior draws: they resume with the
+    default and are refused with ``mean``; a checkpoint trained on means is refused by a run that draws."""
+    run_workflow("train_diffusion.json", **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path))
+    latest = tmp_path / "outputs" / "diffusion" / "latest_checkpoint.pt"
+    older = tmp_path / "older.pt"
+    ckpt = load_checkpoint(latest)
+    del ckpt["latent_draw"]
+    save_checkpoint(older, ckpt)
+    resumed = tmp_path / "resumed"
+    run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(dataset_dir, autoencoder_ckpt, resumed, n_epochs=2, resume_from=str(older)),
+    )
+    assert load_checkpoint(resumed / "outputs" / "diffusion" / "latest_checkpoint.pt")["epoch"] == 2
+    run_workflow(
+        "train_diffusion.json",
+        **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path / "means", latent_draw="mean"),
+    )
+    means = tmp_path / "means" / "outputs" / "diffusion" / "latest_checkpoint.pt"
+    for source, draw, stored in ((older, "mean", "sample"), (means, "sample", "mean")):
+        with pytest.raises(Exception) as info:
+            run_workflow(
+                "train_diffusion.json",
+                **diffusion_overrides(
+                    dataset_dir,
+                    autoencoder_ckpt,
+                    tmp_path / "bad",
+                    n_epochs=2,
+                    resume_from=str(source),
+                    latent_draw=draw,
+                ),
+            )
+        assert re.match(
+            rf"^{re.escape(str(source))}: was trained with latent_draw {stored}, but this run has {draw}",
+            str(user_error(info.value)),
+        )

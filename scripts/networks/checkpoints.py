@@ -26,6 +26,8 @@ FORMAT_VERSION = 1
 SHIPPED_FILES = {"diffusion": "model.pt", "autoencoder": "model_autoencoder.pt", "refiner": "model_refiner.pt"}
 SHIPPED_INFO = "checkpoints.json"
 WEIGHTS = {"diffusion": "unet", "autoencoder": "autoencoder", "refiner": "refiner"}
+# settings recorded in checkpoints only since they became settings: what a checkpoint without them was trained with
+RECORDED_SINCE = {"latent_draw": "sample"}
 # what travels beside the weights in checkpoints.json (no optimizer, discriminator or RNG state)
 SHIPPED_KEYS = (
     "stage",
@@ -184,7 +186,7 @@ def check_resume(resume_from, stage, expected):
         return None
     ckpt = load_checkpoint(resume_from, stage, hint="check --resume_from")
     for key, value in expected.items():
-        stored, wanted = ckpt.get(key), value
+        stored, wanted = ckpt.get(key, RECORDED_SINCE.get(key)), value
         if key == "dataset_info":
             stored, wanted = (stored or {}).get("geometry"), (value or {}).get("geometry")
         if _plain(stored) != _plain(wanted):
