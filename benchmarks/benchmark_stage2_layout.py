@@ -17,6 +17,7 @@ samples scored at each milestone, all drawn with sampling seed 0):
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_stage2_layout.py --work_dir ~/runs/scaling
 """
 
+import functools
 import itertools
 import re
 import sys
@@ -44,57 +45,64 @@ def scored(work):
 
 def same_noise(found, n_pairs, rng):
     """Rows of (pair, same-seed CD, other-seed CD, ratio) over every pair of scored milestones."""
-    from scipy.spatial import cKDTree
     from scripts.data.pointclouds import read_point_clouds
-
-    def cd(a, b):
-        return np.mean(cKDTree(b).query(a)[0] ** 2) + np.mean(cKDTree(a).query(b)[0] ** 2)
+    from scripts.evaluation.metrics import chamfer_distance, subsample
 
     clouds = {}
     for name, step in found.items():
         read = read_point_clouds(step / "samples" / "pointcloud" / "samples.h5")[0][:n_pairs]
-        clouds[name] = [c[rng.choice(len(c), POINTS, replace=len(c) < POINTS)] / 5000.0 for c in read]
+        clouds[name] = [subsample(c, POINTS, rng) / 5000.0 for c in read]
     rows = []
     for a, b in itertools.combinations(clouds, 2):
         n = min(len(clouds[a]), len(clouds[b]))
-        same = np.median([cd(clouds[a][i], clouds[b][i]) for i in range(n)])
-        other = np.median([cd(clouds[a][i], clouds[b][(i + 1) % n]) for i in range(n)])
+        same = np.median([chamfer_distance(clouds[a][i], clouds[b][i]) for i in range(n)])
+        other = np.median([chamfer_distance(clouds[a][i], clouds[b][(i + 1) % n]) for i in range(n)])
         rows.append((f"{a} / {b}", same * 1e3, other * 1e3, same / other))
     return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _encoded(autoencoder_path, train_dir, n_spectrum):
+    """The autoencoder and its posterior (mu, sigma) of the first ``n_spectrum`` training grids, once per data set."""
+    import torch
+    from scripts.data.datasets import volume_transforms
+    from scripts.networks.trained import frozen_autoencoder, load_autoencoder_checkpoint
+
+    ae_ckpt = load_autoencoder_checkpoint(autoencoder_path)
+    autoencoder = frozen_autoencoder(ae_ckpt, autoencoder_path, "cpu")
+    transform = volume_transforms(tuple(ae_ckpt["voxel_size"]))
+    files = sorted(Path(train_dir).glob("*.nii.gz"))[:n_spectrum]
+    with torch.no_grad():
+        images = torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
+        return (autoencoder, *autoencoder.encode(images))
 
 
 def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum, figure=None):
     """(same-noise correlation, other-noise correlation, foreground % of real, model, Gaussian) for one checkpoint;
     with ``figure``, a PNG of the xy maximum projections: decoded training latents, samples, Gaussian flow."""
     import torch
-    from scripts.data.datasets import volume_transforms
     from scripts.networks.checkpoints import load_checkpoint
-    from scripts.networks.schedulers import make_scheduler
-    from scripts.networks.trained import frozen_autoencoder, load_autoencoder_checkpoint, trained_unet
+    from scripts.networks.schedulers import make_scheduler, sample_grids
+    from scripts.networks.trained import trained_unet
     from scripts.training.latents import sample_latents
 
-    ae_ckpt = load_autoencoder_checkpoint(autoencoder_path)
-    autoencoder = frozen_autoencoder(ae_ckpt, autoencoder_path, "cpu")
     ckpt = load_checkpoint(ckpt_path, "diffusion")
     unet, scale, shape = trained_unet(ckpt, ckpt_path, "cpu"), ckpt["scale_factor"], tuple(ckpt["latent_shape"])
     size = re.match(r"n(\d+)_", row).group(1)
-    transform = volume_transforms(tuple(ae_ckpt["voxel_size"]))
-    files = sorted((Path(work) / f"data{size}" / "voxels_nifti" / "train").glob("*.nii.gz"))[:n_spectrum]
+    train_dir = Path(work) / f"data{size}" / "voxels_nifti" / "train"
+    autoencoder, mu, sigma = _encoded(str(autoencoder_path), str(train_dir), n_spectrum)
+    scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS)
+    # the bundle's sampling, from noise drawn with seed 0; the Gaussian flow of the same noise
+    samples = sample_grids(autoencoder, unet, scheduler, scale, shape, n, "cpu", torch.Generator().manual_seed(0))
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        images = torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
-        mu, sigma = autoencoder.encode(images)
-        real = sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", draw=ckpt.get("latent_draw", "sample"))
-        real = real * scale
+        draw = ckpt.get("latent_draw", "sample")
+        real = sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", draw=draw) * scale
         mean = real.mean((0, 2, 3, 4), keepdim=True)
         power = (torch.fft.fftn(real - mean, dim=(2, 3, 4)).abs() ** 2).mean(0, keepdim=True)
-        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
         whitened = torch.fft.fftn(noise, dim=(2, 3, 4)) * torch.sqrt(power / float(np.prod(shape[1:])))
         gauss = mean + torch.fft.ifftn(whitened, dim=(2, 3, 4)).real
-        scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS)
-        z = noise.clone()
-        for t, after in zip(scheduler.timesteps, [*scheduler.timesteps[1:], 0]):
-            z, _ = scheduler.step(unet(z, timesteps=torch.full((n,), t)), t, z, after)
-        grids = [autoencoder.decode(x / scale)[:, 0] for x in (real[:n], z, gauss)]
+        grids = [autoencoder.decode(real[:n] / scale)[:, 0], samples[:, 0], autoencoder.decode(gauss / scale)[:, 0]]
 
     def corr(a, b):
         a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
