@@ -8,7 +8,7 @@ from scripts.evaluation.evaluator import Evaluation
 from scripts.runtime.command_line import check_flags, flag_names
 from scripts.runtime.dependencies import PACKAGES, check_dependencies
 from scripts.runtime.errors import UserError
-from scripts.runtime.settings import check_command_line_ids, check_values, command_line_overrides, grouped
+from scripts.runtime.settings import check_command_line_ids, check_config, check_values, command_line_overrides, grouped
 from scripts.runtime.validators import as_bool
 from scripts.sampling.sampler import Sampler
 
@@ -105,6 +105,15 @@ def test_unknown_ids_are_refused_with_the_closest_known_one(monkeypatch):
         check_command_line_ids(base + ["--n_epoch", "2"])
     with pytest.raises(UserError, match=r"^learnig_rate: .*did you mean learning_rate\?"):
         check_command_line_ids(base + ["--learnig_rate", "1e-4"])
+
+
+def test_a_bundle_run_whose_parser_is_out_of_reach_fails_loudly(monkeypatch):
+    # the settings check finds MONAI's parser on the call stack; if a MONAI release hides it, a bundle run must stop
+    # instead of skipping every check, while a direct call (a notebook, a test) has nothing to check
+    assert check_config("train_autoencoder") == {}
+    monkeypatch.setattr("sys.argv", [MONAI_MAIN, "run", "--config_file", "configs/train_autoencoder.json"])
+    with pytest.raises(RuntimeError, match=r"^check_config: no monai.bundle.ConfigParser on the call stack"):
+        check_config("train_autoencoder")
 
 
 def test_fire_flags_are_checked_against_the_function():

@@ -221,8 +221,13 @@ def check_config(stage):
 
     check_dependencies()
     parser = _running_parser()
-    if parser is None:  # not run through a ConfigParser (a direct call): nothing to check
-        return {}
+    if parser is None:
+        if command_line_overrides() is not None:  # a bundle run whose parser is out of reach: MONAI changed
+            raise RuntimeError(
+                "check_config: no monai.bundle.ConfigParser on the call stack of this `monai.bundle run`; this MONAI's "
+                "bundle runner is not one the settings check knows (see scripts/runtime/settings.py)"
+            )
+        return {}  # a direct call, not through a config: nothing to check
     check_command_line_ids()
     _check_not_derived(parser, stage)
     literal = {k: v for k, v in parser.config.items() if k in settings_of(stage) and not _is_expression(v)}
