@@ -150,8 +150,6 @@ def memorisation(samples, train, test, rng):
 
 def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with_reference_rows):
     """Sample and evaluate the checkpoint ``ckpt_file``; return the evaluation's rows and the memorisation check."""
-    from scripts.data.pointclouds import read_point_clouds
-
     out = row / f"step{step}"
     result_file = out / "result.json"
     if result_file.is_file():
@@ -176,6 +174,16 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
         },
         log,
     )
+    result = evaluate(out, dataset, model_dir, reference, log, with_reference_rows)
+    (out / "models" / "diffusion" / "best_model.pt").unlink()
+    return result
+
+
+def evaluate(out, dataset, model_dir, reference, log, with_reference_rows):
+    """Evaluate the samples in ``out/samples`` (``configs/evaluate.json``) and check them for copies of training
+    clouds; return the evaluation's rows and that check, also kept in ``out/result.json``."""
+    from scripts.data.pointclouds import read_point_clouds
+
     sets = ["train_vs_heldout", "mean_grid_baseline", "samples"] if with_reference_rows else ["samples"]
     run_demo.bundle_step(
         "evaluate.json",
@@ -208,9 +216,8 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
             "n": len(to_train),
         },
     }
-    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(out / "samples" / "nifti", ignore_errors=True)  # the grids are large; the points and renders stay
-    (out / "models" / "diffusion" / "best_model.pt").unlink()
     return result
 
 
@@ -264,6 +271,24 @@ def table(results):
             f"{m['sample_ratio']:.2f} / {m['test_ratio']:.2f} |"
         )
     return lines
+
+
+def reference_rows(results):
+    """The table's last rows, from the first result that has them: the floor and the mean-grid baseline; then the
+    test clouds' mean linearity and planarity."""
+    first = next((r for r in results if "train_vs_heldout" in r["rows"]), None)
+    if first is None:
+        return []
+    lines = []
+    for label, key in (("floor: training clouds", "train_vs_heldout"), ("mean-grid baseline", "mean_grid_baseline")):
+        cells = f"{run_demo.summary_cells(first['rows'][key])} | {_shape(first['rows'][key])}"
+        lines.append(f"| {label} | | | | | {cells} | | | |")
+    test = first["rows"]["samples"]
+    return lines + [
+        "",
+        f"Test clouds: linearity mean {test['linearity']['reference_mean']:.2f}, planarity mean "
+        f"{test['planarity']['reference_mean']:.2f}.",
+    ]
 
 
 def main():
@@ -343,21 +368,8 @@ def main():
         f"against {n_test} test clouds (the demo's, seed 1); minutes: this row's training so far.",
         "",
         *table(results),
+        *reference_rows(results),
     ]
-    first = next((r for r in results if "train_vs_heldout" in r["rows"]), None)
-    if first:
-        for label, key in (
-            ("floor: training clouds", "train_vs_heldout"),
-            ("mean-grid baseline", "mean_grid_baseline"),
-        ):
-            cells = f"{run_demo.summary_cells(first['rows'][key])} | {_shape(first['rows'][key])}"
-            lines.append(f"| {label} | | | | | {cells} | | | |")
-        test = first["rows"]["samples"]
-        lines += [
-            "",
-            f"Test clouds: linearity mean {test['linearity']['reference_mean']:.2f}, planarity mean "
-            f"{test['planarity']['reference_mean']:.2f}.",
-        ]
     report = "\n".join(lines)
     (work / "report.md").write_text(report + "\n")
     print(report)

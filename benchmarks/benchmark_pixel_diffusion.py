@@ -1,0 +1,181 @@
+"""Stage 2 without the latent: rectified flow on the voxel grids themselves, beside the latent model of the scaling run.
+
+The question it answers: do the samples' meshes of short branched tubes come from the latent (a diffusion model on
+the autoencoder's 16 × 16 × 8 × 3 latents learns only their Gaussian part: ``benchmark_stage2_layout.py``), or
+from what any small diffusion model learns from these clouds in a few thousand steps? It trains a
+``DiffusionModelUNet`` with the bundle's rectified-flow loss (``engines.diffusion_loss``) on a conversion's training
+grids (values in [0, 1] mapped to [-1, 1]; the flips and the quarter turns about z of ``train_diffusion.json``),
+samples ``--num_samples`` grids (``--num_inference_steps`` Euler steps, sampling seed 0), puts them through the
+bundle's inference config (the shipped fine stage places their points) with the denoising swapped for this model,
+and scores them with ``configs/evaluate.json`` against the reference clouds, as a scaling row
+(``benchmark_stage2_scaling.evaluate``: every statistic of the card, the realism test and the copy check).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_pixel_diffusion.py --work_dir ~/runs/pixel \\
+        --dataset_dir ~/runs/scaling/data1000/voxels_nifti --reference_file ~/runs/scaling/test_clouds.h5
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
+
+from benchmarks import benchmark_stage2_scaling as scaling  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+# isort: split
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+UNET = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [16, 32, 64],  # the demo's stage-2 UNet (run_demo.DIFFUSION), on one channel at the grid's size
+    "attention_levels": [False, False, True],
+    "num_head_channels": [0, 0, 32],
+    "num_res_blocks": 1,
+    "norm_num_groups": 16,
+}
+QUICK_UNET = {"channels": [16, 16, 32], "num_head_channels": [0, 0, 16], "norm_num_groups": 8}
+QUICK = {"steps": 4, "num_samples": 4, "num_inference_steps": 2}
+
+
+def training_grids(dataset_dir, voxel_size):
+    """Every training grid of a conversion, (N, 1, X, Y, Z) in [-1, 1], as the autoencoder sees them."""
+    from scripts.data.datasets import volume_transforms
+
+    transform = volume_transforms(tuple(voxel_size))
+    files = sorted((Path(dataset_dir) / "train").glob("*.nii.gz"))
+    grids = torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
+    return grids.clamp(0, 1) * 2 - 1
+
+
+def augment(batch, generator):
+    """The flips in x and y and the quarter turns about z of ``train_diffusion.json``, one draw per batch."""
+    if torch.rand(1, generator=generator) < 0.5:
+        batch = batch.flip(2)
+    if torch.rand(1, generator=generator) < 0.5:
+        batch = batch.flip(3)
+    return torch.rot90(batch, int(torch.randint(4, (1,), generator=generator)), dims=(2, 3))
+
+
+def train(grids, unet_args, steps, batch_size, learning_rate, seed, log_every=100):
+    """The UNet after ``steps`` optimizer steps of the bundle's rectified-flow loss; with the seconds it took."""
+    from monai.networks.nets import DiffusionModelUNet
+    from scripts.networks.schedulers import make_scheduler
+    from scripts.training.engines import diffusion_loss
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    unet = DiffusionModelUNet(**unet_args)
+    scheduler = make_scheduler({"objective": "rflow", "num_train_timesteps": 1000})
+    optimizer = torch.optim.Adam(unet.parameters(), lr=learning_rate)
+    start, running = time.perf_counter(), 0.0
+    for step in range(1, steps + 1):
+        index = torch.randint(len(grids), (batch_size,), generator=generator)
+        loss = diffusion_loss(unet, scheduler, augment(grids[index], generator), torch.autocast("cpu", enabled=False))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+        if step % log_every == 0:
+            print(f"step {step}: loss {running / log_every:.4f}", file=sys.stderr, flush=True)
+            running = 0.0
+    return unet.eval(), time.perf_counter() - start
+
+
+def pixel_sampler(unet, shape, num_inference_steps):
+    """A stand-in for ``schedulers.sample_grids`` with its signature: grids drawn by ``unet`` in voxel space."""
+    from monai.inferers import DiffusionInferer
+    from scripts.networks.schedulers import make_scheduler
+
+    def sample_grids(autoencoder, _unet, _scheduler, scale_factor, latent_shape, n, device, generator=None, *_, **__):
+        scheduler = make_scheduler({"objective": "rflow", "num_train_timesteps": 1000}, None, num_inference_steps)
+        noise = torch.randn((n, 1, *shape), generator=generator)
+        with torch.no_grad():
+            grids = DiffusionInferer(scheduler).sample(input_noise=noise, diffusion_model=unet, scheduler=scheduler)
+        return (grids + 1) / 2
+
+    return sample_grids
+
+
+def sample(unet, shape, out, model_dir, n_samples, num_inference_steps):
+    """The bundle's inference (its fine stage and writers) with the denoising and decoding swapped for ``unet``."""
+    import scripts.sampling.sampler as sampler
+
+    original = sampler.sample_grids
+    sampler.sample_grids = pixel_sampler(unet, shape, num_inference_steps)
+    try:
+        workflow = common.open_workflow(
+            ROOT / "configs" / "inference.json",
+            {
+                "model_dir": str(model_dir),
+                "output_dir": str(out / "samples"),
+                "num_samples": n_samples,
+                "output_formats": ["nifti", "csv", "h5"],
+                "batch_size": 10,
+                "seed": 0,
+                "num_inference_steps": num_inference_steps,
+                "overwrite": True,
+            },
+        )
+        common.run_workflow(workflow)
+    finally:
+        sampler.sample_grids = original
+
+
+def main():
+    parser = common.arg_parser(__doc__, "a tiny UNet, a few steps and samples: a smoke check", tmpdir=None)
+    parser.add_argument("--work_dir", required=True, help="where the model, samples and scores go (kept)")
+    parser.add_argument("--dataset_dir", required=True, help="a conversion (its train/ grids and train_points.h5)")
+    parser.add_argument("--reference_file", required=True, help="the clouds the samples are scored against (h5)")
+    parser.add_argument("--model_dir", default=str(ROOT / "models"), help="the fine stage (and the grid geometry)")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--num_samples", type=int, default=scaling.N_SCORED)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (sampling keeps seed 0)")
+    args = parser.parse_args()
+    unet_args = {**UNET, **QUICK_UNET} if args.quick else UNET
+    if args.quick:
+        args.steps, args.num_samples, args.num_inference_steps = (
+            QUICK["steps"],
+            QUICK["num_samples"],
+            QUICK["num_inference_steps"],
+        )
+    work = Path(args.work_dir).expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    load = common.load_average()
+    info = json.loads((Path(args.dataset_dir) / "dataset_info.json").read_text())
+    shape = info["geometry"]["shape"]
+    grids = training_grids(args.dataset_dir, shape)
+    unet, seconds = train(grids, unet_args, args.steps, args.batch_size, args.learning_rate, args.seed)
+    torch.save({"unet_args": unet_args, "state_dict": unet.state_dict(), "steps": args.steps}, work / "pixel_unet.pt")
+    sample(unet, shape, work, Path(args.model_dir).resolve(), args.num_samples, args.num_inference_steps)
+    result = scaling.evaluate(
+        work, Path(args.dataset_dir), Path(args.model_dir), Path(args.reference_file), work / "commands.log", True
+    )
+    result.update(
+        n_train=len(grids), augment="on (pixel space)", steps=args.steps, val_loss=float("nan"), minutes=seconds / 60
+    )
+    import monai
+
+    lines = common.machine_header("Stage 2 in voxel space", args.quick, load, (torch, monai), torch_info=True)
+    lines += [
+        f"{common.describe_unet(unet_args)} on the {len(grids)} training grids of {args.dataset_dir}, "
+        f"{args.steps} steps of batch {args.batch_size}; {args.num_samples} samples (seed 0) through the fine stage "
+        f"of {args.model_dir}, against {args.reference_file}; minutes: training.",
+        "",
+        *scaling.table([result]),
+        *scaling.reference_rows([result]),
+    ]
+    report = "\n".join(lines)
+    (work / "report.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
