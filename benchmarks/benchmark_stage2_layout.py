@@ -19,6 +19,7 @@ samples scored at each milestone, all drawn with sampling seed 0):
 
 import functools
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def scored(work):
     return found
 
 
-def same_noise(found, n_pairs, rng):
+def same_noise(found, n_pairs, rng, extent):
     """Rows of (pair, same-seed CD, other-seed CD, ratio) over every pair of scored milestones."""
     from scripts.data.pointclouds import read_point_clouds
     from scripts.evaluation.metrics import chamfer_distance, subsample
@@ -51,7 +52,7 @@ def same_noise(found, n_pairs, rng):
     clouds = {}
     for name, step in found.items():
         read = read_point_clouds(step / "samples" / "pointcloud" / "samples.h5")[0][:n_pairs]
-        clouds[name] = [subsample(c, POINTS, rng) / 5000.0 for c in read]
+        clouds[name] = [subsample(c, POINTS, rng) / extent for c in read]
     rows = []
     for a, b in itertools.combinations(clouds, 2):
         n = min(len(clouds[a]), len(clouds[b]))
@@ -153,7 +154,9 @@ def main():
     lines = common.machine_header("What stage 2's samples are made of", args.quick, load, (torch, monai, np))
     lines += ["", "Same sampling noise, another recipe (Chamfer ×10³, medians):", ""]
     lines += ["| pair | same noise | other noise (reference) | ratio |", "|---|---:|---:|---:|"]
-    pairs = same_noise(found, sizes["n_pairs"], np.random.default_rng(0))
+    geometry = json.loads((Path(args.model_dir) / "checkpoints.json").read_text())["model_autoencoder.pt"]
+    extent = common.box_extent(geometry["checkpoint"]["dataset_info"]["geometry"])  # the box the rows were drawn in
+    pairs = same_noise(found, sizes["n_pairs"], np.random.default_rng(0), extent)
     lines += [f"| {p} | {s:.2f} | {o:.2f} | {r:.2f} |" for p, s, o, r in pairs]
     if pairs:
         ratios = [r for *_, r in pairs]

@@ -130,15 +130,15 @@ def train_to(row, dataset, models, augment, epochs, log, quick, seed=0, changes=
     return float(losses[-1]) if losses else float("nan")
 
 
-def memorisation(samples, train, test, rng):
+def memorisation(samples, train, test, rng, extent):
     """For each sample and each test cloud: the Chamfer distance to its nearest training cloud, and its ratio to the
     distance to the second nearest (clouds subsampled to :data:`MEMO_POINTS` points, divided by the box's largest
-    extent, as in the evaluation). A copy of a training cloud is much nearer that cloud than any other (ratio well
+    extent ``extent``, as in the evaluation). A copy of a training cloud is much nearer that cloud than any other (ratio well
     below 1); a blurred average of several is about as near to each (ratio near 1)."""
     from scripts.evaluation.metrics import chamfer_matrix, subsample
 
     def prepared(clouds):
-        return [subsample(c, MEMO_POINTS, rng) / 5000.0 for c in clouds]
+        return [subsample(c, MEMO_POINTS, rng) / extent for c in clouds]
 
     train_p = prepared(train)
     out = []
@@ -204,7 +204,10 @@ def evaluate(out, dataset, model_dir, reference, log, with_reference_rows):
     samples, _ = read_point_clouds(out / "samples" / "pointcloud" / "samples.h5")
     train, _ = read_point_clouds(dataset / "train_points.h5")
     test, _ = read_point_clouds(reference)
-    (to_train, ratio), (test_to_train, test_ratio) = memorisation(samples, train, test, np.random.default_rng(0))
+    extent = common.box_extent(json.loads((dataset / "dataset_info.json").read_text())["geometry"])
+    (to_train, ratio), (test_to_train, test_ratio) = memorisation(
+        samples, train, test, np.random.default_rng(0), extent
+    )
     result = {
         "rows": rows,
         "memorisation": {

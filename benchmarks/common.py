@@ -278,6 +278,12 @@ def refiner_step(refiner_args, sigma_voxels, device, amp_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def box_extent(geometry):
+    """The largest side of a conversion's box (``geometry`` of its dataset_info.json) in nm: the set metrics divide
+    clouds by it."""
+    return max(hi - lo for lo, hi in zip(geometry["box_min_nm"], geometry["box_max_nm"]))
+
+
 def sync(device):
     import torch
 

@@ -1,13 +1,16 @@
 """The stage-2 scaling benchmark's smoke run (``--quick``): a tiny row trains to two milestones, resuming between
 them, and each milestone is sampled, scored and checked for copies; a second run reads the milestones back; the
-layout benchmark then reads them."""
+layout benchmark then reads them, and the voxel-space stage 2 trains on the row's conversion and is scored the same
+way."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 from conftest import ROOT
+from scripts.data.pointclouds import read_point_clouds
 
 
 def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
@@ -39,3 +42,15 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     gauss = [cells for cells in rows if "/" not in cells[1]]  # one row per checkpoint: its Gaussian flow
     assert len(gauss) == 2 and all(-1 <= float(cells[2]) <= 1 for cells in gauss)
     assert (tmp_path / "flow.png").stat().st_size > 0
+    pixel = [sys.executable, "benchmarks/benchmark_pixel_diffusion.py", "--quick", "--work_dir", str(tmp_path / "px")]
+    pixel += ["--dataset_dir", str(tmp_path / "data16" / "voxels_nifti")]
+    pixel += ["--reference_file", str(tmp_path / "test_clouds.h5")]
+    result = subprocess.run(pixel, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "| 16 | on (pixel space) | 4 | " in result.stdout and "floor: training clouds" in result.stdout
+    info = json.loads((tmp_path / "data16" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]
+    clouds, _ = read_point_clouds(tmp_path / "px" / "samples" / "pointcloud" / "samples.h5")
+    assert len(clouds) == 4 and all(len(c) for c in clouds)
+    for cloud in clouds:  # the fine stage placed the voxel-space samples' points inside the training box
+        assert (cloud.min(0) >= np.array(info["box_min_nm"]) - 1e-3).all()
+        assert (cloud.max(0) <= np.array(info["box_max_nm"]) + 1e-3).all()
