@@ -161,20 +161,12 @@ def main():
     result.update(
         n_train=len(grids), augment="on (pixel space)", steps=args.steps, val_loss=float("nan"), minutes=seconds / 60
     )
-    import monai
-
-    lines = common.machine_header("Stage 2 in voxel space", args.quick, load, (torch, monai), torch_info=True)
-    lines += [
+    intro = (
         f"{common.describe_unet(unet_args)} on the {len(grids)} training grids of {args.dataset_dir}, "
         f"{args.steps} steps of batch {args.batch_size}; {args.num_samples} samples (seed 0) through the fine stage "
-        f"of {args.model_dir}, against {args.reference_file}; minutes: training.",
-        "",
-        *scaling.table([result]),
-        *scaling.reference_rows([result]),
-    ]
-    report = "\n".join(lines)
-    (work / "report.md").write_text(report + "\n")
-    print(report)
+        f"of {args.model_dir}, against {args.reference_file}; minutes: training."
+    )
+    scaling.write_report(work, "Stage 2 in voxel space", args.quick, load, intro, [result])
 
 
 if __name__ == "__main__":

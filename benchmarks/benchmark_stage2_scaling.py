@@ -294,6 +294,19 @@ def reference_rows(results):
     ]
 
 
+def write_report(work, title, quick, load, intro, results):
+    """Print the report (the machine, ``intro``, the table of ``results`` and the reference rows) and keep it in
+    ``work/report.md``."""
+    import monai
+    import torch
+
+    lines = common.machine_header(title, quick, load, (torch, monai, np), torch_info=True)
+    lines += [intro, "", *table(results), *reference_rows(results)]
+    report = "\n".join(lines)
+    (work / "report.md").write_text(report + "\n")
+    print(report)
+
+
 def main():
     parser = common.arg_parser(__doc__, "one tiny row, two milestones of a few steps: a smoke check", tmpdir=None)
     parser.add_argument("--work_dir", default=None, help="where rows, checkpoints and scores go (kept; required)")
@@ -362,20 +375,11 @@ def main():
             print("\n".join(table(results[-1:])[2:]), flush=True)
         if args.figure:
             figure(row, milestones, Path(args.figure).with_suffix(f".{row.name}.png"))
-    import monai
-    import torch
-
-    lines = common.machine_header("Stage 2's scaling curve", args.quick, load, (torch, monai, np), torch_info=True)
-    lines += [
+    intro = (
         f"The demo's stage-2 recipe on the autoencoder and fine stage of {models}; {n_test} samples per milestone "
-        f"against {n_test} test clouds (the demo's, seed 1); minutes: this row's training so far.",
-        "",
-        *table(results),
-        *reference_rows(results),
-    ]
-    report = "\n".join(lines)
-    (work / "report.md").write_text(report + "\n")
-    print(report)
+        f"against {n_test} test clouds (the demo's, seed 1); minutes: this row's training so far."
+    )
+    write_report(work, "Stage 2's scaling curve", args.quick, load, intro, results)
 
 
 if __name__ == "__main__":
