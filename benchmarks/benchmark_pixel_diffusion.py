@@ -126,6 +126,21 @@ def sample(unet, shape, out, model_dir, n_samples, num_inference_steps):
         sampler.sample_grids = original
 
 
+def run(args, unet_args, work):
+    """Train, sample and score; the scaling row's result with this run's size, steps and training minutes."""
+    info = json.loads((Path(args.dataset_dir) / "dataset_info.json").read_text())
+    shape = info["geometry"]["shape"]
+    grids = training_grids(args.dataset_dir, shape)
+    unet, seconds = train(grids, unet_args, args.steps, args.batch_size, args.learning_rate, args.seed)
+    torch.save({"unet_args": unet_args, "state_dict": unet.state_dict(), "steps": args.steps}, work / "pixel_unet.pt")
+    sample(unet, shape, work, Path(args.model_dir).resolve(), args.num_samples, args.num_inference_steps)
+    result = scaling.evaluate(
+        work, Path(args.dataset_dir), Path(args.model_dir), Path(args.reference_file), work / "commands.log", True
+    )
+    changes = dict(n_train=len(grids), augment="on (voxel space)", steps=args.steps, minutes=seconds / 60)
+    return {**result, **changes, "val_loss": float("nan")}
+
+
 def main():
     parser = common.arg_parser(__doc__, "a tiny UNet, a few steps and samples: a smoke check", tmpdir=None)
     parser.add_argument("--work_dir", required=True, help="where the model, samples and scores go (kept)")
@@ -138,6 +153,14 @@ def main():
     parser.add_argument("--num_samples", type=int, default=scaling.N_SCORED)
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="training seed (sampling keeps seed 0)")
+    parser.add_argument("--figure", default=None, help="a PNG: the test clouds' renders above the samples'")
+    parser.add_argument(
+        "--beside",
+        action="append",
+        default=[],
+        metavar="LABEL=PNG",
+        help="another run's evaluation renderings.png, drawn in the figure above this run's samples",
+    )
     args = parser.parse_args()
     unet_args = {**UNET, **QUICK_UNET} if args.quick else UNET
     if args.quick:
@@ -149,24 +172,22 @@ def main():
     work = Path(args.work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     load = common.load_average()
-    info = json.loads((Path(args.dataset_dir) / "dataset_info.json").read_text())
-    shape = info["geometry"]["shape"]
-    grids = training_grids(args.dataset_dir, shape)
-    unet, seconds = train(grids, unet_args, args.steps, args.batch_size, args.learning_rate, args.seed)
-    torch.save({"unet_args": unet_args, "state_dict": unet.state_dict(), "steps": args.steps}, work / "pixel_unet.pt")
-    sample(unet, shape, work, Path(args.model_dir).resolve(), args.num_samples, args.num_inference_steps)
-    result = scaling.evaluate(
-        work, Path(args.dataset_dir), Path(args.model_dir), Path(args.reference_file), work / "commands.log", True
-    )
-    result.update(
-        n_train=len(grids), augment="on (pixel space)", steps=args.steps, val_loss=float("nan"), minutes=seconds / 60
-    )
+    result_file = work / "result.json"
+    if result_file.is_file() and "steps" in json.loads(result_file.read_text()):
+        result = json.loads(result_file.read_text())  # trained, sampled and scored before: reported again
+    else:
+        result = run(args, unet_args, work)
+        result_file.write_text(json.dumps(result, indent=1) + "\n")
     intro = (
-        f"{common.describe_unet(unet_args)} on the {len(grids)} training grids of {args.dataset_dir}, "
+        f"{common.describe_unet(unet_args)} on the {result['n_train']} training grids of {args.dataset_dir}, "
         f"{args.steps} steps of batch {args.batch_size}; {args.num_samples} samples (seed 0) through the fine stage "
         f"of {args.model_dir}, against {args.reference_file}; minutes: training."
     )
     scaling.write_report(work, "Stage 2 in voxel space", args.quick, load, intro, [result])
+    if args.figure:
+        others = [tuple(b.split("=", 1)) for b in args.beside]
+        mine = (f"voxel space, {args.steps} steps", work / "evaluation" / "renderings.png")
+        scaling.strips([*others, mine], Path(args.figure))
 
 
 if __name__ == "__main__":

@@ -225,20 +225,24 @@ def evaluate(out, dataset, model_dir, reference, log, with_reference_rows):
 
 
 def figure(row, steps, output):
-    """One picture of a row: the test clouds' renders (the evaluation's top row) above the samples' at each of
-    ``steps`` (the bottom row of each milestone's ``renderings.png``), labelled with the step."""
+    """One picture of a row: the test clouds' renders above the samples' at each of ``steps``, labelled with the
+    step."""
+    strips([(f"{s} steps", row / f"step{s}" / "evaluation" / "renderings.png") for s in steps], Path(output))
+
+
+def strips(renderings, output):
+    """The test clouds' renders (the top row of the first evaluation's ``renderings.png``) above the samples' (the
+    bottom row of each), one strip per ``(label, renderings.png)`` of ``renderings``, written to ``output``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pictures = [plt.imread(row / f"step{s}" / "evaluation" / "renderings.png") for s in steps]
-    half = pictures[0].shape[0] // 2
-    strips = [("test clouds", pictures[0][:half])] + [
-        (f"{s} steps", p[p.shape[0] // 2 :]) for s, p in zip(steps, pictures)
-    ]
-    fig, axes = plt.subplots(len(strips), 1, figsize=(12, 2.3 * len(strips)), dpi=100)
-    for ax, (label, strip) in zip(axes, strips):
+    pictures = [(label, plt.imread(path)) for label, path in renderings]
+    half = pictures[0][1].shape[0] // 2
+    rows = [("test clouds", pictures[0][1][:half])] + [(label, p[p.shape[0] // 2 :]) for label, p in pictures]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 2.3 * len(rows)), dpi=100)
+    for ax, (label, strip) in zip(axes, rows):
         ax.imshow(strip)
         ax.set_ylabel(label, fontsize=11)
         ax.set_xticks([])

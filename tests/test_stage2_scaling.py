@@ -47,10 +47,18 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     pixel += ["--reference_file", str(tmp_path / "test_clouds.h5")]
     result = subprocess.run(pixel, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "| 16 | on (pixel space) | 4 | " in result.stdout and "floor: training clouds" in result.stdout
+    assert "| 16 | on (voxel space) | 4 | " in result.stdout and "floor: training clouds" in result.stdout
     info = json.loads((tmp_path / "data16" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]
     clouds, _ = read_point_clouds(tmp_path / "px" / "samples" / "pointcloud" / "samples.h5")
     assert len(clouds) == 4 and all(len(c) for c in clouds)
     for cloud in clouds:  # the fine stage placed the voxel-space samples' points inside the training box
         assert (cloud.min(0) >= np.array(info["box_min_nm"]) - 1e-3).all()
         assert (cloud.max(0) <= np.array(info["box_max_nm"]) + 1e-3).all()
+    trained = (tmp_path / "px" / "pixel_unet.pt").stat().st_mtime_ns
+    latent = tmp_path / "n16_aug" / "step4" / "evaluation" / "renderings.png"
+    beside = ["--figure", str(tmp_path / "px.png"), "--beside", f"latent, 4 steps={latent}"]
+    again = subprocess.run(pixel + beside, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "| 16 | on (voxel space) | 4 | " in again.stdout  # the same row, read back
+    assert (tmp_path / "px" / "pixel_unet.pt").stat().st_mtime_ns == trained  # not trained again
+    assert (tmp_path / "px.png").stat().st_size > 0
