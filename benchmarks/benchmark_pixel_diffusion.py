@@ -40,6 +40,7 @@ UNET = {
 }
 QUICK_UNET = {"channels": [16, 16, 32], "num_head_channels": [0, 0, 16], "norm_num_groups": 8}
 QUICK = {"steps": 4, "num_samples": 4, "num_inference_steps": 2}
+RFLOW = {"objective": "rflow", "num_train_timesteps": 1000}  # train_diffusion.json's scheduler settings
 
 
 def training_grids(dataset_dir, voxel_size):
@@ -70,7 +71,7 @@ def train(grids, unet_args, steps, batch_size, learning_rate, seed, log_every=10
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     unet = DiffusionModelUNet(**unet_args)
-    scheduler = make_scheduler({"objective": "rflow", "num_train_timesteps": 1000})
+    scheduler = make_scheduler(RFLOW)
     optimizer = torch.optim.Adam(unet.parameters(), lr=learning_rate)
     start, running = time.perf_counter(), 0.0
     for step in range(1, steps + 1):
@@ -91,8 +92,9 @@ def pixel_sampler(unet, shape, num_inference_steps):
     from monai.inferers import DiffusionInferer
     from scripts.networks.schedulers import make_scheduler
 
+    scheduler = make_scheduler(RFLOW, None, num_inference_steps)
+
     def sample_grids(autoencoder, _unet, _scheduler, scale_factor, latent_shape, n, device, generator=None, *_, **__):
-        scheduler = make_scheduler({"objective": "rflow", "num_train_timesteps": 1000}, None, num_inference_steps)
         noise = torch.randn((n, 1, *shape), generator=generator)
         with torch.no_grad():
             grids = DiffusionInferer(scheduler).sample(input_noise=noise, diffusion_model=unet, scheduler=scheduler)
@@ -164,29 +166,25 @@ def main():
     args = parser.parse_args()
     unet_args = {**UNET, **QUICK_UNET} if args.quick else UNET
     if args.quick:
-        args.steps, args.num_samples, args.num_inference_steps = (
-            QUICK["steps"],
-            QUICK["num_samples"],
-            QUICK["num_inference_steps"],
-        )
+        vars(args).update(QUICK)
     work = Path(args.work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     load = common.load_average()
     result_file = work / "result.json"
-    if result_file.is_file() and "steps" in json.loads(result_file.read_text()):
+    if result_file.is_file():
         result = json.loads(result_file.read_text())  # trained, sampled and scored before: reported again
     else:
         result = run(args, unet_args, work)
         result_file.write_text(json.dumps(result, indent=1) + "\n")
     intro = (
         f"{common.describe_unet(unet_args)} on the {result['n_train']} training grids of {args.dataset_dir}, "
-        f"{args.steps} steps of batch {args.batch_size}; {args.num_samples} samples (seed 0) through the fine stage "
+        f"{result['steps']} steps of batch {args.batch_size}; {args.num_samples} samples (seed 0) through the fine stage "
         f"of {args.model_dir}, against {args.reference_file}; minutes: training."
     )
     scaling.write_report(work, "Stage 2 in voxel space", args.quick, load, intro, [result])
     if args.figure:
         others = [tuple(b.split("=", 1)) for b in args.beside]
-        mine = (f"voxel space, {args.steps} steps", work / "evaluation" / "renderings.png")
+        mine = (f"voxel space, {result['steps']} steps", work / "evaluation" / "renderings.png")
         scaling.strips([*others, mine], Path(args.figure))
 
 

@@ -175,13 +175,14 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
         log,
     )
     result = evaluate(out, dataset, model_dir, reference, log, with_reference_rows)
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
     (out / "models" / "diffusion" / "best_model.pt").unlink()
     return result
 
 
 def evaluate(out, dataset, model_dir, reference, log, with_reference_rows):
     """Evaluate the samples in ``out/samples`` (``configs/evaluate.json``) and check them for copies of training
-    clouds; return the evaluation's rows and that check, also kept in ``out/result.json``."""
+    clouds; return the evaluation's rows and that check."""
     from scripts.data.pointclouds import read_point_clouds
 
     sets = ["train_vs_heldout", "mean_grid_baseline", "samples"] if with_reference_rows else ["samples"]
@@ -219,7 +220,6 @@ def evaluate(out, dataset, model_dir, reference, log, with_reference_rows):
             "n": len(to_train),
         },
     }
-    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(out / "samples" / "nifti", ignore_errors=True)  # the grids are large; the points and renders stay
     return result
 
