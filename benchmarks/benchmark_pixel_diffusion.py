@@ -43,16 +43,6 @@ QUICK = {"steps": 4, "num_samples": 4, "num_inference_steps": 2}
 RFLOW = {"objective": "rflow", "num_train_timesteps": 1000}  # train_diffusion.json's scheduler settings
 
 
-def training_grids(dataset_dir, voxel_size):
-    """Every training grid of a conversion, (N, 1, X, Y, Z) in [-1, 1], as the autoencoder sees them."""
-    from scripts.data.datasets import volume_transforms
-
-    transform = volume_transforms(tuple(voxel_size))
-    files = sorted((Path(dataset_dir) / "train").glob("*.nii.gz"))
-    grids = torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
-    return grids.clamp(0, 1) * 2 - 1
-
-
 def augment(batch, generator):
     """The flips in x and y and the quarter turns about z of ``train_diffusion.json``, one draw per batch."""
     if torch.rand(1, generator=generator) < 0.5:
@@ -132,7 +122,7 @@ def run(args, unet_args, work):
     """Train, sample and score; the scaling row's result with this run's size, steps and training minutes."""
     info = json.loads((Path(args.dataset_dir) / "dataset_info.json").read_text())
     shape = info["geometry"]["shape"]
-    grids = training_grids(args.dataset_dir, shape)
+    grids = scaling.training_grids(Path(args.dataset_dir) / "train", shape).clamp(0, 1) * 2 - 1  # [-1, 1]
     unet, seconds = train(grids, unet_args, args.steps, args.batch_size, args.learning_rate, args.seed)
     torch.save({"unet_args": unet_args, "state_dict": unet.state_dict(), "steps": args.steps}, work / "pixel_unet.pt")
     sample(unet, shape, work, Path(args.model_dir).resolve(), args.num_samples, args.num_inference_steps)
@@ -141,6 +131,23 @@ def run(args, unet_args, work):
     )
     changes = dict(n_train=len(grids), augment="on (voxel space)", steps=args.steps, minutes=seconds / 60)
     return {**result, **changes, "val_loss": float("nan")}
+
+
+def _check_arguments(parser, args):
+    """Refuse, in one line and before any training, inputs this run would otherwise fail on late."""
+    dataset = Path(args.dataset_dir)
+    if not (dataset / "dataset_info.json").is_file() or not any((dataset / "train").glob("*.nii.gz")):
+        parser.error(f"--dataset_dir {dataset}: not a conversion with training grids (dataset_info.json, train/)")
+    if not Path(args.reference_file).is_file():
+        parser.error(f"--reference_file {args.reference_file}: no such file")
+    if not (Path(args.model_dir) / "model_refiner.pt").is_file():
+        parser.error(f"--model_dir {args.model_dir}: holds no fine stage (model_refiner.pt)")
+    for item in args.beside:
+        label, _, png = item.partition("=")
+        if not label or not Path(png).is_file():
+            parser.error(f"--beside {item!r}: give LABEL=PNG with an existing PNG (an evaluation's renderings.png)")
+    if args.beside and not args.figure:
+        parser.error("--beside: draws into --figure; give --figure too")
 
 
 def main():
@@ -164,6 +171,7 @@ def main():
         help="another run's evaluation renderings.png, drawn in the figure above this run's samples",
     )
     args = parser.parse_args()
+    _check_arguments(parser, args)
     unet_args = {**UNET, **QUICK_UNET} if args.quick else UNET
     if args.quick:
         vars(args).update(QUICK)
@@ -183,7 +191,7 @@ def main():
     )
     scaling.write_report(work, "Stage 2 in voxel space", args.quick, load, intro, [result])
     if args.figure:
-        others = [tuple(b.split("=", 1)) for b in args.beside]
+        others = [tuple(b.split("=", 1)) for b in args.beside]  # checked: LABEL=PNG
         mine = (f"voxel space, {result['steps']} steps", work / "evaluation" / "renderings.png")
         scaling.strips([*others, mine], Path(args.figure))
 

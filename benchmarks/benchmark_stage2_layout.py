@@ -66,15 +66,13 @@ def same_noise(found, n_pairs, rng, extent):
 def _encoded(autoencoder_path, train_dir, n_spectrum):
     """The autoencoder and its posterior (mu, sigma) of the first ``n_spectrum`` training grids, once per data set."""
     import torch
-    from scripts.data.datasets import volume_transforms
+    from benchmarks.benchmark_stage2_scaling import training_grids
     from scripts.networks.trained import frozen_autoencoder, load_autoencoder_checkpoint
 
     ae_ckpt = load_autoencoder_checkpoint(autoencoder_path)
     autoencoder = frozen_autoencoder(ae_ckpt, autoencoder_path, "cpu")
-    transform = volume_transforms(tuple(ae_ckpt["voxel_size"]))
-    files = sorted(Path(train_dir).glob("*.nii.gz"))[:n_spectrum]
+    images = training_grids(train_dir, ae_ckpt["voxel_size"], n_spectrum)
     with torch.no_grad():
-        images = torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
         return (autoencoder, *autoencoder.encode(images))
 
 

@@ -62,6 +62,17 @@ def in_box(source, output, box_min, box_max):
     write_point_clouds_h5(output, clouds)
 
 
+def training_grids(train_dir, voxel_size, n=None):
+    """The first ``n`` (all: ``None``) grids of a conversion's ``train/`` folder, (N, 1, X, Y, Z) float in [0, 1],
+    resized to ``voxel_size`` as the autoencoder sees them."""
+    import torch
+    from scripts.data.datasets import volume_transforms
+
+    transform = volume_transforms(tuple(voxel_size))
+    files = sorted(Path(train_dir).glob("*.nii.gz"))[:n]
+    return torch.stack([transform({"image": str(f)})["image"] for f in files]).float()
+
+
 def prepare_row(row, n_train, n_val, geometry, log):
     """Simulate and convert the row's clouds (once): the demo's data for 102, else ``n_train`` + ``n_val`` in the
     autoencoder's box (``geometry``)."""

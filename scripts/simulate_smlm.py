@@ -108,7 +108,6 @@ def simulate_microtubules(
     """
     box_min = as_triple(box_min_nm, "box_min_nm")
     box_size = as_triple(box_size_nm, "box_size_nm")
-    box_max = box_min + box_size
     if not isinstance(n_clouds, (int, np.integer)) or n_clouds < 1:
         fail("n_clouds", f"must be an integer >= 1, got {n_clouds!r}")
     if np.any(box_size <= 0):
@@ -134,6 +133,7 @@ def simulate_microtubules(
             fail(name, f"must be >= 0, got {value!r}")
     if not persistence_length_nm > 0:
         fail("persistence_length_nm", f"must be > 0, got {persistence_length_nm!r}")
+    box_max = box_min + box_size
 
     rng = np.random.default_rng(seed)
     sigma = np.array([lateral_precision_nm, lateral_precision_nm, axial_precision_nm], dtype=np.float64)
@@ -147,31 +147,44 @@ def simulate_microtubules(
         n_points = int(rng.integers(lo, hi, endpoint=True))
         n_background = int(round(background_fraction * n_points))
         n_filaments = int(rng.integers(fil_lo, fil_hi, endpoint=True))
-        # Sample along the in-box parts of all filaments: equal node spacing makes this uniform per length.
-        nodes, tangents = [], []
-        for _ in range(n_filaments):
-            line = _filament_centreline(rng, box_min, box_size, persistence_length_nm, z_half_range)
-            grad = np.gradient(line, axis=0)
-            inside = np.all((line >= box_min) & (line <= box_max), axis=1)
-            nodes.append(line[inside])
-            tangents.append(grad[inside] / np.linalg.norm(grad[inside], axis=1, keepdims=True))
-        nodes, tangents = np.concatenate(nodes), np.concatenate(tangents)
-
-        signal, missing = [], n_points - n_background
-        for _ in range(_MAX_REDRAW_ROUNDS):
-            if missing == 0:
-                break
-            candidates = _tube_points(rng, nodes, tangents, missing, tube_radius_nm, sigma)
-            kept = candidates[np.all((candidates >= box_min) & (candidates <= box_max), axis=1)]
-            signal.append(kept)
-            missing -= len(kept)
-        else:
-            fail("box_size_nm", f"{box_size_nm!r} is too thin for the localization noise: points keep falling outside")
+        nodes, tangents = _centrelines(rng, n_filaments, box_min, box_size, persistence_length_nm, z_half_range)
+        signal = _signal(rng, nodes, tangents, n_points - n_background, tube_radius_nm, sigma, box_min, box_max)
         background = box_min + rng.uniform(0.0, 1.0, size=(n_background, 3)) * box_size
         points = np.concatenate(signal + [background])[rng.permutation(n_points)]
         # Rounding is monotonic, so the float32 points stay inside the float32-rounded box.
         clouds.append(points.astype(np.float32))
     return clouds
+
+
+def _centrelines(rng, n_filaments, box_min, box_size, persistence_length_nm, z_half_range):
+    """Nodes and unit tangents of the in-box parts of ``n_filaments`` centrelines. Nodes are equally spaced, so
+    sampling them uniformly samples the filaments uniformly per length."""
+    box_max = box_min + box_size
+    nodes, tangents = [], []
+    for _ in range(n_filaments):
+        line = _filament_centreline(rng, box_min, box_size, persistence_length_nm, z_half_range)
+        grad = np.gradient(line, axis=0)
+        inside = np.all((line >= box_min) & (line <= box_max), axis=1)
+        nodes.append(line[inside])
+        tangents.append(grad[inside] / np.linalg.norm(grad[inside], axis=1, keepdims=True))
+    return np.concatenate(nodes), np.concatenate(tangents)
+
+
+def _signal(rng, nodes, tangents, n, tube_radius_nm, sigma, box_min, box_max):
+    """``n`` labelled points on the tubes, with localization noise, all inside the box (points that fall outside
+    are drawn again); a list of arrays."""
+    signal, missing = [], n
+    for _ in range(_MAX_REDRAW_ROUNDS):
+        if missing == 0:
+            return signal
+        candidates = _tube_points(rng, nodes, tangents, missing, tube_radius_nm, sigma)
+        kept = candidates[np.all((candidates >= box_min) & (candidates <= box_max), axis=1)]
+        signal.append(kept)
+        missing -= len(kept)
+    if missing:
+        size = [float(v) for v in box_max - box_min]
+        fail("box_size_nm", f"{size} is too thin for the localization noise: points keep falling outside")
+    return signal
 
 
 def main(output, n_clouds=64, seed=0, overwrite=False, **params):

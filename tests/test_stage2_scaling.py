@@ -62,3 +62,10 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     assert "| 16 | on (voxel space) | 4 | " in again.stdout  # the same row, read back
     assert (tmp_path / "px" / "pixel_unet.pt").stat().st_mtime_ns == trained  # not trained again
     assert (tmp_path / "px.png").stat().st_size > 0
+    for flags, named in (  # refused in one line, before anything is trained
+        (["--figure", str(tmp_path / "x.png"), "--beside", str(latent)], "--beside"),
+        (["--dataset_dir", str(tmp_path / "nowhere")], "--dataset_dir"),
+    ):
+        refused = subprocess.run(pixel + flags, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert refused.returncode == 2 and named in refused.stderr.strip().splitlines()[-1], refused.stderr
+        assert not (tmp_path / "x.png").exists()

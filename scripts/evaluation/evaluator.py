@@ -165,25 +165,13 @@ class Evaluation:
             raise UserError(
                 f"emd_points: must be an integer in [0, num_points={num_points}] or null, got {emd_points!r}"
             )
-        if not self.dataset_dir.is_dir():
-            raise UserError(f"{self.dataset_dir}: no such dataset folder; {CONVERT_HINT}")
-        for name in ("dataset_info.json", "val_points.h5", "train_points.h5"):
-            if not (self.dataset_dir / name).is_file():
-                raise UserError(f"{self.dataset_dir / name}: no such file; {CONVERT_HINT} (with a validation split)")
-        if not self.samples_dir.is_dir():
-            raise UserError(f"{self.samples_dir}: no such samples folder; {SAMPLE_HINT}")
+        self._check_folders()
         self.staged = StagedOutput(self.output_dir, "an evaluation", EVALUATION_FILES, overwrite)
         self.staged.check()
         self.sample_files, self.sample_grid_files = self._find_samples()
         self.info = load_dataset_info(self.dataset_dir / "val")
         self.geometry = GridGeometry.from_dict(self.info["geometry"])
-        trained_on = (autoencoder_checkpoint.get("dataset_info") or {}).get("geometry")
-        if trained_on and not GridGeometry.from_dict(trained_on).same_box(self.geometry):
-            raise UserError(
-                f"{autoencoder_path}: was trained on data in another box ({trained_on['box_min_nm']} to "
-                f"{trained_on['box_max_nm']} nm) than {self.dataset_dir} ({list(self.geometry.box_min_nm)} to "
-                f"{list(self.geometry.box_max_nm)} nm)"
-            )
+        self._check_trained_box(autoencoder_checkpoint, autoencoder_path)
         self.points_per_mass = (self.info.get("points_per_mass") or {}).get("mean")
         self.threshold, self.method, self.export_num_points = (
             export["threshold"],
@@ -219,6 +207,24 @@ class Evaluation:
         self.realism_test, self.realism_folds = checked["realism_test"], checked["realism_folds"]
 
     # ------------------------------------------------------------------------------------------------ inputs
+
+    def _check_folders(self):
+        if not self.dataset_dir.is_dir():
+            raise UserError(f"{self.dataset_dir}: no such dataset folder; {CONVERT_HINT}")
+        for name in ("dataset_info.json", "val_points.h5", "train_points.h5"):
+            if not (self.dataset_dir / name).is_file():
+                raise UserError(f"{self.dataset_dir / name}: no such file; {CONVERT_HINT} (with a validation split)")
+        if not self.samples_dir.is_dir():
+            raise UserError(f"{self.samples_dir}: no such samples folder; {SAMPLE_HINT}")
+
+    def _check_trained_box(self, autoencoder_checkpoint, autoencoder_path):
+        trained_on = (autoencoder_checkpoint.get("dataset_info") or {}).get("geometry")
+        if trained_on and not GridGeometry.from_dict(trained_on).same_box(self.geometry):
+            raise UserError(
+                f"{autoencoder_path}: was trained on data in another box ({trained_on['box_min_nm']} to "
+                f"{trained_on['box_max_nm']} nm) than {self.dataset_dir} ({list(self.geometry.box_min_nm)} to "
+                f"{list(self.geometry.box_max_nm)} nm)"
+            )
 
     def _find_samples(self):
         """The sample clouds (and grids) of one sampling run: those its manifest lists, else what the folders hold."""
