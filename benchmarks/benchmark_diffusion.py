@@ -396,7 +396,7 @@ def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
     gpu = None
     if gpu_speed is not None:
         gpu = f"{common.cuda_settings()}. All steps (s): {speed_notes(gpu_speed)}."
-    lines.append(common.gpu_footnote("c", "b", gpu))
+    lines.append(common.gpu_footnote("c", gpu))
     print("\n".join(lines))
 
 

@@ -172,17 +172,14 @@ def describe_unet(u):
     )
 
 
-def gpu_footnote(case, cpu_case, details):
-    """The footnote of GPU case ``case``: "as case ``cpu_case`` on <the GPU>, ``details``", or, where ``details`` is
-    None (no CUDA), that the case was skipped."""
+def gpu_footnote(case, details):
+    """The footnote of GPU case ``case``: the GPU's name and ``details``, or, where ``details`` is None (no CUDA),
+    that the case was skipped."""
     import torch
 
     if details is None:
-        return f"- Case {case} (GPU, fp16 autocast + GradScaler vs fp32) skipped: `torch.cuda.is_available()` is False."
-    return (
-        f"- Case {case}: as case {cpu_case} on {torch.cuda.get_device_name()} (`torch.cuda.synchronize` around each "
-        f"timed step), {details}"
-    )
+        return f"- Case {case} (GPU) skipped: `torch.cuda.is_available()` is False."
+    return f"- Case {case}, {torch.cuda.get_device_name()}: {details}"
 
 
 def cuda_settings():
