@@ -246,7 +246,8 @@ def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
         f"{autocast_dtype('cpu', True)}"
     )
     modules = (torch, monai, ignite, np, nib)
-    lines = common.machine_header("Autoencoder training benchmark", quick, load, modules, note, torch_info=True)
+    title = "Autoencoder training benchmark"
+    lines = common.machine_header(title, quick, load, modules, note, torch_info=True, method="Stage 1")
     lines += [
         "| Case | Pipeline | Precision | Seconds/iteration | Ratio | Peak GPU memory |",
         "|---|---|---|---:|---|---:|",
@@ -257,48 +258,18 @@ def print_report(cfg, quick, load, case1, cpu_speed, gpu_speed):
     lines += speed_rows(cfg, 2, "CPU", cpu_speed, torch.bfloat16)
     if gpu_speed is not None:
         lines += speed_rows(cfg, 3, torch.cuda.get_device_name(), gpu_speed, torch.float16)
-    values = case1["values"]
+    passes = n / max(1, case1["n_train"] // BATCH)
     lines += [
         "",
-        f"- Case 1 measures one epoch of {n} training iterations of `configs/train_autoencoder.json` run in this "
-        f"process as `ConfigWorkflow(..., workflow_type='train', **overrides)` → `initialize()` → `run()`, with "
-        f"`fast_dev_run=True`, `fast_dev_run_batches={n}`, `n_epochs=1`, `autoencoder_warm_up_n_epochs=0` (adversarial "
-        f"term and discriminator step on from iteration 1), `num_workers=0`, `val_interval=2` (validation untimed), "
-        f"`voxel_size={voxel}`, batch {values['batch_size']}, seed {values['seed']}, the config's logging (to stderr), "
-        f"TensorBoard and checkpoint handlers, progress bar off (`TQDM_DISABLE=1`). Data: {case1['n_train']} "
-        f"training (+ {case1['n_val']} validation) volumes of {voxel}³ from `simulate_microtubules` → "
-        f"`write_point_clouds_h5` → `convert`; the {n} iterations make {n / max(1, case1['n_train'] // BATCH):g} "
-        f"pass(es) over the shuffled loader. Network: {_network(values)}.",
-        f"- The plain loop builds the same `AutoencoderKL`/`PatchDiscriminator` from the parsed config's "
-        f"`autoencoder_args`/`discriminator_args`, Adam (lr {values['learning_rate']:g} / "
-        f"{values['discriminator_learning_rate']:g}), `ReconstructionLoss` with the config's weights, `kl_loss` "
-        f"(weight {values['kl_weight']:g}), `PatchAdversarialLoss('least_squares')` (weight {values['adv_weight']:g}), "
-        f"`autocast_dtype(device, amp)`, `set_determinism(seed={values['seed']})`, and iterates a "
-        f"`torch.utils.data.DataLoader` (shuffle, batch {values['batch_size']}, no workers) over the same training "
-        f"volumes read once with nibabel into float32 tensors (the bundle: `CacheDataset` + MONAI `DataLoader`). Its "
-        f"step is the bundle's own, `VaeGanTrainer._iteration`, called in a for loop without ignite's engine and "
-        f"handlers (`benchmarks.common.stage1_step`). The perceptual loss is off in both (no weights file).",
-        "- Timing window (case 1, both pipelines): `time.perf_counter` from the start of iteration 2 (before its "
-        f"batch is fetched; ignite's `GET_BATCH_STARTED`) to the end of iteration {n} (after the bundle's own "
-        f"`ITERATION_COMPLETED` handlers); seconds/iteration = window / {n - 1}. So data loading, the step and "
-        "per-iteration handlers count; building the workflow, caching the data, iteration 1 and the end-of-epoch "
-        f"checkpoint do not. Best of {cfg['repeat']} runs per pipeline, interleaved (bundle, plain, bundle, ...); all "
-        f"runs (s/iteration): bundle {common.fmt_runs(case1['runs']['bundle'])}, plain "
-        f"{common.fmt_runs(case1['runs']['plain'])}.",
-        f"- Case 2: the plain step (as in case 1) on one fixed `torch.rand` batch of {BATCH} at each size, networks "
-        f"built fresh per row; one untimed warm-up step, then the best of "
-        f"{'/'.join(str(cfg['speed_iterations'][s]) for s in cfg['speed_sizes'])} timed steps (per size). All steps "
-        f"(s): {speed_runs(cpu_speed)}. Speed-up = fp32 time / mixed time (> 1: mixed precision is faster).",
+        f"- Case 1: {case1['n_train']} training + {case1['n_val']} validation volumes, {passes:g} pass(es) over the "
+        f"loader; {_network(case1['values'])}. All runs (s/iteration): bundle {common.fmt_runs(case1['runs']['bundle'])}, "
+        f"plain {common.fmt_runs(case1['runs']['plain'])}.",
+        f"- Case 2, all steps (s): {speed_runs(cpu_speed)}.",
     ]
     gpu = None
     if gpu_speed is not None:
-        gpu = (
-            "fp16 autocast with one GradScaler per optimizer (as `MixedPrecisionTrainer`) vs fp32 "
-            f"({common.cuda_settings()}, as in the bundle). Peak GPU memory = `torch.cuda.max_memory_allocated()` "
-            "over the warm-up and the timed steps, reset per row after the networks are built (their weights, and "
-            f"Adam's state from the warm-up on, count: they stay allocated). All steps (s): {speed_runs(gpu_speed)}."
-        )
-    lines.append(common.gpu_footnote(3, 2, gpu))
+        gpu = f"{common.cuda_settings()}. All steps (s): {speed_runs(gpu_speed)}."
+    lines.append(common.gpu_footnote(3, gpu))
     print("\n".join(lines))
 
 

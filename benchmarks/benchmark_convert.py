@@ -175,7 +175,7 @@ def run_child(which, h5_file, output_dir, shape):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def print_report(cfg, quick, load, repeat, case1, case2, case3):
+def print_report(cfg, quick, load, case1, case2, case3):
     n, shape = cfg["n_clouds"], cfg["shape"]
     ref, o1, o2 = (min(case1[k]) for k in ("reference", "ours1", "ours2"))
     grid_bytes = int(np.prod(cfg["big_shape"])) * 4
@@ -183,7 +183,8 @@ def print_report(cfg, quick, load, repeat, case1, case2, case3):
     c2 = f"2: 1 × {cfg['big_points']:,} pts → {common.fmt_shape(cfg['big_shape'])}"
     note = f"box {list(BOX_NM)} nm; sigma {SIGMA_VOXELS} voxel, truncate {TRUNCATE}; per-volume max normalisation; "
     note += ".nii.gz output"
-    lines = common.machine_header("Converter benchmark", quick, load, (np, scipy, nib, h5py, isal), note)
+    modules = (np, scipy, nib, h5py, isal)
+    lines = common.machine_header("Converter benchmark", quick, load, modules, note, method="Conversion")
     lines += [
         "| Case | Pipeline | Workers | Seconds | Clouds/s | Speed-up | Peak memory increase | × float32 grid |",
         "|---|---|---:|---:|---:|---|---:|---:|",
@@ -204,25 +205,13 @@ def print_report(cfg, quick, load, repeat, case1, case2, case3):
         f"| 3: values, cloud {case3['index']} of case 1 | max \\|ours − reference\\| | – | – | – | "
         f"{case3['max_abs_diff']:.2e} ({verdict}, target ≤ 1e-3; affines equal: {case3['affine_equal']}) | – | – |",
         "",
-        f"- Timings: `time.perf_counter`. Case 1: best of {repeat} runs per pipeline, the runs interleaved "
-        "(reference, ours 1, ours 2, reference, ...) in this process, each into a fresh temporary folder; all runs "
-        f"(s): reference {common.fmt_runs(case1['reference'], 2)}, ours(1) {common.fmt_runs(case1['ours1'], 2)}, "
-        f"ours(2) {common.fmt_runs(case1['ours2'], 2)}. Case 2: best of 1 run (one run per pipeline, in its own "
-        "process). Reference and ours both read the input with `read_point_clouds`. Ours also writes train/val "
-        "points files and `dataset_info.json`, the reference does not. Speed-up = time ratio (> 1: faster). Case 1 "
-        f"splits {TRAIN_RATIO:.0%} train / rest val; case 2 puts the one cloud in train.",
-        f"- Peak memory (case 2): each pipeline runs once in a fresh `python {Path(__file__).name} --child` "
-        f"process. After imports and one warm-up read of the input (then freed), the kernel's RSS high-water mark is "
-        f"reset via `/proc/self/clear_refs` and the current RSS (VmRSS) is the baseline; the figure is "
-        f"`getrusage(RUSAGE_SELF).ru_maxrss` after the pipeline minus that baseline, i.e. the peak extra resident "
-        f"memory of reading + voxelizing + writing. (Without clear_refs the baseline would be ru_maxrss before the "
-        f"run, a lower bound; reset used: reference {case2['reference']['peak_was_reset']}, ours "
-        f"{case2['ours']['peak_was_reset']}.) One float32 grid of {common.fmt_shape(cfg['big_shape'])} = "
-        f"{common.mib(grid_bytes)}; clouds/s in case 2 is 1/seconds.",
-        "- Values: both NIfTI files loaded with nibabel as float32; both are normalised to a maximum of 1.",
-        f"- Context for ours(2)/ours(1): 2 forked processes vs 1 on a pure CPU kernel (the same blur on "
-        f"{common.fmt_shape(shape)} float32 grids, no I/O) gave {case1['probe_before']:.2f}× just before case 1 and "
-        f"{case1['probe_after']:.2f}× just after; that is what the cores delivered at the time (they are shared).",
+        f"- Case 1, all runs (s): reference {common.fmt_runs(case1['reference'], 2)}, ours(1) "
+        f"{common.fmt_runs(case1['ours1'], 2)}, ours(2) {common.fmt_runs(case1['ours2'], 2)}.",
+        f"- Case 2: peak reset by `/proc/self/clear_refs`: reference {case2['reference']['peak_was_reset']}, ours "
+        f"{case2['ours']['peak_was_reset']}; one float32 grid of {common.fmt_shape(cfg['big_shape'])} = "
+        f"{common.mib(grid_bytes)}.",
+        f"- Two processes against one on the blur alone ({common.fmt_shape(shape)}): {case1['probe_before']:.2f}× "
+        f"before case 1, {case1['probe_after']:.2f}× after.",
     ]
     print("\n".join(lines))
 
@@ -299,7 +288,7 @@ def main(argv=None):
         for which in ("reference", "ours"):
             case2[which] = run_child(which, big, work / f"c2_{which}", cfg["big_shape"])
             shutil.rmtree(work / f"c2_{which}", ignore_errors=True)
-    print_report(cfg, args.quick, load, max(1, args.repeat), case1, case2, case3)
+    print_report(cfg, args.quick, load, case1, case2, case3)
 
 
 if __name__ == "__main__":

@@ -341,7 +341,6 @@ def speed_notes(speed):
 
 
 def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
-    repeat = cfg["repeat"]
     none, memory = (min(r["seconds"] for r in cache[m]) for m in ("none", "memory"))
     first = cache["memory"][0]
     setup = {m: {k: min(r["setup"][k] for r in cache[m]) for k in ("train", "val", "scale_factor")} for m in cache}
@@ -361,7 +360,8 @@ def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
         f"default), with `cpu_bf16=True`: {autocast_dtype('cpu', True, True)}"
     )
     modules = (torch, monai, ignite, np)
-    lines = common.machine_header("Latent diffusion training benchmark", quick, load, modules, note, torch_info=True)
+    title = "Latent diffusion training benchmark"
+    lines = common.machine_header(title, quick, load, modules, note, torch_info=True, method="Stage 2")
     lines += [
         "| Case | Pipeline | Precision | Seconds | Ratio | Peak GPU memory | Mixed-precision steps finite |",
         "|---|---|---|---:|---|---:|---|",
@@ -376,68 +376,27 @@ def print_report(cfg, quick, load, stage1, cache, cpu_speed, gpu_speed):
     lines += speed_rows(cfg, "b", "CPU", cpu_speed, torch.bfloat16)
     if gpu_speed is not None:
         lines += speed_rows(cfg, "c", torch.cuda.get_device_name(), gpu_speed, torch.float16)
-    unet = first["unet_args"]
+    passes = n / max(1, first["n_train"] // BATCH)
     lines += [
         "",
-        f"- Stage-1 checkpoint for case a (made first, not timed in the table, {stage1['seconds']:.0f} s): "
-        f"{cfg['n_clouds']} clouds from `simulate_microtubules` (seed {SEED}, ~{cfg['points']:,} points) → "
-        f"`write_point_clouds_h5` → `convert` to {voxel}³ (σ 1 voxel, {cfg['train_ratio']:.0%} train), then "
-        f"`configs/train_autoencoder.json` for 1 epoch of {cfg['stage1_batches']} batches (`fast_dev_run`), batch "
-        f"{BATCH}, with validation so `best_model.pt` is written; {common.describe_autoencoder(stage1['args'])} (its "
-        "weights barely trained: the encoder's cost does not depend on them).",
-        f"- Case a measures one epoch of {n} training iterations of `configs/train_diffusion.json` run in this "
-        "process as `ConfigWorkflow(..., workflow_type='train', **overrides)` → `initialize()` → `run()`, with "
-        f"`latent_cache` 'none' or 'memory', `fast_dev_run=True`, `fast_dev_run_batches={n}`, `n_epochs=1`, "
-        f"`val_interval=2` (validation untimed), `generate_samples_interval=1000` (no monitoring samples), batch {BATCH}, "
-        f"seed {SEED}, the config's `amp=true`/`cpu_bf16=false` (trainer autocast: "
-        f"{common.fmt_dtype(first['amp_dtype'])}), logging, TensorBoard and checkpoint handlers, progress bar off "
-        f"(`TQDM_DISABLE=1`). UNet: {common.describe_unet(unet)} on latents {common.fmt_shape(first['latent'])}; "
-        f"scale factor computed by the config ({first['scale_factor']:.4f} in the first memory run). Data: "
-        f"{first['n_train']} training (+ {first['n_val']} validation) volumes; the {n} iterations make "
-        f"{n / max(1, first['n_train'] // BATCH):g} pass(es) over the shuffled loader. The loader served `image` "
-        "batches ('none', encoded by the frozen autoencoder inside `sample_latents` at every step) or "
-        "`z_mu`/`z_sigma` batches ('memory'): checked.",
-        f"- Timing window (case a): `time.perf_counter` from the start of iteration 2 (before its batch is fetched; "
-        f"ignite's `GET_BATCH_STARTED` on `workflow.parser.get_parsed_content('train#trainer')` after `initialize()`) "
-        f"to the end of iteration {n} (after the bundle's own `ITERATION_COMPLETED` handlers); seconds/iteration = "
-        f"window / {n - 1}. So data loading (collation of cached volumes or latents), encoding ('none'), the UNet "
-        f"step and per-iteration handlers count; building the workflow, the datasets, the scale factor, iteration 1 "
-        f"and the end-of-epoch checkpoint do not. Best of {repeat} runs per mode, interleaved (none, memory, none, "
-        f"...); all runs (s/iteration): none {common.fmt_runs([r['seconds'] for r in cache['none']])}, memory "
+        f"- Stage-1 checkpoint ({stage1['seconds']:.0f} s, untimed): {cfg['n_clouds']} clouds of ~{cfg['points']:,} "
+        f"points at {voxel}³, {cfg['stage1_batches']} batches; {common.describe_autoencoder(stage1['args'])}.",
+        f"- Case a: {common.describe_unet(first['unet_args'])} on latents {common.fmt_shape(first['latent'])}; scale "
+        f"factor {first['scale_factor']:.4f}; {first['n_train']} training + {first['n_val']} validation volumes, "
+        f"{passes:g} pass(es) over the loader. All runs (s/iteration): none "
+        f"{common.fmt_runs([r['seconds'] for r in cache['none']])}, memory "
         f"{common.fmt_runs([r['seconds'] for r in cache['memory']])}.",
-        "- One-off (case a): the time to parse `train#dataset` after its dependencies (checkpoint, frozen "
-        "autoencoder, file lists) were parsed: for 'memory' `encode_volumes` (load + resize every volume, encode in "
-        f"batches of {BATCH}, keep `z_mu`/`z_sigma` on the CPU), for 'none' a `CacheDataset` of the loaded, resized "
-        f"volumes. Pay-back = (memory − none set-up) / (none − memory seconds per iteration). Best of {repeat}; all "
-        f"runs (s): memory train {common.fmt_runs([r['setup']['train'] for r in cache['memory']], 2)}, none train "
-        f"{common.fmt_runs([r['setup']['train'] for r in cache['none']], 2)}; the {first['n_val']} validation volumes "
-        f"add memory {setup['memory']['val']:.2f} s / none {setup['none']['val']:.2f} s (built even though validation "
-        f"never runs here, as in any run), the scale factor ({first['scale_factor_batches']} batches) memory "
-        f"{setup['memory']['scale_factor']:.2f} s / none {setup['none']['scale_factor']:.2f} s.",
-        "- Case b: `UnetStep` = `LatentDiffusionTrainer._iteration` after the latents are drawn (noise and "
-        "timesteps, `scheduler.add_noise`, autocast forward, fp32 MSE, finite-loss check, backward, Adam; the "
-        f"GradScaler is enabled for fp16 only) on one fixed `torch.randn` latent batch of {BATCH}; the UNet is built "
-        "from the config's `unet_args` for the latent of each grid through case a's autoencoder (latents "
-        f"{', '.join(common.fmt_shape(r['latent']) for r in cpu_speed.values())}); both precisions from the same "
-        "initial weights. One untimed warm-up step each, then the best of "
-        f"{'/'.join(str(cfg['speed_iterations'][s]) for s in cfg['speed_sizes'])} timed steps (per size), fp32 and "
-        f"mixed steps interleaved. All steps (s): {speed_notes(cpu_speed)}. Speed-up = fp32 time / mixed time (> 1: "
-        "mixed precision is faster).",
-        "- Finite check (case b, outside the timing): after every step (warm-up included) every weight gradient is "
-        "tested with `torch.isfinite`; a bf16 step with a non-finite gradient is undone (weights and Adam state "
-        "restored from a copy taken before it: bf16 has no scaler to skip it) so each step starts from finite weights "
-        "and the count is per step, not a cascade. In the trainer such a step would write NaN into the weights and "
-        "the next step's loss would stop training (`TrainingDiverged`).",
+        f"- One-off, all runs (s): memory train {common.fmt_runs([r['setup']['train'] for r in cache['memory']], 2)}, "
+        f"none train {common.fmt_runs([r['setup']['train'] for r in cache['none']], 2)}; validation volumes memory "
+        f"{setup['memory']['val']:.2f} / none {setup['none']['val']:.2f}; scale factor "
+        f"({first['scale_factor_batches']} batches) memory {setup['memory']['scale_factor']:.2f} / none "
+        f"{setup['none']['scale_factor']:.2f}.",
+        f"- Case b, all steps (s): {speed_notes(cpu_speed)}.",
     ]
     gpu = None
     if gpu_speed is not None:
-        gpu = (
-            "fp16 autocast with a GradScaler (as `MixedPrecisionTrainer` on CUDA) vs fp32 "
-            f"({common.cuda_settings()}). Peak GPU memory = `torch.cuda.max_memory_allocated()` of each precision run "
-            "alone afterwards (network built, warm-up and timed steps; weights, Adam state and activations count). "
-            f"All steps (s): {speed_notes(gpu_speed)}."
-        )
-    lines.append(common.gpu_footnote("c", "b", gpu))
+        gpu = f"{common.cuda_settings()}. All steps (s): {speed_notes(gpu_speed)}."
+    lines.append(common.gpu_footnote("c", gpu))
     print("\n".join(lines))
 
 

@@ -285,10 +285,9 @@ def real(cfg, work):
     return [
         "## Real localizations, refined back",
         "",
-        f"{REAL.name}: {len(train)} training tiles from the left half, {len(test)} evaluation tiles from "
-        f"the right half, {common.fmt_shape(cfg['tile_grid'])} voxels of {common.fmt_shape(np.round(spacing, 1))} nm; "
-        f"{sum(map(len, sets['original']))} original localizations in the evaluation tiles; the fine stage trained "
-        f"for {cfg['epochs']} epochs ({train_seconds:.0f} s).",
+        f"{REAL.name}: {len(train)} training and {len(test)} evaluation tiles of {common.fmt_shape(cfg['tile_grid'])} "
+        f"voxels of {common.fmt_shape(np.round(spacing, 1))} nm, {sum(map(len, sets['original']))} localizations in "
+        f"the evaluation tiles; trained {cfg['epochs']} epochs ({train_seconds:.0f} s).",
         "",
         *HEADER,
         *rows,
@@ -304,10 +303,9 @@ def shapes(cfg, work):
     lines = [
         "## Structures that are not filaments",
         "",
-        f"{len(train)} simulated training tiles and {len(test)} fresh evaluation tiles, a third of each of "
-        f"{', '.join(SHAPES)}; {common.fmt_shape(cfg['tile_grid'])} voxels of "
-        f"{common.fmt_shape(np.round(spacing, 1))} nm; one fine stage for all, {cfg['epochs']} epochs "
-        f"({train_seconds:.0f} s).",
+        f"{len(train)} training and {len(test)} evaluation tiles, a third each of {', '.join(SHAPES)}, of "
+        f"{common.fmt_shape(cfg['tile_grid'])} voxels of {common.fmt_shape(np.round(spacing, 1))} nm; "
+        f"trained {cfg['epochs']} epochs ({train_seconds:.0f} s).",
         "",
         *HEADER,
     ]
@@ -326,9 +324,11 @@ def main():
     args = parser.parse_args()
     cfg = common.pick_config(args, QUICK, FULL)
     load = common.load_average()
-    print(
-        "\n".join(common.machine_header("Fine stage benchmark", args.quick, load, (torch, monai, np), torch_info=True))
+    modules = (torch, monai, np)
+    header = common.machine_header(
+        "Fine stage benchmark", args.quick, load, modules, torch_info=True, method="Fine stage"
     )
+    print("\n".join(header))
     if args.case in ("speed", "all"):
         print("\n".join(speed(cfg)), flush=True)
     for name, case in (("real", real), ("shapes", shapes)):

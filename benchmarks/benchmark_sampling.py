@@ -245,7 +245,8 @@ def print_report(cfg, quick, load, device, amp_dtype, sampling, export):
         f"amp=True)` = {amp_dtype}"
     )
     modules = (torch, monai, np, scipy)
-    lines = common.machine_header("Sampling and export benchmark", quick, load, modules, note, torch_info=True)
+    title = "Sampling and export benchmark"
+    lines = common.machine_header(title, quick, load, modules, note, torch_info=True, method="Sampling")
     lines += ["| Case | Pipeline | Precision | Output | Seconds | Ratio | How |", "|---|---|---|---|---:|---|---|"]
     for size in sampling:
         rows = sampling_rows(size, amp_dtype)
@@ -282,35 +283,6 @@ def print_report(cfg, quick, load, device, amp_dtype, sampling, export):
             f"{common.describe_autoencoder(size['ae_args'])}; {common.describe_unet(size['unet_args'])}; scheduler "
             f"{size['settings']}. All calls (s per call of {BATCH} samples): {calls}."
         )
-    demo_note = "the demo's overrides of the two training configs (`scripts/run_demo.py` AUTOENCODER/DIFFUSION)"
-    if quick:
-        demo_note += "; the second size uses the tests' tiny networks (tests/conftest.py)"
-    lines += [
-        f"- Case 1 measures one `scripts.networks.schedulers.sample_grids` call (noise → `LatentDiffusionInferer.sample` with the "
-        f"scheduler from `make_scheduler(settings, kind, steps)` → decode → `.float().cpu()`) of {BATCH} samples "
-        f"(`configs/inference.json` batch_size); seconds/sample = call / {BATCH}. Networks: "
-        f"`scripts.networks.build.build_autoencoder`/`build_unet` on the `autoencoder_args`/`unet_args` parsed from "
-        f"`configs/train_autoencoder.json`/`configs/train_diffusion.json` (defaults, or {demo_note}), randomly "
-        f"initialised (seed {SEED}), eval mode, no grads: a step's time depends on the architecture and the latent "
-        f"size, not on the weights' values, so trained checkpoints would time the same. Precision: what inference "
-        f"uses (`autocast_dtype(device, amp=True)`: {common.fmt_dtype(amp_dtype, scaler=False)})"
-        + (", plus DDIM in fp32 (amp=false) for comparison" if cfg["fp32_ddim"] and amp_dtype is not None else "")
-        + f". Best of {cfg['repeat']} call(s) per row, the rows interleaved per repeat after one untimed 2-step DDIM "
-        f"warm-up per size; ratio = DDPM time / row time. Not included: NIfTI/CSV writing, the preview.",
-        "- Extrapolated rows: the DDPM loop is timed at the two step counts given and fitted as fixed cost (noise, "
-        "decode, copies) + steps × per-step cost, then evaluated at the full step count; every DDPM step is the same "
-        "UNet call plus an O(latent) scheduler update, so the time is linear in the number of steps.",
-        f"- Case 2: one grid per size, smooth random (standard normal noise blurred with σ = 2 voxels, the negative "
-        f"half clipped to 0, divided by its maximum), in the demo box {list(BOX_NM[0])}–{list(BOX_NM[1])} nm; "
-        f"threshold {THRESHOLD} (inference.json); {cfg['num_points']:,} points for 'probabilistic'; 'center' and "
-        f"'random' give one point per voxel above the threshold. Reference (probabilistic): what a prototype would "
-        f"write — `np.random.choice(grid.size, n, p=thresholded grid / sum)` over every voxel (legacy global RNG), "
-        f"then per point in a Python loop `lo + (np.unravel_index(i, shape) + np.random.random(3)) * spacing`. "
-        f"Reference (center/random): `np.argwhere(grid > threshold)` + 0.5 or a uniform offset, to nm. Ours: "
-        f"`grid_to_points(grid, geometry, method, threshold, n, rng=seed)` on the float32 grid. Best of "
-        f"{cfg['export_repeat']} per row, rows interleaved; all points checked inside the box, center/random point "
-        f"counts equal to the reference's.",
-    ]
     for res in export:
         lines.append(
             f"- Case 2, {common.fmt_shape(res['shape'])}: {res['above']:.1%} of the voxels above the threshold; |mean "

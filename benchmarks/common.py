@@ -102,10 +102,11 @@ def cpu_name():
     return processor or platform.machine()
 
 
-def machine_header(title, quick, load, modules, note=None, versions_note="", torch_info=False):
-    """The report's first lines: the title, the machine, Python's and ``modules``' versions (+ ``versions_note``)
-    and, where ``note`` is given, a line of the OMP_WAIT_POLICY setting and ``note``. With ``torch_info`` the machine
-    line also gives torch's threads, the load average now (after the run; ``load``: before it) and the GPU."""
+def machine_header(title, quick, load, modules, note=None, versions_note="", torch_info=False, method=None):
+    """The report's first lines: the title, the machine, Python's and ``modules``' versions (+ ``versions_note``),
+    where ``note`` is given a line of the OMP_WAIT_POLICY setting and ``note``, and where ``method`` is given a line
+    pointing to that part of the model card's "How the benchmarks measure". With ``torch_info`` the machine line also
+    gives torch's threads, the load average now (after the run; ``load``: before it) and the GPU."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     machine = (
         f"- Machine: {cpu_name()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, usable cores = {usable}"
@@ -129,6 +130,8 @@ def machine_header(title, quick, load, modules, note=None, versions_note="", tor
     ]
     if note is not None:
         lines.append(f"- OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {note}")
+    if method is not None:
+        lines.append(f'- Method: docs/README.md, "How the benchmarks measure" → {method}')
     return lines + [""]
 
 
@@ -169,17 +172,14 @@ def describe_unet(u):
     )
 
 
-def gpu_footnote(case, cpu_case, details):
-    """The footnote of GPU case ``case``: "as case ``cpu_case`` on <the GPU>, ``details``", or, where ``details`` is
-    None (no CUDA), that the case was skipped."""
+def gpu_footnote(case, details):
+    """The footnote of GPU case ``case``: the GPU's name and ``details``, or, where ``details`` is None (no CUDA),
+    that the case was skipped."""
     import torch
 
     if details is None:
-        return f"- Case {case} (GPU, fp16 autocast + GradScaler vs fp32) skipped: `torch.cuda.is_available()` is False."
-    return (
-        f"- Case {case}: as case {cpu_case} on {torch.cuda.get_device_name()} (`torch.cuda.synchronize` around each "
-        f"timed step), {details}"
-    )
+        return f"- Case {case} (GPU) skipped: `torch.cuda.is_available()` is False."
+    return f"- Case {case}, {torch.cuda.get_device_name()}: {details}"
 
 
 def cuda_settings():
