@@ -82,7 +82,7 @@ def pixel_sampler(unet, shape, num_inference_steps):
     from monai.inferers import DiffusionInferer
     from scripts.networks.schedulers import make_scheduler
 
-    scheduler = make_scheduler(RFLOW, None, num_inference_steps)
+    scheduler = make_scheduler(RFLOW, None, num_inference_steps, eta=0.0)  # Euler's steps, as the scaling rows
 
     def sample_grids(autoencoder, _unet, _scheduler, scale_factor, latent_shape, n, device, generator=None, *_, **__):
         noise = torch.randn((n, 1, *shape), generator=generator)

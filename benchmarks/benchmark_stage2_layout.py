@@ -90,7 +90,7 @@ def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum, figure=
     size = re.match(r"n(\d+)_", row).group(1)
     train_dir = Path(work) / f"data{size}" / "voxels_nifti" / "train"
     autoencoder, mu, sigma = _encoded(str(autoencoder_path), str(train_dir), n_spectrum)
-    scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS)
+    scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS, eta=0.0)  # the deterministic map it measures
     # the bundle's sampling, from noise drawn with seed 0; the Gaussian flow of the same noise
     samples = sample_grids(autoencoder, unet, scheduler, scale, shape, n, "cpu", torch.Generator().manual_seed(0))
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))

@@ -41,9 +41,11 @@ N_SCORED = 100  # samples per milestone, and test clouds
 MEMO_POINTS = 2048  # points per cloud in the memorisation check (as the set metrics)
 COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy (Carlini et al., 2023)
 QUICK = {"rows": "16:on", "milestones": "4,8", "n_test": 10, "n_val": 4}
+# how milestones are sampled unless --sampler says otherwise: the deterministic Euler steps the card's rows used
+SAMPLING = {"num_inference_steps": run_demo.DIFFUSION["num_inference_steps"], "eta": 0.0}
 
 
-def _simulate(path, n, seed, log):
+def simulate(path, n, seed, log):
     if not path.is_file():
         run_demo.run_step(
             [sys.executable, "scripts/simulate_smlm.py", "--output", path, "--n_clouds", n, "--seed", seed], log
@@ -81,10 +83,10 @@ def prepare_row(row, n_train, n_val, geometry, log):
         return dataset
     clouds = row / "clouds.h5"
     if n_train == 102:
-        _simulate(clouds, 128, 0, log)
+        simulate(clouds, 128, 0, log)
         ratio = 0.8
     else:
-        _simulate(row / "simulated.h5", n_train + n_val, n_train, log)
+        simulate(row / "simulated.h5", n_train + n_val, n_train, log)
         if not clouds.is_file():
             in_box(row / "simulated.h5", clouds, geometry["box_min_nm"], geometry["box_max_nm"])
         ratio = n_train / (n_train + n_val)
@@ -159,9 +161,11 @@ def memorisation(samples, train, test, rng, extent):
     return out
 
 
-def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with_reference_rows):
-    """Sample and evaluate the checkpoint ``ckpt_file``; return the evaluation's rows and the memorisation check."""
-    out = row / f"step{step}"
+def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with_reference_rows, sampler=None):
+    """Sample (``inference.json`` with :data:`SAMPLING` updated by ``sampler``) and evaluate the checkpoint
+    ``ckpt_file``; return the evaluation's rows and the memorisation check."""
+    sampling = {**SAMPLING, **(sampler or {})}
+    out = row / f"step{step}{sampling_label(sampler)}"
     result_file = out / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -180,7 +184,7 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
             "output_formats": "['nifti','csv','h5']",
             "batch_size": 10,
             "seed": 0,
-            "num_inference_steps": run_demo.DIFFUSION["num_inference_steps"],
+            **sampling,
             "overwrite": "true",
         },
         log,
@@ -235,10 +239,24 @@ def evaluate(out, dataset, model_dir, reference, log, with_reference_rows):
     return result
 
 
-def figure(row, steps, output):
+def sampling_label(sampler):
+    """The suffix of a milestone's folder sampled with other settings than :data:`SAMPLING` ('' for those)."""
+
+    def same(a, b):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+
+    changed = {k: v for k, v in (sampler or {}).items() if not same(SAMPLING.get(k), v)}
+    return "".join(f"_{k}-{_short(v)}" for k, v in sorted(changed.items()))
+
+
+def figure(row, steps, output, sampler=None):
     """One picture of a row: the test clouds' renders above the samples' at each of ``steps``, labelled with the
     step."""
-    strips([(f"{s} steps", row / f"step{s}" / "evaluation" / "renderings.png") for s in steps], Path(output))
+    folders = [(f"{s} steps", row / f"step{s}{sampling_label(sampler)}") for s in steps]
+    strips([(label, folder / "evaluation" / "renderings.png") for label, folder in folders], Path(output))
 
 
 def strips(renderings, output):
@@ -268,7 +286,7 @@ def _short(value):
     return Path(value).stem if "/" in value else value
 
 
-def _shape(row):
+def shape_cells(row):
     return f"{row['linearity']['mean']:.2f} / {row['planarity']['mean']:.2f}"
 
 
@@ -284,7 +302,7 @@ def table(results):
         m = r["memorisation"]
         lines.append(
             f"| {r['n_train']} | {r['augment']} | {r['steps']} | {r['val_loss']:.4f} | {r['minutes']:.0f} | "
-            f"{run_demo.summary_cells(r['rows']['samples'])} | {_shape(r['rows']['samples'])} | {m['copies']}/{m['n']} | "
+            f"{run_demo.summary_cells(r['rows']['samples'])} | {shape_cells(r['rows']['samples'])} | {m['copies']}/{m['n']} | "
             f"{m['sample_median'] * 1e3:.2f} / {m['test_median'] * 1e3:.2f} | "
             f"{m['sample_ratio']:.2f} / {m['test_ratio']:.2f} |"
         )
@@ -299,7 +317,7 @@ def reference_rows(results):
         return []
     lines = []
     for label, key in (("floor: training clouds", "train_vs_heldout"), ("mean-grid baseline", "mean_grid_baseline")):
-        cells = f"{run_demo.summary_cells(first['rows'][key])} | {_shape(first['rows'][key])}"
+        cells = f"{run_demo.summary_cells(first['rows'][key])} | {shape_cells(first['rows'][key])}"
         lines.append(f"| {label} | | | | | {cells} | | | |")
     test = first["rows"]["samples"]
     return lines + [
@@ -333,7 +351,17 @@ def main():
     parser.add_argument(
         "--set", action="append", default=[], metavar="ID=VALUE", help="a change to the recipe (train_diffusion.json)"
     )
+    parser.add_argument(
+        "--sampler",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help=f"a sampling setting of inference.json for the milestones' samples (default {SAMPLING})",
+    )
     args = parser.parse_args()
+    if any("=" not in s for s in args.sampler + args.set):
+        parser.error("--set and --sampler take ID=VALUE")
+    sampler = dict(s.split("=", 1) for s in args.sampler)
     if args.quick:
         args.rows, args.milestones = QUICK["rows"], QUICK["milestones"]
     if not args.work_dir:
@@ -346,7 +374,7 @@ def main():
     geometry = json.loads((models / "checkpoints.json").read_text())["model_autoencoder.pt"]["checkpoint"]
     geometry = geometry["dataset_info"]["geometry"]
     reference = work / "test_clouds.h5"
-    _simulate(reference, n_test, 1, log)  # the demo's test clouds
+    simulate(reference, n_test, 1, log)  # the demo's test clouds
     load = common.load_average()
     results = []
     for spec in args.rows.split(","):
@@ -374,7 +402,8 @@ def main():
                 minutes[str(step)] = {"minutes": previous + (time.perf_counter() - start) / 60, "val_loss": val_loss}
                 shutil.copyfile(row / "diffusion" / "latest_checkpoint.pt", kept)
                 timing_file.write_text(json.dumps(minutes, indent=1) + "\n")
-            result = score(row, dataset, models, kept, reference, step, n_test, log, step == milestones[0])
+            first = step == milestones[0]
+            result = score(row, dataset, models, kept, reference, step, n_test, log, first, sampler)
             results.append(
                 {
                     **result,
@@ -382,6 +411,7 @@ def main():
                     "augment": ", ".join(
                         ["on" if augment else "off", *(f"{k}={_short(v)}" for k, v in sorted(changes.items()))]
                         + ([f"seed {args.seed}"] if args.seed else [])
+                        + [f"sampled with {k}={v}" for k, v in sorted(sampler.items())]
                     ),
                     "steps": epochs * per_epoch,
                     **minutes[str(step)],
@@ -389,7 +419,7 @@ def main():
             )
             print("\n".join(table(results[-1:])[2:]), flush=True)
         if args.figure:
-            figure(row, milestones, Path(args.figure).with_suffix(f".{row.name}.png"))
+            figure(row, milestones, Path(args.figure).with_suffix(f".{row.name}{sampling_label(sampler)}.png"), sampler)
     intro = (
         f"The demo's stage-2 recipe on the autoencoder and fine stage of {models}; {n_test} samples per milestone "
         f"against {n_test} test clouds (the demo's, seed 1); minutes: this row's training so far."

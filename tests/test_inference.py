@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_cli, run_workflow, user_error
+from monai.networks.schedulers import RFlowScheduler
 from scripts.data.geometry import GridGeometry
 from scripts.data.nifti import load_nifti
 from scripts.data.pointclouds import read_point_clouds
 from scripts.networks.build import ExportableAutoencoder, build_unet
 from scripts.networks.checkpoints import load_checkpoint, save_checkpoint
+from scripts.networks.schedulers import StochasticRFlowScheduler, make_scheduler
+from scripts.runtime.errors import UserError
 
 SMALL = {"num_samples": 3, "batch_size": 2, "num_inference_steps": 4}
 
@@ -231,3 +234,67 @@ def test_each_sample_is_written_as_it_is_made_and_none_is_kept(model_dir, tmp_pa
         csv = read_point_clouds(out / "pointcloud" / f"sample_{i:04d}.csv")[0][0]
         assert len(csv) == 300
         np.testing.assert_allclose(cloud, csv, atol=2e-3)  # float32 in HDF5, 0.001 nm in CSV
+
+
+RFLOW = {"objective": "rflow", "num_train_timesteps": 1000}
+
+
+def _denoise(scheduler, velocity, x, below=None):
+    """The inferer's loop over ``scheduler``'s steps (only those from noise levels above ``below``, if given)."""
+    following = torch.cat((scheduler.timesteps[1:], torch.tensor([0])))
+    for t, next_t in zip(scheduler.timesteps, following):
+        if below is None or t / 1000 > below:
+            x, _ = scheduler.step(velocity(x, float(t) / 1000), t, x, next_t)
+    return x
+
+
+def _gaussian_velocity(spread):
+    """The exact rectified-flow velocity of data drawn from N(0, spread²): E[x_0 - n | x_t]."""
+
+    def velocity(x, t):
+        return ((1 - t) * spread**2 - t) / ((1 - t) ** 2 * spread**2 + t**2) * x
+
+    return velocity
+
+
+def test_stochastic_rflow_steps_renoise_late_steps_only_and_are_seeded():
+    velocity, start = _gaussian_velocity(0.5), torch.randn((4000, 3, 2, 2), generator=torch.Generator().manual_seed(0))
+
+    def run(eta, eta_below, seed, **kw):
+        scheduler = make_scheduler(RFLOW, None, 20, eta, eta_below, torch.Generator().manual_seed(seed))
+        return _denoise(scheduler, velocity, start.clone(), **kw)
+
+    # eta 0 is MONAI's Euler step (make_scheduler then builds MONAI's own)
+    assert type(make_scheduler(RFLOW, "RFlow", 20, 0.0)) is RFlowScheduler
+    stochastic = StochasticRFlowScheduler(1000, 0.0, 1.0, use_discrete_timesteps=True, sample_method="uniform")
+    stochastic.set_timesteps(20)
+    euler = _denoise(make_scheduler(RFLOW, None, 20, 0.0), velocity, start.clone())
+    torch.testing.assert_close(_denoise(stochastic, velocity, start.clone()), euler, atol=1e-5, rtol=1e-5)
+    # the steps above eta_below are deterministic; the late ones draw fresh noise, seeded by the generator
+    assert torch.equal(run(1.0, 0.5, 1, below=0.5), run(1.0, 0.5, 2, below=0.5))
+    assert torch.equal(run(1.0, 0.5, 1), run(1.0, 0.5, 1))
+    a, b = run(1.0, 0.5, 1), run(1.0, 0.5, 2)
+    assert not torch.allclose(a, b)
+    # with eta 1 the late steps forget the start noise's fine detail: two seeds' samples of one start noise correlate
+    # far less than Euler's path would allow (it gives one sample per start noise)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] < 0.9
+    # Euler's steps keep the data's spread (exact velocity: within 10 % at 20 steps); the late re-noising narrows it,
+    # as a lower sampling temperature does
+    assert abs(euler.std() - 0.5) < 0.05
+    assert a.std() < euler.std()
+
+
+def test_eta_is_for_rflow_sampling_only():
+    ddpm = {"objective": "ddpm", "num_train_timesteps": 1000, "schedule": "scaled_linear_beta"}
+    ddpm.update(beta_start=0.0015, beta_end=0.0195)
+    for eta, eta_below in ((0.5, None), (None, 0.5)):
+        with pytest.raises(UserError, match="only RFlow sampling draws fresh noise"):
+            make_scheduler(ddpm, None, 10, eta, eta_below)
+    assert make_scheduler(ddpm, None, 10).__class__.__name__ == "DDIMScheduler"
+
+
+def test_eta_out_of_range_is_refused_in_one_line(model_dir, tmp_path):
+    with pytest.raises(Exception) as info:
+        _sample(model_dir, tmp_path / "out", eta=1.5)
+    assert str(user_error(info.value)).startswith("eta: "), info.value
+    assert not (tmp_path / "out" / "nifti").exists()

@@ -33,6 +33,18 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     assert report.count("| 16 | on | ") == 2 and "floor: training clouds" in report
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and (row / "train.log").read_text() == train_log  # nothing trained again
+    # the kept milestones sampled again with other settings: their own folders and rows, nothing trained
+    other = subprocess.run(
+        command + ["--sampler", "eta=1", "--sampler", "eta_below=0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert other.returncode == 0, other.stdout[-2000:] + other.stderr[-2000:]
+    assert (row / "step4_eta-1_eta_below-0.5" / "result.json").is_file() and "sampled with eta=1" in other.stdout
+    assert (row / "train.log").read_text() == train_log
     layout = [sys.executable, "benchmarks/benchmark_stage2_layout.py", "--quick", "--work_dir", str(tmp_path)]
     layout += ["--figure", str(tmp_path / "flow.png"), "--figure_of", "n16_aug step4"]
     result = subprocess.run(layout, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -69,3 +81,26 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
         refused = subprocess.run(pixel + flags, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
         assert refused.returncode == 2 and named in refused.stderr.strip().splitlines()[-1], refused.stderr
         assert not (tmp_path / "x.png").exists()
+
+
+def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(tmp_path):
+    command = [sys.executable, "benchmarks/benchmark_sampler_noise.py", "--quick", "--work_dir", str(tmp_path)]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    euler, late = "eta=0,num_inference_steps=4", "eta=1,eta_below=0.5,num_inference_steps=4"
+    for setting in (euler, late):
+        assert f"| {setting} | " in result.stdout
+    samples = tmp_path / "eta-1_eta_below-0.5_num_inference_steps-4" / "samples" / "pointcloud" / "samples.h5"
+    clouds, _ = read_point_clouds(samples)
+    info = json.loads((tmp_path / "data102" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]
+    assert len(clouds) == 10 and all(
+        (c.min(0) >= np.array(info["box_min_nm"]) - 1e-3).all()
+        and (c.max(0) <= np.array(info["box_max_nm"]) + 1e-3).all()
+        for c in clouds
+    )
+    made = samples.stat().st_mtime_ns
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and f"| {late} | " in again.stdout and samples.stat().st_mtime_ns == made
+    refused = subprocess.run(command + ["--model_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--model_dir" in refused.stderr.strip().splitlines()[-1]

@@ -132,6 +132,8 @@ SETTINGS = {
     # sampling and evaluation
     "num_samples": _POSITIVE,
     "scheduler": choice(*SCHEDULERS, optional=True, ignore_case=True),
+    "eta": number(0, 1, optional=True),  # None: the sampler's default (schedulers.RFLOW_ETA for RFlow)
+    "eta_below": number(0, 1, optional=True),
     "objective": choice(*OBJECTIVES),
     "timestep_sampling": choice(*TIMESTEP_SAMPLINGS),
     "latent_draw": choice(*LATENT_DRAWS),

@@ -16,7 +16,7 @@ from scripts.evaluation.rendering import render_points
 from scripts.networks.build import downsampling
 from scripts.networks.fine_stage import POINT_BYTES, check_point_memory, check_spacing, refine_grid, refine_slab
 from scripts.networks.precision import autocast_dtype
-from scripts.networks.schedulers import make_scheduler, sample_grids
+from scripts.networks.schedulers import StochasticRFlowScheduler, make_scheduler, sample_grids
 from scripts.networks.trained import REFINER_HINT
 from scripts.runtime.atomic_write import atomic_path
 from scripts.runtime.errors import UserError, interrupted
@@ -34,7 +34,7 @@ SAMPLE_FILES = ("nifti/sample_*.nii.gz", "pointcloud/sample_*.csv", "pointcloud/
 
 
 GROUPS = {  # the Sampler's settings by group, with their defaults
-    "denoising": {"scheduler": None, "num_inference_steps": 50},
+    "denoising": {"scheduler": None, "num_inference_steps": 50, "eta": None, "eta_below": None},
     "export": {
         "method": "probabilistic",
         "threshold": 0.1,
@@ -67,7 +67,9 @@ class Sampler:
             them: the folder never mixes two runs); otherwise such a folder is refused.
         denoising: ``scheduler``: 'RFlow' (rectified-flow checkpoints), 'DDPM' or 'DDIM' (ddpm ones), ``None``:
             RFlow or DDIM, as the checkpoint was trained; ``num_inference_steps``: its steps (``None``: all training
-            timesteps).
+            timesteps); ``eta``, ``eta_below``: RFlow's fresh noise per step and the noise level below which it is
+            drawn (:class:`scripts.networks.schedulers.StochasticRFlowScheduler`; ``None``: the defaults of
+            :data:`scripts.networks.schedulers.RFLOW_ETA`; ``eta`` 0: Euler's deterministic steps).
         export: how grids become files. ``method``, ``threshold``, ``num_points``: 'refine' (the fine stage places
             points at localization precision) or a voxel export of :func:`scripts.data.voxelize.grid_to_points`;
             both draw voxels above ``threshold``; ``num_points`` ``None`` takes the training data's points per unit
@@ -99,7 +101,9 @@ class Sampler:
         field=None,
     ):
         settings = grouped(GROUPS, denoising=denoising, export=export, fine_stage=fine_stage, field=field)
-        scheduler, num_inference_steps = (settings["denoising"][k] for k in ("scheduler", "num_inference_steps"))
+        scheduler, num_inference_steps, eta, eta_below = (
+            settings["denoising"][k] for k in ("scheduler", "num_inference_steps", "eta", "eta_below")
+        )
         export = settings["export"]
         method, threshold, num_points = export["method"], export["threshold"], export["num_points"]
         output_formats, preview, pixel_nm = export["output_formats"], export["preview"], export["pixel_nm"]
@@ -128,7 +132,7 @@ class Sampler:
         if num_points is None and self.points_per_mass is None and method in ("probabilistic", "weighted"):
             raise UserError("num_points: the checkpoints hold no points-per-mass of the training data; set num_points")
         steps = num_inference_steps or ckpt["scheduler"]["num_train_timesteps"]
-        self.scheduler = make_scheduler(ckpt["scheduler"], scheduler, steps)
+        self.scheduler = make_scheduler(ckpt["scheduler"], scheduler, steps, eta, eta_below)
         self.autoencoder, self.unet, self.scale_factor = autoencoder, unet, ckpt["scale_factor"]
         self.latent_shape = tuple(ckpt["latent_shape"])
         self.tile_overlap, self.sw_batch_size = tile_overlap, sw_batch_size
@@ -144,7 +148,10 @@ class Sampler:
         self._check_memory(ckpt, refiner)
         self._check_disk(ckpt)
         points = f"the fine stage, {self.flow_steps} flow steps" if refiner is not None else f"{method} in voxels"
-        logger.info(f"sampling with {type(self.scheduler).__name__}, {steps} steps; points placed by {points}")
+        noise = ""
+        if isinstance(self.scheduler, StochasticRFlowScheduler):
+            noise = f" (eta {self.scheduler.eta:g} below noise level {self.scheduler.eta_below:g})"
+        logger.info(f"sampling with {type(self.scheduler).__name__}{noise}, {steps} steps; points placed by {points}")
         if self.tiled:
             logger.info(
                 f"field {self.geometry.describe()}: grid {list(self.geometry.shape)}, latent {list(self.field_latent)} "
@@ -261,6 +268,8 @@ class Sampler:
         """Sample batch by batch, writing each sample's files as it is made: nothing is kept of a sample but the
         preview's pictures of the first :data:`MAX_PREVIEW_ROWS`."""
         torch.manual_seed(self.seed)  # DDPM steps draw from the global generator
+        if isinstance(self.scheduler, StochasticRFlowScheduler):  # its fresh noise from a generator of its own
+            self.scheduler.generator = torch.Generator().manual_seed(self.seed + 1)
         generator = torch.Generator().manual_seed(self.seed)
         rows = []
         h5 = PointCloudsH5Writer(folder / "pointcloud" / "samples.h5") if "h5" in self.formats else nullcontext()

@@ -245,8 +245,8 @@ class SampleImageHandler:
     objective) and logs their projections to TensorBoard beside real validation volumes; also logs the scale factor
     once at the start.
 
-    Both samplers are deterministic and the start noise comes from a private seeded generator, so monitoring
-    neither changes the training's random stream nor varies between epochs except through the weights.
+    The start noise, and the fresh noise of stochastic RFlow steps, come from private seeded generators, so
+    monitoring neither changes the training's random stream nor varies between epochs except through the weights.
     """
 
     def __init__(
@@ -288,7 +288,8 @@ class SampleImageHandler:
         epoch = engine.state.epoch
         if epoch % self.interval:
             return
-        scheduler = make_scheduler(self.scheduler_settings, None, self.steps)
+        generator = torch.Generator().manual_seed(self.seed + 1)  # stochastic RFlow steps' noise, as the sampler's
+        scheduler = make_scheduler(self.scheduler_settings, None, self.steps, generator=generator)
         was_training = self.unet.training
         self.unet.eval()
         grids = sample_grids(

@@ -1,0 +1,132 @@
+"""Sampling with fresh noise in the late steps (``eta``, ``eta_below``) beside Euler's deterministic steps.
+
+One trained model (default: the shipped ``models/``), sampled through ``configs/inference.json`` and its fine stage
+with each setting of ``--settings`` (the first is the reference), 100 samples each against the demo's 100 test clouds
+(seed 1), scored by ``configs/evaluate.json`` as the scaling rows are (``benchmark_stage2_scaling.evaluate``: every
+statistic of the model card, the realism test, the copy check against the demo's training clouds)::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_sampler_noise.py --work_dir ~/runs/sampler_noise
+
+A setting already scored in ``--work_dir`` is read back. ``--quick``: 10 samples of 4 steps per setting.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root: benchmarks.common and scripts
+
+from benchmarks import benchmark_stage2_scaling as scaling  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT  # noqa: E402
+
+# isort: split
+from scripts import run_demo  # noqa: E402
+
+SETTINGS = (
+    "eta=0,num_inference_steps=20",  # the reference: Euler's steps, as the demo sampled before
+    "eta=0,num_inference_steps=50",
+    "eta=1,eta_below=0.5,num_inference_steps=20",
+    "eta=1,eta_below=0.5,num_inference_steps=50",
+    "eta=1,eta_below=0.3,num_inference_steps=50",
+    "eta=1,eta_below=0.7,num_inference_steps=50",
+    "eta=1,eta_below=1,num_inference_steps=50",
+)
+QUICK = {"settings": ("eta=0,num_inference_steps=4", "eta=1,eta_below=0.5,num_inference_steps=4"), "n": 10}
+
+
+def parse(setting):
+    """``"eta=1,eta_below=0.5"`` → ``{"eta": "1", "eta_below": "0.5"}``."""
+    pairs = [item.split("=", 1) for item in setting.split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(setting)
+    return dict(pairs)
+
+
+def folder(work, setting):
+    return work / setting.replace("=", "-").replace(",", "_")
+
+
+def sample_and_score(work, setting, models, dataset, reference, n, log, with_reference_rows):
+    """Sample ``n`` clouds from ``models`` with ``setting`` and score them; read back when done before."""
+    out = folder(work, setting)
+    result_file = out / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    run_demo.bundle_step(
+        "inference.json",
+        {
+            "model_dir": models,
+            "output_dir": out / "samples",
+            "num_samples": n,
+            "output_formats": "['nifti','csv','h5']",
+            "batch_size": 10,
+            "seed": 0,
+            **parse(setting),
+            "overwrite": "true",
+        },
+        log,
+    )
+    result = scaling.evaluate(out, dataset, models, reference, log, with_reference_rows)
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def table(results):
+    head = ["sampling (inference.json)", *(name for name, *_ in run_demo.SUMMARY), "linearity / planarity mean"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(run_demo.SUMMARY) + "---|"]
+    for setting, r in results:
+        samples = r["rows"]["samples"]
+        lines.append(f"| {setting} | {run_demo.summary_cells(samples)} | {scaling.shape_cells(samples)} |")
+    for label, key in (("floor: training clouds", "train_vs_heldout"), ("mean-grid baseline", "mean_grid_baseline")):
+        rows = results[0][1]["rows"]
+        lines.append(f"| {label} | {run_demo.summary_cells(rows[key])} | {scaling.shape_cells(rows[key])} |")
+    return lines
+
+
+def main():
+    parser = common.arg_parser(__doc__, "10 samples of 4 steps per setting: a smoke check")
+    parser.add_argument("--work_dir", required=True, help="where the samples and scores go (kept)")
+    parser.add_argument("--model_dir", default=str(ROOT / "models"), help="the trained model (default: shipped)")
+    parser.add_argument("--settings", nargs="+", default=SETTINGS, help="comma-separated ID=VALUE of inference.json")
+    parser.add_argument(
+        "--figure", default=None, help="a PNG: the test clouds' renders above each setting's samples (--figure_of)"
+    )
+    parser.add_argument("--figure_of", nargs="+", default=None, help="the settings drawn in --figure (default: all)")
+    args = parser.parse_args()
+    settings, n = (QUICK["settings"], QUICK["n"]) if args.quick else (args.settings, scaling.N_SCORED)
+    for setting in settings:
+        try:
+            parse(setting)
+        except ValueError:
+            parser.error(f"--settings {setting!r}: give ID=VALUE pairs separated by commas")
+    models = Path(args.model_dir).resolve()
+    if not (models / "checkpoints.json").is_file() and not (models / "diffusion").is_dir():
+        parser.error(f"--model_dir {models}: holds no trained model (checkpoints.json, or diffusion/)")
+    work = Path(args.work_dir).expanduser().resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log, load = work / "commands.log", common.load_average()
+    (work / "data102").mkdir(exist_ok=True)
+    dataset = scaling.prepare_row(work / "data102", 102, 0, None, log)  # the demo's clouds and split
+    reference = work / "test_clouds.h5"
+    scaling.simulate(reference, n, 1, log)  # the demo's test clouds
+    results = []
+    for i, setting in enumerate(settings):
+        results.append((setting, sample_and_score(work, setting, models, dataset, reference, n, log, i == 0)))
+        print("\n".join(table(results)[-3:-2]), flush=True)
+    import monai
+    import numpy as np
+    import torch
+
+    lines = common.machine_header("Sampling noise", args.quick, load, (torch, monai, np), torch_info=True)
+    lines += [f"{n} samples per setting from {models} against {n} test clouds (the demo's, seed 1).", ""]
+    report = "\n".join(lines + table(results))
+    (work / "report.md").write_text(report + "\n")
+    print(report)
+    if args.figure:
+        drawn = args.figure_of or settings
+        scaling.strips([(s, folder(work, s) / "evaluation" / "renderings.png") for s in drawn], Path(args.figure))
+
+
+if __name__ == "__main__":
+    main()
