@@ -103,9 +103,7 @@ def main():
                     "num_samples": 100,
                     "batch_size": 10,
                     "seed": args.seed,
-                    "num_inference_steps": (
-                        50 if settings["objective"] == "ddpm" else run_demo.DIFFUSION["num_inference_steps"]
-                    ),
+                    **({"num_inference_steps": 50} if settings["objective"] == "ddpm" else common.EULER_SAMPLING),
                 },
             )
             run_demo.bundle_step(

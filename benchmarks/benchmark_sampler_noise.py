@@ -43,6 +43,17 @@ def parse(setting):
     return dict(pairs)
 
 
+def label(setting):
+    """A setting as the figure names it: ``Euler, 20 steps`` or ``eta 1 below 0.5, 50 steps``."""
+    from scripts.networks.schedulers import RFLOW_ETA
+
+    values = {**{k: str(v) for k, v in RFLOW_ETA.items()}, **parse(setting)}
+    steps = f"{values.get('num_inference_steps', 'the default')} steps"
+    if float(values["eta"]) == 0:
+        return f"Euler, {steps}"
+    return f"eta {values['eta']} below {values['eta_below']}, {steps}"
+
+
 def folder(work, setting):
     return work / setting.replace("=", "-").replace(",", "_")
 
@@ -125,7 +136,8 @@ def main():
     print(report)
     if args.figure:
         drawn = args.figure_of or settings
-        scaling.strips([(s, folder(work, s) / "evaluation" / "renderings.png") for s in drawn], Path(args.figure))
+        strips = [(label(s), folder(work, s) / "evaluation" / "renderings.png") for s in drawn]
+        scaling.strips(strips, Path(args.figure))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,7 @@ N_SCORED = 100  # samples per milestone, and test clouds
 MEMO_POINTS = 2048  # points per cloud in the memorisation check (as the set metrics)
 COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy (Carlini et al., 2023)
 QUICK = {"rows": "16:on", "milestones": "4,8", "n_test": 10, "n_val": 4}
-# how milestones are sampled unless --sampler says otherwise: the deterministic Euler steps the card's rows used
-SAMPLING = {"num_inference_steps": run_demo.DIFFUSION["num_inference_steps"], "eta": 0.0}
+SAMPLING = common.EULER_SAMPLING  # how milestones are sampled unless --sampler says otherwise
 
 
 def simulate(path, n, seed, log):

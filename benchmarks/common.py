@@ -48,6 +48,8 @@ BATCH = 2  # the training benchmarks' batch size
 RECON_KEYS = ("l1_weight", "mse_weight", "fg_l1_weight", "fg_weight", "fg_threshold", "dice_weight")  # stage 1's loss
 TRAINING = {"voxel": 32, "n_clouds": 15, "train_ratio": 0.8, "points": 10_000, "iterations": 12}
 TRAINING_QUICK = {"voxel": 16, "n_clouds": 8, "train_ratio": 0.75, "points": 3_000, "iterations": 3}
+# the RFlow sampling the card's stage-2 tables (recipes, scaling rows) were measured with: 20 deterministic Euler steps
+EULER_SAMPLING = {"num_inference_steps": 20, "eta": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
