@@ -269,7 +269,7 @@ def seam_rows(cfg):
         (0.5, "denoised together, overlap 0.5 (ours: the default)"),
     )
     for overlap, label in cases:
-        scheduler = make_scheduler(ckpt["scheduler"], None, cfg["seam_steps"])
+        scheduler = make_scheduler(ckpt["scheduler"], None, cfg["seam_steps"], eta=common.EULER_SAMPLING["eta"])
         latent = denoise_tiled(unet, scheduler, noise, tile, overlap, 16)
         grids = decode_tiled(autoencoder, latent, ckpt["scale_factor"], decoding_window(tile), tile_batch=8).clamp_(
             0, 1

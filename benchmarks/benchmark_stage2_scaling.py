@@ -339,7 +339,7 @@ def write_report(work, title, quick, load, intro, results):
     print(report)
 
 
-def main():
+def _parser():
     parser = common.arg_parser(__doc__, "one tiny row, two milestones of a few steps: a smoke check", tmpdir=None)
     parser.add_argument("--work_dir", default=None, help="where rows, checkpoints and scores go (kept; required)")
     parser.add_argument("--rows", default="102:off,102:on,1000:off,1000:on,5000:off,5000:on", help="N:on|off,...")
@@ -357,6 +357,11 @@ def main():
         metavar="ID=VALUE",
         help=f"a sampling setting of inference.json for the milestones' samples (default {SAMPLING})",
     )
+    return parser
+
+
+def main():
+    parser = _parser()
     args = parser.parse_args()
     if any("=" not in s for s in args.sampler + args.set):
         parser.error("--set and --sampler take ID=VALUE")
@@ -410,7 +415,11 @@ def main():
                     "augment": ", ".join(
                         ["on" if augment else "off", *(f"{k}={_short(v)}" for k, v in sorted(changes.items()))]
                         + ([f"seed {args.seed}"] if args.seed else [])
-                        + [f"sampled with {k}={v}" for k, v in sorted(sampler.items())]
+                        + (
+                            [f"sampled with {' '.join(f'{k}={v}' for k, v in sorted(sampler.items()))}"]
+                            if sampler
+                            else []
+                        )
                     ),
                     "steps": epochs * per_epoch,
                     **minutes[str(step)],
