@@ -235,14 +235,9 @@ def decoding_rows(cfg):
 
 
 def seam_rows(cfg):
+    """Sections 2 and 3: seams between tiles, sliding-window decoding, and the sampled fields' fidelity."""
     import torch
-    from benchmarks.seams import seam_contrast, seam_jump, tile_edges
     from scripts.data.geometry import GridGeometry
-    from scripts.data.voxelize import normalize_, point_count, voxelize
-    from scripts.networks.fine_stage import refine_grid, refine_slab
-    from scripts.networks.schedulers import make_scheduler
-    from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled
-    from scripts.simulate_smlm import simulate_microtubules
 
     autoencoder_ckpt, ckpt, refiner_ckpt, autoencoder, unet, refiner = shipped()
     tile = tuple(ckpt["latent_shape"][1:])
@@ -254,6 +249,19 @@ def seam_rows(cfg):
     noise = torch.randn(
         (cfg["seam_samples"], 3, latent_xy, latent_xy, tile[2]), generator=torch.Generator().manual_seed(0)
     )
+    lines, fields = _seam_table(cfg, ckpt, unet, autoencoder, noise, tile, size_nm, grid_shape, latent_xy)
+    simulated = _simulated_field(training, size_nm)
+    lines += _window_rows(autoencoder, simulated, geometry, tile, size_nm)
+    lines += _fidelity_rows(ckpt, refiner, refiner_ckpt, fields[0.5], geometry, simulated)
+    return lines + [""]
+
+
+def _seam_table(cfg, ckpt, unet, autoencoder, noise, tile, size_nm, grid_shape, latent_xy):
+    """The seams' table for tiles denoised apart and together; the decoded fields by overlap."""
+    from benchmarks.seams import seam_contrast, seam_jump, tile_edges
+    from scripts.networks.schedulers import make_scheduler
+    from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled
+
     lines = [
         f"## 2. Seams: {cfg['seam_samples']} fields of {size_nm[0] / 1000:g} × {size_nm[1] / 1000:g} × "
         f"{size_nm[2] / 1000:.1f} µm (grid {' × '.join(map(str, grid_shape))}, latent tiles "
@@ -288,9 +296,15 @@ def seam_rows(cfg):
         fields[overlap] = grids[:, 0, : grid_shape[0], : grid_shape[1], : grid_shape[2]].numpy()
         print(lines[-1], file=sys.stderr, flush=True)
 
-    # (b) a simulated field reconstructed by sliding window against the whole grid
+    return lines, fields
+
+
+def _simulated_field(training, size_nm):
+    """One simulated field of ``size_nm``, with filaments and points in proportion to its area."""
+    from scripts.simulate_smlm import simulate_microtubules
+
     area = size_nm[0] * size_nm[1] / 25e6  # in demo crops (5 × 5 µm)
-    simulated = simulate_microtubules(
+    return simulate_microtubules(
         1,
         seed=7,
         box_min_nm=training.box_min_nm,
@@ -298,6 +312,16 @@ def seam_rows(cfg):
         filaments_per_cloud=(int(3 * area), int(6 * area)),
         mean_points=int(10000 * area),
     )[0]
+
+
+def _window_rows(autoencoder, simulated, geometry, tile, size_nm):
+    """The simulated field's reconstruction by sliding window against the whole grid's."""
+    import torch
+    from benchmarks.seams import seam_jump, tile_edges
+    from scripts.data.voxelize import normalize_, voxelize
+    from scripts.sampling.large_fields import decode_tiled, decoding_window
+
+    lines = []
     real, _ = voxelize(simulated, geometry, "gaussian", 1.0, "trilinear")
     normalize_(real, "max")
     with torch.no_grad():
@@ -314,21 +338,26 @@ def seam_rows(cfg):
             f"{difference.max():.3f}, mean {difference.mean():.4f}; change across window edges relative to the whole "
             f"grid's there x / y {paired[0]:.3f} / {paired[1]:.3f}"
         )
-    lines.append("")
+    return lines + [""]
 
-    # 3. fidelity at scale: the fields' points against a simulated field
+
+def _fidelity_rows(ckpt, refiner, refiner_ckpt, fields, geometry, simulated):
+    """The sampled fields' points (fine stage) against the simulated field: density, NN distances and z, by region."""
+    import torch
+    from scripts.data.voxelize import point_count
     from scripts.evaluation.metrics import compare_distributions, nn_distances_nm
+    from scripts.networks.fine_stage import refine_grid, refine_slab
 
     points_per_mass = ckpt["dataset_info"]["points_per_mass"]["mean"]
     clouds = []
-    for i, grid in enumerate(fields[0.5]):
+    for i, grid in enumerate(fields):
         n = point_count(grid, geometry, None, points_per_mass)
         generator = torch.Generator().manual_seed(i)
         slab = refine_slab(grid.shape, refiner)
         clouds.append(
             refine_grid(refiner, grid, geometry, n, 0.0, refiner_ckpt["sampling"]["flow_steps"], generator, 4, slab)
         )
-    lines += [
+    lines = [
         "## 3. Fidelity at scale: the sampled fields' points (fine stage) against a simulated field",
         "",
         "| region | points per µm² | NN distance mean (nm) | NN W1 to the simulated field (nm) | z W1 (nm) |",
@@ -361,7 +390,7 @@ def seam_rows(cfg):
     lines.append(
         f"| simulated field (reference) | {len(simulated) / field_um2:.0f} | {reference_nn.mean():.1f} | 0 | 0 |"
     )
-    return lines + [""]
+    return lines
 
 
 def target_and_scaling_rows(cfg, work):
