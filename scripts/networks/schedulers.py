@@ -3,7 +3,8 @@
 Two training objectives, recorded in the stage-2 checkpoint's ``scheduler`` settings as ``objective``:
 
 - ``rflow`` (the default, as MONAI's MAISI bundle): the UNet predicts the velocity ``latent - noise`` along the
-  straight path between them; sampling integrates it in a few Euler steps (``RFlowScheduler``);
+  straight path between them; sampling integrates it in Euler steps (``RFlowScheduler``), by default drawing fresh
+  noise in the late ones (:class:`StochasticRFlowScheduler`);
 - ``ddpm`` (MONAI's 3D LDM tutorial, and checkpoints without ``objective``): the UNet predicts the noise; sampling
   with DDPM (all steps) or DDIM (few).
 """
