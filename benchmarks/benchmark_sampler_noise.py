@@ -54,13 +54,14 @@ def label(setting):
     return f"eta {values['eta']} below {values['eta_below']}, {steps}"
 
 
-def folder(work, setting):
-    return work / setting.replace("=", "-").replace(",", "_")
+def folder(work, setting, seed=0):
+    """Where ``setting``'s samples and scores go (sampling seeds other than 0 in folders of their own)."""
+    return work / (setting.replace("=", "-").replace(",", "_") + (f"_seed{seed}" if seed else ""))
 
 
-def sample_and_score(work, setting, models, dataset, reference, n, log, with_reference_rows):
+def sample_and_score(work, setting, models, dataset, reference, n, log, with_reference_rows, seed=0):
     """Sample ``n`` clouds from ``models`` with ``setting`` and score them; read back when done before."""
-    out = folder(work, setting)
+    out = folder(work, setting, seed)
     result_file = out / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -72,7 +73,7 @@ def sample_and_score(work, setting, models, dataset, reference, n, log, with_ref
             "num_samples": n,
             "output_formats": "['nifti','csv','h5']",
             "batch_size": 10,
-            "seed": 0,
+            "seed": seed,
             **parse(setting),
             "overwrite": "true",
         },
@@ -103,6 +104,7 @@ def main():
     parser.add_argument(
         "--figure", default=None, help="a PNG: the test clouds' renders above each setting's samples (--figure_of)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed (the same for every setting)")
     parser.add_argument("--figure_of", nargs="+", default=None, help="the settings drawn in --figure (default: all)")
     args = parser.parse_args()
     settings, n = (QUICK["settings"], QUICK["n"]) if args.quick else (args.settings, scaling.N_SCORED)
@@ -123,20 +125,25 @@ def main():
     scaling.simulate(reference, n, 1, log)  # the demo's test clouds
     results = []
     for i, setting in enumerate(settings):
-        results.append((setting, sample_and_score(work, setting, models, dataset, reference, n, log, i == 0)))
+        results.append(
+            (setting, sample_and_score(work, setting, models, dataset, reference, n, log, i == 0, args.seed))
+        )
         print("\n".join(table(results)[-3:-2]), flush=True)
     import monai
     import numpy as np
     import torch
 
     lines = common.machine_header("Sampling noise", args.quick, load, (torch, monai, np), torch_info=True)
-    lines += [f"{n} samples per setting from {models} against {n} test clouds (the demo's, seed 1).", ""]
+    lines += [
+        f"{n} samples per setting (sampling seed {args.seed}) from {models} against {n} test clouds (the demo's, seed 1).",
+        "",
+    ]
     report = "\n".join(lines + table(results))
     (work / "report.md").write_text(report + "\n")
     print(report)
     if args.figure:
         drawn = args.figure_of or settings
-        strips = [(label(s), folder(work, s) / "evaluation" / "renderings.png") for s in drawn]
+        strips = [(label(s), folder(work, s, args.seed) / "evaluation" / "renderings.png") for s in drawn]
         scaling.strips(strips, Path(args.figure))
 
 
