@@ -35,9 +35,8 @@ SAMPLERS = {
     "rflow": [("RFlow", s) for s in (5, 10, 30)],
 }
 REPEATED = {("DDIM", 50), ("RFlow", 10)}  # sampled with every seed: the spread
-EULER = {
-    "RFlow": {"eta": common.EULER_SAMPLING["eta"]}
-}  # RFlow's deterministic steps, as the card's table was measured
+# RFlow's deterministic steps, as the card's table was measured
+EULER = {"RFlow": {"eta": common.EULER_SAMPLING["eta"]}}
 # the demo's table, with the foreground fraction as its gap to the test clouds' (what "equal quality" compares)
 METRICS = [(name, key, field, scale) for name, key, field, scale, _ in run_demo.SUMMARY if key != "foreground_fraction"]
 METRICS.append(("foreground gap (pp)", "foreground_fraction", "gap", 100))

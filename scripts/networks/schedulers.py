@@ -54,6 +54,12 @@ class StochasticRFlowScheduler(RFlowScheduler):
         return (1 - t_next) * original + t_next * noise, original
 
 
+def step_noise(seed):
+    """The generator of a stochastic RFlow sampler's fresh noise for sampling seed ``seed``: a stream apart from the
+    start noise's (seeded ``seed``), so the sampler and the training monitor draw the same noise for one seed."""
+    return torch.Generator().manual_seed(seed + 1)
+
+
 def make_scheduler(settings, kind=None, num_inference_steps=None, eta=None, eta_below=None, generator=None):
     """A scheduler of ``kind`` ('RFlow' for the rflow objective; 'DDPM' or 'DDIM' for ddpm; ``None``: the first of
     these) with the training settings ``settings`` (``objective``, ``num_train_timesteps``, and for ddpm

@@ -16,7 +16,7 @@ from scripts.evaluation.rendering import render_points
 from scripts.networks.build import downsampling
 from scripts.networks.fine_stage import POINT_BYTES, check_point_memory, check_spacing, refine_grid, refine_slab
 from scripts.networks.precision import autocast_dtype
-from scripts.networks.schedulers import StochasticRFlowScheduler, make_scheduler, sample_grids
+from scripts.networks.schedulers import StochasticRFlowScheduler, make_scheduler, sample_grids, step_noise
 from scripts.networks.trained import REFINER_HINT
 from scripts.runtime.atomic_write import atomic_path
 from scripts.runtime.errors import UserError, interrupted
@@ -269,7 +269,7 @@ class Sampler:
         preview's pictures of the first :data:`MAX_PREVIEW_ROWS`."""
         torch.manual_seed(self.seed)  # DDPM steps draw from the global generator
         if isinstance(self.scheduler, StochasticRFlowScheduler):  # its fresh noise from a generator of its own
-            self.scheduler.generator = torch.Generator().manual_seed(self.seed + 1)
+            self.scheduler.generator = step_noise(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         rows = []
         h5 = PointCloudsH5Writer(folder / "pointcloud" / "samples.h5") if "h5" in self.formats else nullcontext()

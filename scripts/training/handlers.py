@@ -283,13 +283,12 @@ class SampleImageHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine):
-        from scripts.networks.schedulers import make_scheduler, sample_grids
+        from scripts.networks.schedulers import make_scheduler, sample_grids, step_noise
 
         epoch = engine.state.epoch
         if epoch % self.interval:
             return
-        generator = torch.Generator().manual_seed(self.seed + 1)  # stochastic RFlow steps' noise, as the sampler's
-        scheduler = make_scheduler(self.scheduler_settings, None, self.steps, generator=generator)
+        scheduler = make_scheduler(self.scheduler_settings, None, self.steps, generator=step_noise(self.seed))
         was_training = self.unet.training
         self.unet.eval()
         grids = sample_grids(
