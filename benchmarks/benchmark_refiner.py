@@ -42,10 +42,11 @@ import monai  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import wasserstein_distance  # noqa: E402
-from scripts.convert_h5_to_nifti import convert, cut_tiles  # noqa: E402
+from scripts.convert_h5_to_nifti import convert  # noqa: E402
 from scripts.data.geometry import GridGeometry  # noqa: E402
 from scripts.data.nifti import load_nifti  # noqa: E402
 from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.data.tiles import cut_tiles  # noqa: E402
 from scripts.data.voxelize import grid_to_points, normalize_, voxelize  # noqa: E402
 from scripts.evaluation.metrics import local_shape, nn_distances_nm  # noqa: E402
 from scripts.networks.fine_stage import Refiner, offset_scale, refine_grid  # noqa: E402

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from scripts.data.geometry import GridGeometry, as_shape, as_triple  # noqa: E402
 from scripts.data.nifti import save_nifti  # noqa: E402
 from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5  # noqa: E402
+from scripts.data.tiles import check_tile_size, cut_tiles, suggest_tiles  # noqa: E402
 from scripts.data.voxelize import dataset_percentile, grid_mass_um3, normalize_, sigma_in_voxels, voxelize  # noqa: E402
 from scripts.runtime.command_line import main  # noqa: E402
 from scripts.runtime.errors import UserError  # noqa: E402
@@ -43,40 +44,6 @@ OUTPUT_PATTERNS = (
 )
 NO_Z_HINT = "this bundle makes 3D grids. Pass --allow_2d true to convert them with z = 0 in a 1-nm-deep box"
 PERCENTILE_SAMPLES = 100_000  # non-zero voxel values drawn per grid to estimate a dataset-wide percentile
-# tiles covering this fraction of a cloud's lateral extent or more hold mostly the same points: refused when the
-# tiles are split into training and validation (suggest_tiles picks a quarter of the extent or less)
-TILE_COVERAGE_LIMIT = 0.5
-
-
-def cut_tiles(clouds, n_tiles, tile_size_nm, seed=0, min_points=10):
-    """Cut ``n_tiles`` random boxes of ``tile_size_nm`` (x, y, z) out of the clouds, each rotated by a random
-    angle about z and re-origined so the tile spans ``[0, tile_size_nm]``. Returns the tiles and the source
-    cloud index of each."""
-    size = as_triple(tile_size_nm, "tile_size")
-    if np.any(size <= 0):
-        raise UserError(f"tile_size: must be positive, got {tile_size_nm!r}")
-    rng = np.random.default_rng(seed)
-    tiles, sources = [], []
-    for _ in range(n_tiles):
-        for _attempt in range(100):
-            src = int(rng.integers(len(clouds)))
-            pts = clouds[src]
-            lo, hi = pts.min(axis=0), pts.max(axis=0)
-            centre = rng.uniform(lo, hi)
-            centre[2] = (lo[2] + hi[2]) / 2
-            angle = rng.uniform(0, 2 * np.pi)
-            c, s = np.cos(angle), np.sin(angle)
-            rel = pts - centre
-            local = np.column_stack([c * rel[:, 0] + s * rel[:, 1], -s * rel[:, 0] + c * rel[:, 1], rel[:, 2]])
-            local += size / 2
-            keep = np.all((local >= 0) & (local <= size), axis=1)
-            if keep.sum() >= min_points:
-                tiles.append(local[keep])
-                sources.append(src)
-                break
-        else:
-            raise UserError(f"tile_size: no box of {list(size)} nm holds {min_points} points after 100 tries")
-    return tiles, sources
 
 
 def _grid(cloud, geometry, method, sigma_voxels, splat):
@@ -112,17 +79,6 @@ def _map(func, jobs, num_workers, desc):
         with multiprocessing.get_context("fork").Pool(num_workers, initializer=_worker_signals) as pool:
             return list(progress(pool.imap(func, jobs), desc, "cloud", total=len(jobs)))
     return [func(job) for job in progress(jobs, desc, "cloud")]
-
-
-def suggest_tiles(clouds):
-    """A tile size that fits the data (half the smaller lateral extent, the whole axial range, rounded up to
-    100 nm) and a tile count for one large acquisition: ``(n_tiles, [x, y, z] nm)``."""
-    pts = np.concatenate(clouds)
-    lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
-    extent = hi - lo
-    lateral = max(100.0, np.ceil(min(extent[0], extent[1]) / 2 / 100) * 100)
-    axial = max(100.0, np.ceil(extent[2] / 100) * 100 + 100)
-    return 64, [float(lateral), float(lateral), float(axial)]
 
 
 def _outliers(points, geometry):
@@ -197,28 +153,11 @@ def _read_clouds(source, data_key, unit, pixel_size, zero_is_padding, strict, al
     return clouds, meta
 
 
-def _check_tile_size(source, clouds, tile_size):
-    """Refuse tiles that cover half or more of the largest cloud's lateral extent: every tile would then hold most of
-    the same points, in training and in validation alike."""
-    size = as_triple(tile_size, "tile_size")
-    largest = max(clouds, key=lambda c: float(np.prod(np.ptp(c[:, :2], axis=0))))
-    extent = np.percentile(largest, 99.5, axis=0) - np.percentile(largest, 0.5, axis=0)  # as suggest_tiles measures
-    covered = size[0] * size[1] / max(float(extent[0] * extent[1]), 1e-9)
-    if covered >= TILE_COVERAGE_LIMIT:
-        _, fits = suggest_tiles([largest])
-        fits = [round(fits[0]), round(fits[1]), round(float(size[2]))]
-        raise UserError(
-            f"tile_size: tiles of {[round(float(v)) for v in size[:2]]} nm cover {100 * covered:.0f} % of the data's "
-            f"{extent[0]:.0f} × {extent[1]:.0f} nm extent in {source}, so training and validation tiles would hold "
-            f"the same points; use smaller tiles (--tile_size {fits} fits this data)"
-        )
-
-
 def _box(source, clouds, shape, tiles, tile_size, seed, padding, volume_dims, box_anchor, train_ratio):
     """The clouds (cut into tiles when asked), the source index of each, the tiling and the common grid geometry."""
     tile_info = None
     if tiles and train_ratio < 1:
-        _check_tile_size(source, clouds, tile_size)
+        check_tile_size(source, clouds, tile_size)
     if tiles:
         clouds, tile_sources = cut_tiles(clouds, int(tiles), tile_size, seed)
         tile_info = {"n_tiles": int(tiles), "tile_size_nm": list(as_triple(tile_size, "tile_size")), "seed": seed}
@@ -265,6 +204,17 @@ def _split(source, clouds, geometry, train_ratio, seed, strict):
         )
     splits = {"train": sorted(order[:n_train].tolist()), "val": sorted(order[n_train:].tolist())}
     return splits, skipped
+
+
+def _voxelization(method, splat, sigma_voxels, geometry):
+    """How the grids were made, as ``dataset_info.json`` records it."""
+    return {
+        "method": method,
+        "splat": splat if method != "occupancy" else "nearest",
+        "sigma_voxels": [float(v) for v in sigma_voxels],
+        "sigma_nm": [float(v) for v in sigma_voxels * geometry.spacing_nm],
+        "truncate_sigmas": 4.0,
+    }
 
 
 def _dataset_info(source, meta, geometry, recipe, splits, skipped, records, clouds, tile_sources):
@@ -385,19 +335,8 @@ def convert(
         jobs = []
         for split, members in splits.items():
             (tmp / split).mkdir()
-            jobs += [
-                (
-                    clouds[i],
-                    tmp / split / f"{split}_{i:0{width}d}{suffix}",
-                    geometry,
-                    method,
-                    sigma_voxels,
-                    splat,
-                    normalize,
-                    constant,
-                )
-                for i in members
-            ]
+            grid = (geometry, method, sigma_voxels, splat, normalize, constant)
+            jobs += [(clouds[i], tmp / split / f"{split}_{i:0{width}d}{suffix}", *grid) for i in members]
         results = _map(_convert_one, jobs, num_workers, "convert")
         records = {"train": results[: len(splits["train"])], "val": results[len(splits["train"]) :]}
         for split, members in splits.items():
@@ -405,13 +344,7 @@ def convert(
                 write_point_clouds_h5(tmp / f"{split}_points.h5", [clouds[i] for i in members], members)
         recipe = {
             "box": {"volume_dims_nm": volume_dims, "padding_nm": padding, "anchor": box_anchor},
-            "voxelization": {
-                "method": method,
-                "splat": splat if method != "occupancy" else "nearest",
-                "sigma_voxels": [float(v) for v in sigma_voxels],
-                "sigma_nm": [float(v) for v in sigma_voxels * geometry.spacing_nm],
-                "truncate_sigmas": 4.0,
-            },
+            "voxelization": _voxelization(method, splat, sigma_voxels, geometry),
             "normalization": {
                 "rule": normalize,
                 "percentile": percentile if normalize == "percentile" else None,

@@ -168,8 +168,8 @@ def bundle_step(config, settings, log=None):
 def _tile_flags(source, tiles, tile_size):
     """The converter's tile flags for the user's clouds: one large acquisition (a single cloud) is cut into tiles
     whose count and size are chosen from its extent unless given; several clouds are converted as they are."""
-    from scripts.convert_h5_to_nifti import suggest_tiles
     from scripts.data.pointclouds import read_point_clouds
+    from scripts.data.tiles import suggest_tiles
 
     clouds, _ = read_point_clouds(source)
     if len(clouds) > 1 and not tiles:

@@ -8,10 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import write_h5
-from scripts.convert_h5_to_nifti import convert, cut_tiles
+from scripts.convert_h5_to_nifti import convert
 from scripts.data.geometry import GridGeometry
 from scripts.data.nifti import load_nifti
 from scripts.data.pointclouds import read_point_clouds, write_point_clouds_h5
+from scripts.data.tiles import cut_tiles
 from scripts.data.voxelize import grid_to_points
 from scripts.runtime.errors import UserError
 from scripts.simulate_smlm import simulate_microtubules
