@@ -13,6 +13,12 @@ samples scored at each milestone, all drawn with sampling seed 0):
    decoded; the correlation of the decoded grids for the same noise beside that for other noise (reference), and
    each one's foreground fraction beside the decoded training latents'. A high same-noise correlation says the
    samples' layout is the Gaussian part of the latent distribution (its second-order statistics), sharpened.
+3. **What the UNet knows beyond the Gaussian.** At noise levels ``t`` (``x_t = (1 - t) x_0 + t n``), the error of
+   each checkpoint's clean-latent prediction ``x_t + t v`` on the row's validation latents, beside the best
+   prediction a Gaussian with the training latents' mean and spectrum allows (the Wiener filter
+   ``m + (1 - t) C ((1 - t)² C + t² I)⁻¹ (x_t - (1 - t) m)``, ``C`` the 3 × 3 channel covariance per spatial
+   frequency). Both as a fraction of the latents' variance, and their ratio: 1 says the UNet predicts no more than
+   the Gaussian at that noise level, where the samples' layout is set.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_stage2_layout.py --work_dir ~/runs/scaling
 """
@@ -31,8 +37,9 @@ from benchmarks import common  # noqa: E402
 # isort: split
 import numpy as np  # noqa: E402
 
-N_GAUSS, N_SPECTRUM, N_PAIRS, POINTS, STEPS = 30, 200, 30, 2048, 20
-QUICK = {"n_gauss": 4, "n_spectrum": 8, "n_pairs": 4}
+N_GAUSS, N_SPECTRUM, N_PAIRS, POINTS, STEPS, N_DENOISED = 30, 200, 30, 2048, 20, 100
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+QUICK = {"n_gauss": 4, "n_spectrum": 8, "n_pairs": 4, "n_denoised": 4}
 
 
 def scored(work):
@@ -115,6 +122,55 @@ def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum, figure=
     return (same, other, *(float((g > 0.1).float().mean()) * 100 for g in grids))
 
 
+def gaussian_denoiser(real):
+    """The best clean-latent prediction under a Gaussian with the mean and spectrum of ``real`` (N, C, X, Y, Z): a
+    function ``(x_t, t) -> x_0`` (the Wiener filter per spatial frequency, channels jointly)."""
+    import torch
+
+    mean = real.mean(0, keepdim=True)
+    f = torch.fft.fftn(real - mean, dim=(2, 3, 4), norm="ortho").flatten(2).permute(2, 0, 1)  # (K, N, C)
+    cov = f.transpose(1, 2) @ f.conj() / len(real)  # (K, C, C): E[F F^H] per frequency
+    eye = torch.eye(real.shape[1], dtype=cov.dtype)
+
+    def denoise(x, t):
+        y = torch.fft.fftn(x - (1 - t) * mean, dim=(2, 3, 4), norm="ortho").flatten(2).permute(2, 1, 0)  # (K, C, B)
+        gain = (1 - t) * cov @ torch.linalg.inv((1 - t) ** 2 * cov + t**2 * eye)
+        out = (gain @ y).permute(2, 1, 0).reshape(x.shape)
+        return mean + torch.fft.ifftn(out, dim=(2, 3, 4), norm="ortho").real
+
+    return denoise
+
+
+def denoising_errors(work, row, ckpt_path, autoencoder_path, n_spectrum, n):
+    """Per noise level of :data:`NOISE_LEVELS`: (the UNet's error, the Gaussian's error) of the clean-latent
+    prediction on ``n`` of the row's validation latents, each as a fraction of their variance."""
+    import torch
+    from scripts.networks.checkpoints import load_checkpoint
+    from scripts.networks.trained import trained_unet
+    from scripts.training.latents import sample_latents
+
+    ckpt = load_checkpoint(ckpt_path, "diffusion")
+    unet, scale = trained_unet(ckpt, ckpt_path, "cpu"), ckpt["scale_factor"]
+    size = re.match(r"n(\d+)_", row).group(1)
+    data = Path(work) / f"data{size}" / "voxels_nifti"
+    draw = ckpt.get("latent_draw", "sample")
+    latents = []
+    for split, count in (("train", n_spectrum), ("val", n)):
+        _, mu, sigma = _encoded(str(autoencoder_path), str(data / split), count)
+        generator = torch.Generator().manual_seed(0)
+        latents.append(sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", generator, draw) * scale)
+    train, val = latents
+    gaussian = gaussian_denoiser(train)
+    variance = float(((val - train.mean(0, keepdim=True)) ** 2).mean())
+    generator, errors = torch.Generator().manual_seed(1), []
+    for t in NOISE_LEVELS:
+        x = (1 - t) * val + t * torch.randn(val.shape, generator=generator)
+        with torch.no_grad():
+            model = x + t * unet(x, timesteps=torch.full((len(x),), t * ckpt["scheduler"]["num_train_timesteps"]))
+        errors.append(tuple(float(((p - val) ** 2).mean()) / variance for p in (model, gaussian(x, t))))
+    return errors
+
+
 def _figure(grids, path):
     import matplotlib
 
@@ -142,6 +198,7 @@ def main():
     parser.add_argument("--figure_of", default=None, help="that checkpoint, as the table names it (default: the last)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else {"n_gauss": N_GAUSS, "n_spectrum": N_SPECTRUM, "n_pairs": N_PAIRS}
+    sizes.setdefault("n_denoised", N_DENOISED)
     found = scored(args.work_dir)
     if not found:
         sys.exit(f"{args.work_dir}: no scored milestones; run benchmarks/benchmark_stage2_scaling.py there first")
@@ -177,6 +234,18 @@ def main():
             args.work_dir, ckpt.parent.name, ckpt, autoencoder, sizes["n_gauss"], sizes["n_spectrum"], figure
         )
         lines.append(f"| {name} | {same:.2f} | {other:.2f} | {' / '.join(f'{f:.1f}' for f in fg)} |")
+    lines += [
+        "",
+        f"Clean-latent error on {sizes['n_denoised']} validation latents, UNet / Gaussian (fractions of their variance):",
+        "",
+        "| checkpoint | " + " | ".join(f"t = {t}" for t in NOISE_LEVELS) + " |",
+        "|---|" + "---:|" * len(NOISE_LEVELS),
+    ]
+    for name, ckpt in checkpoints.items():
+        errors = denoising_errors(
+            args.work_dir, ckpt.parent.name, ckpt, autoencoder, sizes["n_spectrum"], sizes["n_denoised"]
+        )
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} / {g:.3f} ({m / g:.2f})" for m, g in errors) + " |")
     print("\n".join(lines))
 
 

@@ -51,8 +51,12 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| n16_aug step4 / n16_aug step8 | " in result.stdout  # the two milestones' samples, same noise
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| n16_aug step")]
-    gauss = [cells for cells in rows if "/" not in cells[1]]  # one row per checkpoint: its Gaussian flow
+    gauss = [cells for cells in rows if len(cells) == 6 and "/" not in cells[1]]  # per checkpoint: its Gaussian flow
     assert len(gauss) == 2 and all(-1 <= float(cells[2]) <= 1 for cells in gauss)
+    errors = [cells[2:-1] for cells in rows if len(cells) == 8]  # and its denoising error beside the Gaussian's
+    assert len(errors) == 2 and all(
+        0 < float(cell.split("/")[1].split()[0]) < 1.5 for cells in errors for cell in cells
+    )
     assert (tmp_path / "flow.png").stat().st_size > 0
     pixel = [sys.executable, "benchmarks/benchmark_pixel_diffusion.py", "--quick", "--work_dir", str(tmp_path / "px")]
     pixel += ["--dataset_dir", str(tmp_path / "data16" / "voxels_nifti")]
@@ -104,3 +108,33 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
     assert again.returncode == 0 and f"| {late} | " in again.stdout and samples.stat().st_mtime_ns == made
     refused = subprocess.run(command + ["--model_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "--model_dir" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_gaussian_denoiser_reaches_the_wiener_error_of_a_known_gaussian():
+    """The layout benchmark's Gaussian reference, on a stationary Gaussian with a known spectrum and two correlated
+    channels: its clean-latent error equals the Wiener filter's exact error, and it falls with the noise level."""
+    import torch
+    from benchmarks.benchmark_stage2_layout import gaussian_denoiser
+
+    shape, generator = (8, 8, 4), torch.Generator().manual_seed(0)
+    k = torch.stack(torch.meshgrid(*(torch.fft.fftfreq(n) * n for n in shape), indexing="ij"))
+    h = torch.exp(-(k**2).sum(0) / 4) + 0.2  # real and symmetric: real fields with power h² per frequency
+
+    def draw(n):
+        white = torch.randn((n, 1, *shape), generator=generator)
+        a = torch.fft.ifftn(torch.fft.fftn(white, dim=(2, 3, 4)) * h, dim=(2, 3, 4)).real
+        return torch.cat([a, 0.8 * a + 0.3 * torch.randn(a.shape, generator=generator)], 1) + 0.5
+
+    train, test = draw(4000), draw(500)
+    denoise = gaussian_denoiser(train)
+    p = (h**2).flatten()[:, None, None]  # the exact channel covariance per frequency
+    cov = p * torch.tensor([[1.0, 0.8], [0.8, 0.64]]) + torch.tensor([[0.0, 0.0], [0.0, 0.09]])
+    errors = []
+    for t in (0.2, 0.5, 0.8):
+        noisy = (1 - t) * test + t * torch.randn(test.shape, generator=generator)
+        empirical = float(((denoise(noisy, t) - test) ** 2).mean())
+        m = (1 - t) ** 2 * cov + t**2 * torch.eye(2)
+        exact = float(torch.diagonal(cov - (1 - t) ** 2 * cov @ torch.linalg.solve(m, cov), dim1=1, dim2=2).mean())
+        assert abs(empirical / exact - 1) < 0.05, (t, empirical, exact)
+        errors.append(empirical)
+    assert errors[0] < errors[1] < errors[2] < float(test.var(0).mean())
