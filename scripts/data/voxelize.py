@@ -7,7 +7,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 from scripts.data.geometry import as_triple
 from scripts.runtime.errors import UserError
-from scripts.runtime.settings import EXPORT_METHODS, NORMALIZATIONS, SPLATS, VOXELIZATIONS
+from scripts.runtime.settings import EXPORT_METHODS, NORMALIZATIONS, ONE_PER_VOXEL, SPLATS, VOXELIZATIONS
 
 GAUSSIAN_TRUNCATE = 4.0  # kernel radius in sigmas, as scipy.ndimage
 
@@ -205,7 +205,7 @@ def grid_to_points(
     candidates = np.flatnonzero(grid > threshold)  # C-order flat indices, as np.unravel_index expects
     if len(candidates) == 0:
         return np.zeros((0, 3))
-    if method in ("center", "random"):
+    if method in ONE_PER_VOXEL:
         chosen = candidates
     else:
         num_points = point_count(grid, geometry, num_points, points_per_mass)

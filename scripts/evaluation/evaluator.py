@@ -32,7 +32,6 @@ from scripts.data.voxelize import grid_to_points, point_count, voxelize_like
 from scripts.evaluation.metrics import (
     box_normalize,
     chamfer_matrix,
-    classifier_two_sample_test,
     compare_distributions,
     dice_iou,
     emd_set_blocks,
@@ -41,14 +40,14 @@ from scripts.evaluation.metrics import (
     pair_distances,
     psnr,
     set_metrics,
-    statistic_features,
     subsample,
 )
+from scripts.evaluation.realism import classifier_two_sample_test, statistic_features
 from scripts.evaluation.report import markdown_report, write_figures
 from scripts.networks.fine_stage import check_spacing, refine_grid
 from scripts.runtime.errors import UserError
 from scripts.runtime.output_folders import StagedOutput, listed_files
-from scripts.runtime.settings import check_values, grouped
+from scripts.runtime.settings import BY_MASS, check_values, grouped
 
 logger = logging.getLogger(__name__)
 CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
@@ -111,7 +110,7 @@ class Evaluation:
             ``z_bins``: histogram bins of the nearest-neighbour distance and of the z profile; ``realism_test``:
             add each set's classifier two-sample test against the held-out clouds (the cross-validated accuracy of
             a logistic regression on per-cloud statistics, see
-            :func:`scripts.evaluation.metrics.classifier_two_sample_test`; 50 %: indistinguishable, 100 %: always
+            :func:`scripts.evaluation.realism.classifier_two_sample_test`; 50 %: indistinguishable, 100 %: always
             told apart), with ``realism_folds`` cross-validation folds (at most the clouds per set).
         export: how reconstructed grids become points: ``threshold`` (foreground of grid values in [0, 1], also for
             Dice, IoU, the foreground fraction and intensities), ``method`` (see
@@ -178,11 +177,7 @@ class Evaluation:
             export["method"],
             export["num_points"],
         )
-        if (
-            self.export_num_points is None
-            and self.points_per_mass is None
-            and self.method in ("probabilistic", "weighted")
-        ):
+        if self.export_num_points is None and self.points_per_mass is None and self.method in BY_MASS:
             raise UserError(f"export_num_points: {self.dataset_dir} records no points per mass; set export_num_points")
         self.autoencoder, self.device = autoencoder, device
         self.voxel_size = tuple(autoencoder_checkpoint["voxel_size"])
@@ -380,7 +375,7 @@ class Evaluation:
     def _statistics(self, clouds, stream):
         """What a microscopist reads off clouds, pooled over them: nearest-neighbour distances, z, local linearity
         and planarity, and the distances of point pairs within ``pair_range_nm`` (all in nm but the shapes); and each
-        cloud's :func:`~scripts.evaluation.metrics.statistic_features` (one row per cloud, for the realism test)."""
+        cloud's :func:`~scripts.evaluation.realism.statistic_features` (one row per cloud, for the realism test)."""
         rng = self._rng(stream)
         stats, features = {key: [] for key in STATISTICS}, []
         for cloud in clouds:

@@ -11,9 +11,9 @@ from scripts.runtime.errors import UserError
 from scripts.runtime.resources import check_memory
 
 
-def check_divisible(voxel_size, levels, what, name="voxel_size"):
-    """Refuse a ``voxel_size`` (the setting ``name``) the network's ``levels`` halvings cannot take."""
-    shape, factor = as_shape(voxel_size, name), 2**levels
+def check_divisible(voxel_size, channels, what, name="voxel_size"):
+    """Refuse a ``voxel_size`` (the setting ``name``) the halvings of a network with ``channels`` cannot take."""
+    shape, factor, levels = as_shape(voxel_size, name), downsampling(channels), len(channels) - 1
     if any(s % factor for s in shape):
         raise UserError(
             f"{name}: {list(shape)} is not divisible by {factor}, which the {what}'s {levels} downsamplings need; "
@@ -49,7 +49,7 @@ def autoencoder_grid(autoencoder_args, voxel_size):
     settings agree."""
     channels = _check_channels(autoencoder_args, "autoencoder")
     _check_builds(AutoencoderKL, autoencoder_args, "autoencoder")
-    return check_divisible(voxel_size, len(channels) - 1, "autoencoder")
+    return check_divisible(voxel_size, channels, "autoencoder")
 
 
 def autoencoder_patch(autoencoder_args, patch_size, voxel_size):
@@ -63,7 +63,7 @@ def autoencoder_patch(autoencoder_args, patch_size, voxel_size):
             f"patch_size: {list(patch)} is larger than the grid (voxel_size {list(grid)}) on some axis; use at most "
             f"{[min(p, g) for p, g in zip(patch, grid)]}"
         )
-    return check_divisible(patch, len(autoencoder_args["channels"]) - 1, "autoencoder", "patch_size")
+    return check_divisible(patch, autoencoder_args["channels"], "autoencoder", "patch_size")
 
 
 class TrainingShapes(NamedTuple):
@@ -185,12 +185,12 @@ def check_diffusion(unet_args, latent, latent_patch_size=None):
                 f"(that level {why}); use a divisor of {c} there, e.g. {good}"
             )
     _check_builds(DiffusionModelUNet, unet_args, "diffusion UNet")
-    levels, grid = len(channels) - 1, list(latent[1:])
+    levels, factor, grid = len(channels) - 1, downsampling(channels), list(latent[1:])
     if latent_patch_size is not None:
-        check_divisible(grid, levels, "diffusion UNet", "latent_patch_size")
-    elif any(s % 2**levels for s in grid):
+        check_divisible(grid, channels, "diffusion UNet", "latent_patch_size")
+    elif any(s % factor for s in grid):
         raise UserError(
             f"num_channels: {len(channels)} levels halve the latent grid {levels} times, which needs sizes divisible "
-            f"by {2**levels}, but the autoencoder's latent grid is {grid}; use fewer levels, or a latent_patch_size "
+            f"by {factor}, but the autoencoder's latent grid is {grid}; use fewer levels, or a latent_patch_size "
             "that is divisible"
         )

@@ -14,14 +14,19 @@ from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from scripts.networks.precision import autocast_context
 from scripts.runtime.errors import UserError
+from scripts.runtime.settings import SAMPLERS
 
-SAMPLERS = {"rflow": ("RFlow",), "ddpm": ("DDIM", "DDPM")}  # the first is the default
 DDPM_SETTINGS = ("num_train_timesteps", "schedule", "beta_start", "beta_end")
 RFLOW_ETA = {"eta": 1.0, "eta_below": 0.5}  # the RFlow sampler's fresh noise by default (StochasticRFlowScheduler)
 
 
 def objective(settings):
     return settings.get("objective", "ddpm")
+
+
+def objective_of(kind):
+    """The training objective whose samplers include ``kind`` ('RFlow' → 'rflow', 'DDIM' or 'DDPM' → 'ddpm')."""
+    return next(name for name, kinds in SAMPLERS.items() if kind in kinds)
 
 
 class StochasticRFlowScheduler(RFlowScheduler):
@@ -52,6 +57,12 @@ class StochasticRFlowScheduler(RFlowScheduler):
             fresh = torch.randn(sample.shape, generator=self.generator).to(sample)
             noise = (1 - self.eta**2) ** 0.5 * noise + self.eta * fresh
         return (1 - t_next) * original + t_next * noise, original
+
+
+def training_scheduler(settings):
+    """Stage 2's training scheduler for ``settings``: MONAI's ``RFlowScheduler`` for the rflow objective, its
+    ``DDPMScheduler`` for ddpm (both add noise as sampling expects it)."""
+    return make_scheduler(settings, "RFlow" if objective(settings) == "rflow" else "DDPM")
 
 
 def step_noise(seed):

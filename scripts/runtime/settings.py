@@ -29,13 +29,16 @@ from scripts.runtime.validators import (
 VOXELIZATIONS = ("occupancy", "density", "gaussian")  # the converter's method
 SPLATS = ("nearest", "trilinear")
 NORMALIZATIONS = ("max", "percentile", "none")
-EXPORT_METHODS = ("probabilistic", "weighted", "center", "random")  # points drawn inside voxels
+ONE_PER_VOXEL = ("center", "random")  # voxel exports with one point per voxel above the threshold
+BY_MASS = ("probabilistic", "weighted")  # voxel exports drawing a number of points (default: the data's per mass)
+EXPORT_METHODS = BY_MASS + ONE_PER_VOXEL  # points drawn inside voxels
 CACHE_MODES = ("memory", "disk", "none")  # stage 2's latent cache
 OUTPUT_FORMATS = ("nifti", "csv", "h5")
-OBJECTIVES = ("rflow", "ddpm")
+SAMPLERS = {"rflow": ("RFlow",), "ddpm": ("DDIM", "DDPM")}  # stage 2's objectives and their samplers, default first
+OBJECTIVES = tuple(SAMPLERS)
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")  # stage 2's training timesteps
 LATENT_DRAWS = ("sample", "mean")  # stage 2's latents: a draw of the encoder's posterior, or its mean
-SCHEDULERS = ("RFlow", "DDPM", "DDIM")
+SCHEDULERS = ("RFlow", "DDPM", "DDIM")  # every sampler of SAMPLERS
 NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
 EVALUATION_SETS = (
     "train_vs_heldout",

@@ -23,7 +23,7 @@ from scripts.runtime.errors import UserError, interrupted
 from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.progress import interactive, progress
 from scripts.runtime.resources import check_disk, check_memory, free_disk_bytes, round_down
-from scripts.runtime.settings import OUTPUT_FORMATS, check_values, grouped
+from scripts.runtime.settings import BY_MASS, ONE_PER_VOXEL, OUTPUT_FORMATS, check_values, grouped
 from scripts.sampling.large_fields import decode_tiled, decoding_window, denoise_tiled, field_shapes, sampling_memory
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Sampler:
         info = ckpt["dataset_info"]
         self.geometry = GridGeometry.from_dict(info["geometry"])
         self.points_per_mass = (info.get("points_per_mass") or {}).get("mean")
-        if num_points is None and self.points_per_mass is None and method in ("probabilistic", "weighted"):
+        if num_points is None and self.points_per_mass is None and method in BY_MASS:
             raise UserError("num_points: the checkpoints hold no points-per-mass of the training data; set num_points")
         steps = num_inference_steps or ckpt["scheduler"]["num_train_timesteps"]
         self.scheduler = make_scheduler(ckpt["scheduler"], scheduler, steps, eta, eta_below)
@@ -186,7 +186,7 @@ class Sampler:
     def _points_per_sample(self, ckpt):
         """Points in one sample's cloud: ``num_points``, one per voxel ('center', 'random'), or the training data's
         density over the field."""
-        if self.method in ("center", "random"):
+        if self.method in ONE_PER_VOXEL:
             return float(np.prod(self.geometry.shape, dtype=np.float64))
         if self.num_points is not None:
             return self.num_points
@@ -207,7 +207,7 @@ class Sampler:
     def _check_memory(self, ckpt, refiner):
         """Refuse, before anything is sampled, a field, batch or point count whose estimated peak memory exceeds the
         machine's (one batch of grids and one cloud are held at a time, whatever ``num_samples``)."""
-        chosen = self.num_points is not None and self.method not in ("center", "random")
+        chosen = self.num_points is not None and self.method not in ONE_PER_VOXEL
         points = self._points_per_sample(ckpt)
         host, device = sampling_memory(
             self.geometry.shape,
@@ -243,7 +243,7 @@ class Sampler:
         voxels = float(np.prod(self.geometry.shape, dtype=np.float64))
         per_sample = per_point * self._points_per_sample(ckpt) + 4 * voxels * ("nifti" in self.formats)
         preview = PREVIEW_BYTES if self.preview else 0
-        if self.num_points is not None and self.method not in ("center", "random"):
+        if self.num_points is not None and self.method not in ONE_PER_VOXEL:
             one, hint = f"num_points: a cloud of {self.num_points} points", "set a smaller num_points, or "
         elif self.tiled:
             one, hint = self._field()[0], "sample a smaller field, or "
