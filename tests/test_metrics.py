@@ -7,8 +7,6 @@ from scripts.evaluation.metrics import (
     box_normalize,
     chamfer_distance,
     chamfer_matrix,
-    classifier_two_sample_test,
-    cloud_features,
     compare_distributions,
     dice_iou,
     emd,
@@ -22,6 +20,7 @@ from scripts.evaluation.metrics import (
     set_metrics,
     subsample,
 )
+from scripts.evaluation.realism import classifier_two_sample_test, cloud_features
 from scripts.simulate_smlm import simulate_microtubules
 
 
