@@ -37,11 +37,8 @@ import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.data import CacheDataset  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
-from scripts.networks.build import build_unet  # noqa: E402
 from scripts.networks.checks import latent_shape  # noqa: E402
-from scripts.networks.precision import autocast_context, autocast_dtype, cpu_has_bf16  # noqa: E402
-from scripts.networks.schedulers import make_scheduler  # noqa: E402
-from scripts.training.engines import diffusion_loss  # noqa: E402
+from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
 
 AE_CONFIG = ROOT / "configs" / "train_autoencoder.json"
 CONFIG = ROOT / "configs" / "train_diffusion.json"
@@ -186,29 +183,20 @@ def case_cache(cfg, dataset_dir, autoencoder_path, work):
 
 
 class UnetStep:
-    """``LatentDiffusionTrainer._iteration`` after its latents are drawn: noise + timesteps, autocast forward, MSE,
-    the finite-loss check, backward through a grad scaler (enabled for fp16 only), Adam."""
+    """The bundle's stage-2 step (``LatentDiffusionTrainer._iteration``: noise + timesteps, autocast forward, MSE,
+    the finite-loss check, backward through a grad scaler (enabled for fp16 only), Adam), with a check of the
+    weight gradients around it (outside the timing)."""
 
     def __init__(self, unet_args, settings, lr, device, amp_dtype):
         set_determinism(seed=SEED)  # the same initial weights in every row
-        self.device, self.amp_dtype = torch.device(device), amp_dtype
-        self.unet = build_unet(unet_args).to(self.device)
-        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=lr)
-        self.scheduler = make_scheduler(settings, "DDPM")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        trainer = common.stage2_trainer(unet_args, settings, lr, device, amp_dtype)
+        self.unet, self.optimizer = trainer.unet, trainer.optimizer
+        self.step = common.stage2_step(unet_args, settings, lr, device, amp_dtype, trainer)
         self.restore_bad = amp_dtype == torch.bfloat16  # fp16 has the scaler to skip bad steps; fp32 needs nothing
         self.steps, self.bad_steps, self.bad_params = 0, [], set()
 
     def __call__(self, latents):
-        self.unet.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = diffusion_loss(self.unet, self.scheduler, latents, autocast_context(self.device, self.amp_dtype))
-        if not torch.isfinite(loss):  # the trainer would stop here (TrainingDiverged)
-            raise RuntimeError(f"{self.amp_dtype}: loss {loss.item()} at step {self.steps + 1}")
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss
+        return self.step(latents)
 
     def snapshot(self):
         """Weights and Adam state before a step (taken outside the timing, bf16 only)."""

@@ -23,20 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root:
 
 from benchmarks import benchmark_stage2_scaling as scaling  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks.common import ROOT  # noqa: E402
 
 # isort: split
 import torch  # noqa: E402
+from scripts import run_demo  # noqa: E402
+from scripts.runtime.validators import literal  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-UNET = {
+UNET = {  # the demo's stage-2 UNet (run_demo.DIFFUSION), on one channel at the grid's size
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": 1,
-    "channels": [16, 32, 64],  # the demo's stage-2 UNet (run_demo.DIFFUSION), on one channel at the grid's size
-    "attention_levels": [False, False, True],
-    "num_head_channels": [0, 0, 32],
+    "channels": literal(run_demo.DIFFUSION["num_channels"]),
+    "attention_levels": literal(run_demo.DIFFUSION["attention_levels"]),
+    "num_head_channels": literal(run_demo.DIFFUSION["num_head_channels"]),
     "num_res_blocks": 1,
-    "norm_num_groups": 16,
+    "norm_num_groups": run_demo.DIFFUSION["norm_num_groups"],
 }
 QUICK_UNET = {"channels": [16, 16, 32], "num_head_channels": [0, 0, 16], "norm_num_groups": 8}
 QUICK = {"steps": 4, "num_samples": 4, "num_inference_steps": 2}
@@ -55,13 +57,13 @@ def augment(batch, generator):
 def train(grids, unet_args, steps, batch_size, learning_rate, seed, log_every=100):
     """The UNet after ``steps`` optimizer steps of the bundle's rectified-flow loss; with the seconds it took."""
     from monai.networks.nets import DiffusionModelUNet
-    from scripts.networks.schedulers import make_scheduler
+    from scripts.networks.schedulers import training_scheduler
     from scripts.training.engines import diffusion_loss
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     unet = DiffusionModelUNet(**unet_args)
-    scheduler = make_scheduler(RFLOW)
+    scheduler = training_scheduler(RFLOW)
     optimizer = torch.optim.Adam(unet.parameters(), lr=learning_rate)
     start, running = time.perf_counter(), 0.0
     for step in range(1, steps + 1):
@@ -157,8 +159,8 @@ def main():
     parser.add_argument("--reference_file", required=True, help="the clouds the samples are scored against (h5)")
     parser.add_argument("--model_dir", default=str(ROOT / "models"), help="the fine stage (and the grid geometry)")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--batch_size", type=int, default=run_demo.DIFFUSION["batch_size"])
+    parser.add_argument("--learning_rate", type=float, default=run_demo.DIFFUSION["learning_rate"])
     parser.add_argument("--num_samples", type=int, default=scaling.N_SCORED)
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="training seed (sampling keeps seed 0)")

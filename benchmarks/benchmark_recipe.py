@@ -52,6 +52,58 @@ STEPS = [
 ]
 
 
+def run_row(work, k, settings, data, outputs, epochs, seed):
+    """Train row ``k``'s stage 2 with ``settings`` on the demo's data and autoencoder, sample it and score it:
+    ``(training minutes, the evaluation's rows)``."""
+    models = work / f"row{k}"
+    (models / "autoencoder").mkdir(parents=True)
+    (models / "autoencoder" / "best_model.pt").symlink_to((outputs / "autoencoder" / "best_model.pt").resolve())
+    (models / "refiner").mkdir()
+    (models / "refiner" / "best_model.pt").symlink_to((outputs / "refiner" / "best_model.pt").resolve())
+    start = time.perf_counter()
+    run_demo.bundle_step(
+        "train_diffusion.json",
+        {
+            **run_demo.DIFFUSION,
+            **settings,
+            "dataset_dir": data / "voxels_nifti",
+            "n_epochs": epochs,
+            "val_interval": min(epochs, run_demo.DIFFUSION["val_interval"]),  # best_model.pt in short runs too
+            "ckpt_dir": models / "diffusion",
+            "log_dir": work / f"logs{k}",
+            "seed": seed,
+            "autoencoder_path": models / "autoencoder" / "best_model.pt",
+        },
+    )
+    minutes = (time.perf_counter() - start) / 60
+    run_demo.bundle_step(
+        "inference.json",
+        {
+            "model_dir": models,
+            "output_dir": work / f"samples{k}",
+            "num_samples": 100,
+            "batch_size": 10,
+            "seed": seed,
+            **({"num_inference_steps": 50} if settings["objective"] == "ddpm" else common.EULER_SAMPLING),
+        },
+    )
+    run_demo.bundle_step(
+        "evaluate.json",
+        {
+            "dataset_dir": data / "voxels_nifti",
+            "samples_dir": work / f"samples{k}",
+            "model_dir": models,
+            "output_dir": work / f"eval{k}",
+            "emd_points": 0,
+            "num_workers": 2,
+            "reference_file": data / "test_clouds.h5",
+            "sets": "['train_vs_heldout','mean_grid_baseline','samples']",
+        },
+    )
+    rows = json.loads((work / f"eval{k}" / "metrics.json").read_text())["rows"]
+    return minutes, rows
+
+
 def main():
     parser = common.arg_parser(__doc__, "two epochs per row: a smoke check", tmpdir="stage-2 runs")
     parser.add_argument("--demo_dir", default=None, help="the demo's output_dir (default: the bundle's demo folders)")
@@ -65,7 +117,6 @@ def main():
     epochs = args.epochs or (
         2 if args.quick else inspect.signature(run_demo.run_demo).parameters["diffusion_epochs"].default
     )
-    reference = data / "test_clouds.h5"
     results = []
     settings = dict(ANCHOR)
     with common.work_folder(__file__, args.tmpdir) as work:
@@ -74,52 +125,7 @@ def main():
             settings.update(change)
             if k not in chosen:
                 continue
-            models = work / f"row{k}"
-            (models / "autoencoder").mkdir(parents=True)
-            (models / "autoencoder" / "best_model.pt").symlink_to((outputs / "autoencoder" / "best_model.pt").resolve())
-            (models / "refiner").mkdir()
-            (models / "refiner" / "best_model.pt").symlink_to((outputs / "refiner" / "best_model.pt").resolve())
-            start = time.perf_counter()
-            run_demo.bundle_step(
-                "train_diffusion.json",
-                {
-                    **run_demo.DIFFUSION,
-                    **settings,
-                    "dataset_dir": data / "voxels_nifti",
-                    "n_epochs": epochs,
-                    "val_interval": min(epochs, run_demo.DIFFUSION["val_interval"]),  # best_model.pt in short runs too
-                    "ckpt_dir": models / "diffusion",
-                    "log_dir": work / f"logs{k}",
-                    "seed": args.seed,
-                    "autoencoder_path": models / "autoencoder" / "best_model.pt",
-                },
-            )
-            minutes = (time.perf_counter() - start) / 60
-            run_demo.bundle_step(
-                "inference.json",
-                {
-                    "model_dir": models,
-                    "output_dir": work / f"samples{k}",
-                    "num_samples": 100,
-                    "batch_size": 10,
-                    "seed": args.seed,
-                    **({"num_inference_steps": 50} if settings["objective"] == "ddpm" else common.EULER_SAMPLING),
-                },
-            )
-            run_demo.bundle_step(
-                "evaluate.json",
-                {
-                    "dataset_dir": data / "voxels_nifti",
-                    "samples_dir": work / f"samples{k}",
-                    "model_dir": models,
-                    "output_dir": work / f"eval{k}",
-                    "emd_points": 0,
-                    "num_workers": 2,
-                    "reference_file": reference,
-                    "sets": "['train_vs_heldout','mean_grid_baseline','samples']",
-                },
-            )
-            rows = json.loads((work / f"eval{k}" / "metrics.json").read_text())["rows"]
+            minutes, rows = run_row(work, k, settings, data, outputs, epochs, args.seed)
             results.append((label, minutes, rows))
     lines = common.machine_header(
         "Stage-2 recipe, one change at a time", args.quick, load, (torch, monai, np), torch_info=True

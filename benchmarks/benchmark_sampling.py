@@ -37,12 +37,13 @@ from scripts.data.voxelize import grid_to_points  # noqa: E402
 from scripts.networks.build import build_autoencoder, build_unet  # noqa: E402
 from scripts.networks.checks import autoencoder_grid, latent_shape  # noqa: E402
 from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
-from scripts.networks.schedulers import make_scheduler, sample_grids  # noqa: E402
+from scripts.networks.schedulers import make_scheduler, objective_of, sample_grids  # noqa: E402
 from scripts.runtime.validators import literal  # noqa: E402
 
-BATCH = 2  # configs/inference.json's batch_size: grids denoised at once
+INFERENCE = common.parse_config(ROOT / "configs" / "inference.json", {}, "batch_size", "threshold")
+BATCH = INFERENCE["batch_size"]  # grids denoised at once
 BOX_NM = ((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0))  # the demo data's box (scripts/simulate_smlm.py)
-THRESHOLD = 0.1  # configs/inference.json's threshold
+THRESHOLD = INFERENCE["threshold"]
 
 # Each size: its networks (the label: the demo's, the configs' defaults or the tests' tiny ones), the grid and the
 # runs. A DDPM run with ``fit`` is timed at those two (shorter) step counts and extrapolated linearly to ``steps``.
@@ -97,7 +98,7 @@ def network_args(grid, networks):
 def time_sampling(nets, kind, steps, device, amp_dtype):
     """Seconds for one ``sample_grids`` call of ``BATCH`` grids with a ``kind`` scheduler of ``steps`` steps."""
     ae, unet, settings, latent, grid_shape = nets
-    scheduler = make_scheduler(settings, kind, steps)
+    scheduler = make_scheduler({**settings, "objective": objective_of(kind)}, kind, steps)  # any kind, untrained
     torch.manual_seed(SEED)  # DDPM draws its per-step noise from the global generator (as Sampler.run seeds it)
     common.sync(device)
     start = time.perf_counter()

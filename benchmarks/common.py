@@ -40,6 +40,7 @@ TINY_UNET = {
     "num_head_channels": [0, 8],
     "norm_num_groups": 8,
 }
+TINY_REFINER = {"refiner_channels": [8, 8], "refiner_hidden": 16}
 
 # The training benchmarks' workload (stages 1 and 2): the data (``make_dataset``) and the iterations of the timed
 # epoch. 15 clouds: 12 train (6 batches of 2, so the 12 iterations go twice through the loader), 3 val; --quick: 8
@@ -244,20 +245,28 @@ def stage1_step(autoencoder_args, discriminator_args, values, device, amp_dtype)
     return lambda images: trainer._iteration(trainer, {"image": images})
 
 
-def stage2_step(unet_args, settings, learning_rate, device, amp_dtype):
-    """One stage-2 iteration of the bundle (``LatentDiffusionTrainer._iteration``) as a function of a batch of
-    latents (passed as the encoder's mean with zero spread, so the step uses them as they are)."""
+def stage2_trainer(unet_args, settings, learning_rate, device, amp_dtype):
+    """The bundle's stage-2 trainer (``LatentDiffusionTrainer``) for one step at a time: see :func:`stage2_step`."""
     import torch
     from scripts.networks.build import build_unet
-    from scripts.networks.schedulers import make_scheduler
+    from scripts.networks.schedulers import training_scheduler
     from scripts.training.engines import LatentDiffusionTrainer
 
     unet = build_unet(unet_args).to(device)
-    scheduler = make_scheduler(settings, "RFlow" if settings.get("objective") == "rflow" else "DDPM")
+    scheduler = training_scheduler(settings)
     trainer = LatentDiffusionTrainer(
         device, 1, [None], unet, torch.optim.Adam(unet.parameters(), learning_rate), scheduler, None, 1.0, 1
     )
-    _outside_the_loop(trainer, amp_dtype)
+    return _outside_the_loop(trainer, amp_dtype)
+
+
+def stage2_step(unet_args, settings, learning_rate, device, amp_dtype, trainer=None):
+    """One stage-2 iteration of the bundle (``LatentDiffusionTrainer._iteration``) as a function of a batch of
+    latents (passed as the encoder's mean with zero spread, so the step uses them as they are); of ``trainer`` when
+    given, else of a new :func:`stage2_trainer`."""
+    import torch
+
+    trainer = trainer or stage2_trainer(unet_args, settings, learning_rate, device, amp_dtype)
     return lambda latents: trainer._iteration(trainer, {"z_mu": latents, "z_sigma": torch.zeros_like(latents)})
 
 

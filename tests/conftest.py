@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from benchmarks.common import TINY_AUTOENCODER as TINY_AUTOENCODER_NETWORK
-from benchmarks.common import TINY_UNET
+from benchmarks.common import TINY_REFINER, TINY_UNET  # noqa: F401 (TINY_REFINER: for the tests)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TQDM_DISABLE", "1")

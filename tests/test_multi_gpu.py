@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, diffusion_overrides, overrides, run_workflow
+from conftest import ROOT, TINY_REFINER, diffusion_overrides, overrides, run_workflow
 from monai.bundle import ConfigParser
 from scripts.networks.checkpoints import load_checkpoint
 
@@ -121,8 +121,7 @@ def test_two_processes_train_both_stages(dataset_dir, tmp_path):
         "autoencoder_path": str(ckpt_dir / "best_model.pt"),
         "ckpt_dir": str(fine / "outputs" / "refiner"),
         "log_dir": str(fine / "logs" / "refiner"),
-        "refiner_channels": "[8,8]",
-        "refiner_hidden": 16,
+        **{k: json.dumps(v) for k, v in TINY_REFINER.items()},
         "batch_size": 1,
         "points_per_volume": 32,
         "fast_dev_run": "true",

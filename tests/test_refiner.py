@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_workflow
+from conftest import ROOT, TINY_REFINER, run_workflow
 from scripts.data.datasets import symmetries
 from scripts.data.geometry import GridGeometry
 from scripts.data.pointclouds import read_point_clouds
@@ -22,8 +22,7 @@ def _refiner_overrides(dataset_dir, autoencoder_ckpt, out, **extra):
         "autoencoder_path": str(autoencoder_ckpt),
         "ckpt_dir": str(out / "outputs" / "refiner"),
         "log_dir": str(out / "logs" / "refiner"),
-        "refiner_channels": [8, 8],
-        "refiner_hidden": 16,
+        **TINY_REFINER,
         "batch_size": 2,
         "points_per_volume": 64,
         "fast_dev_run": True,

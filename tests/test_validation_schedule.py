@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import ROOT, diffusion_overrides, overrides, run_workflow
+from conftest import ROOT, TINY_REFINER, diffusion_overrides, overrides, run_workflow
 from ignite.engine import Engine, Events
 from scripts.runtime.errors import Interrupted
 from scripts.training.handlers import ValidationAtIntervalAndEnd
@@ -58,8 +58,7 @@ def test_the_fine_stage_shorter_than_the_interval_leaves_best_model(dataset_dir,
         autoencoder_path=str(autoencoder_ckpt),
         ckpt_dir=str(tmp_path / "outputs" / "refiner"),
         log_dir=str(tmp_path / "logs" / "refiner"),
-        refiner_channels=[8, 8],
-        refiner_hidden=16,
+        **TINY_REFINER,
         batch_size=2,
         points_per_volume=64,
         fast_dev_run=True,
