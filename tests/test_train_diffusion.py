@@ -261,6 +261,10 @@ def test_logit_normal_timesteps_train_more_at_middle_noise_levels(dataset_dir, a
     assert 0 <= int(logit.min()) and int(logit.max()) <= 999
     middle = [float(((t >= 333) & (t < 667)).float().mean()) for t in (uniform, logit)]
     assert abs(middle[0] - 1 / 3) < 0.01 and middle[1] > 0.45  # sigmoid(N(0,1)) puts ~49 % in the middle third
+    high = draw_timesteps(100_000, 1000, "high-noise", generator)
+    assert 0 <= int(high.min()) and int(high.max()) <= 999
+    above = [float((t >= 750).float().mean()) for t in (uniform, high)]  # shift 3: u > 1/2 lands above 0.75
+    assert abs(above[0] - 0.25) < 0.01 and abs(above[1] - 0.5) < 0.01
     workflow = run_workflow(
         "train_diffusion.json",
         **diffusion_overrides(dataset_dir, autoencoder_ckpt, tmp_path, timestep_sampling="logit-normal"),

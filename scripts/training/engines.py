@@ -251,12 +251,21 @@ class VaeGanTrainer(MixedPrecisionTrainer):
         return out
 
 
+HIGH_NOISE_SHIFT = 3.0  # Stable Diffusion 3's timestep shift for its larger images
+
+
 def draw_timesteps(n, num_train_timesteps, sampling="uniform", generator=None, device="cpu"):
-    """``n`` training timesteps in ``[0, num_train_timesteps)``: uniform, or ``logit-normal`` (the sigmoid of a
+    """``n`` training timesteps in ``[0, num_train_timesteps)``: uniform; ``logit-normal`` (the sigmoid of a
     standard normal, Stable Diffusion 3's choice for rectified flow: more steps at middle noise levels, where the
-    velocity is hardest to predict, fewer at the two ends)."""
+    velocity is hardest to predict, fewer at the two ends); or ``high-noise`` (uniform draws ``u`` shifted to
+    ``s u / (1 + (s - 1) u)``, ``s`` = :data:`HIGH_NOISE_SHIFT`: half the steps above noise level 0.75, where a
+    sample's layout is set)."""
     if sampling == "logit-normal":
         u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+    if sampling == "high-noise":
+        u = torch.rand(n, generator=generator, device=device)
+        u = HIGH_NOISE_SHIFT * u / (1 + (HIGH_NOISE_SHIFT - 1) * u)
         return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
     return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
 
