@@ -191,7 +191,7 @@ class UnetStep:
         set_determinism(seed=SEED)  # the same initial weights in every row
         trainer = common.stage2_trainer(unet_args, settings, lr, device, amp_dtype)
         self.unet, self.optimizer = trainer.unet, trainer.optimizer
-        self.step = common.stage2_step(unet_args, settings, lr, device, amp_dtype, trainer)
+        self.step = common.stage2_iteration(trainer)
         self.restore_bad = amp_dtype == torch.bfloat16  # fp16 has the scaler to skip bad steps; fp32 needs nothing
         self.steps, self.bad_steps, self.bad_params = 0, [], set()
 

@@ -37,7 +37,7 @@ from scripts.data.voxelize import grid_to_points  # noqa: E402
 from scripts.networks.build import build_autoencoder, build_unet  # noqa: E402
 from scripts.networks.checks import autoencoder_grid, latent_shape  # noqa: E402
 from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
-from scripts.networks.schedulers import make_scheduler, objective_of, sample_grids  # noqa: E402
+from scripts.networks.schedulers import sample_grids  # noqa: E402
 from scripts.runtime.validators import literal  # noqa: E402
 
 INFERENCE = common.parse_config(ROOT / "configs" / "inference.json", {}, "batch_size", "threshold")
@@ -98,7 +98,7 @@ def network_args(grid, networks):
 def time_sampling(nets, kind, steps, device, amp_dtype):
     """Seconds for one ``sample_grids`` call of ``BATCH`` grids with a ``kind`` scheduler of ``steps`` steps."""
     ae, unet, settings, latent, grid_shape = nets
-    scheduler = make_scheduler({**settings, "objective": objective_of(kind)}, kind, steps)  # any kind, untrained
+    scheduler = common.untrained_sampler(settings, kind, steps)
     torch.manual_seed(SEED)  # DDPM draws its per-step noise from the global generator (as Sampler.run seeds it)
     common.sync(device)
     start = time.perf_counter()

@@ -70,40 +70,54 @@ def same_noise(found, n_pairs, rng, extent):
 
 
 @functools.lru_cache(maxsize=None)
-def _encoded(autoencoder_path, train_dir, n_spectrum):
-    """The autoencoder and its posterior (mu, sigma) of the first ``n_spectrum`` training grids, once per data set."""
+def _encoded(autoencoder_path, folder, n):
+    """The autoencoder and its posterior (mu, sigma) of the first ``n`` grids of ``folder``, once per folder."""
     import torch
     from benchmarks.benchmark_stage2_scaling import training_grids
     from scripts.networks.trained import frozen_autoencoder, load_autoencoder_checkpoint
 
     ae_ckpt = load_autoencoder_checkpoint(autoencoder_path)
     autoencoder = frozen_autoencoder(ae_ckpt, autoencoder_path, "cpu")
-    images = training_grids(train_dir, ae_ckpt["voxel_size"], n_spectrum)
+    images = training_grids(folder, ae_ckpt["voxel_size"], n)
     with torch.no_grad():
         return (autoencoder, *autoencoder.encode(images))
+
+
+def _stage2(work, row, ckpt_path):
+    """A scaling row's checkpoint, its UNet (on the CPU) and the conversion the row trained on."""
+    from scripts.networks.checkpoints import load_checkpoint
+    from scripts.networks.trained import trained_unet
+
+    ckpt = load_checkpoint(ckpt_path, "diffusion")
+    size = re.match(r"n(\d+)_", row).group(1)
+    return ckpt, trained_unet(ckpt, ckpt_path, "cpu"), Path(work) / f"data{size}" / "voxels_nifti"
+
+
+def _latents(autoencoder_path, folder, n, ckpt, generator=None):
+    """The latents ``ckpt`` was trained on, of the first ``n`` grids of ``folder``: drawn from the encoder's posterior
+    as its ``latent_draw`` says (with ``generator``; ``None``: torch's global one), times its scale factor."""
+    from scripts.training.latents import sample_latents
+
+    _, mu, sigma = _encoded(str(autoencoder_path), str(folder), n)
+    draw = ckpt.get("latent_draw", "sample")
+    return sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", generator, draw) * ckpt["scale_factor"]
 
 
 def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum, figure=None):
     """(same-noise correlation, other-noise correlation, foreground % of real, model, Gaussian) for one checkpoint;
     with ``figure``, a PNG of the xy maximum projections: decoded training latents, samples, Gaussian flow."""
     import torch
-    from scripts.networks.checkpoints import load_checkpoint
     from scripts.networks.schedulers import make_scheduler, sample_grids
-    from scripts.networks.trained import trained_unet
-    from scripts.training.latents import sample_latents
 
-    ckpt = load_checkpoint(ckpt_path, "diffusion")
-    unet, scale, shape = trained_unet(ckpt, ckpt_path, "cpu"), ckpt["scale_factor"], tuple(ckpt["latent_shape"])
-    size = re.match(r"n(\d+)_", row).group(1)
-    train_dir = Path(work) / f"data{size}" / "voxels_nifti" / "train"
-    autoencoder, mu, sigma = _encoded(str(autoencoder_path), str(train_dir), n_spectrum)
+    ckpt, unet, data = _stage2(work, row, ckpt_path)
+    scale, shape = ckpt["scale_factor"], tuple(ckpt["latent_shape"])
+    autoencoder = _encoded(str(autoencoder_path), str(data / "train"), n_spectrum)[0]
     scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS, eta=0.0)  # the deterministic map it measures
     # the bundle's sampling, from noise drawn with seed 0; the Gaussian flow of the same noise
     samples = sample_grids(autoencoder, unet, scheduler, scale, shape, n, "cpu", torch.Generator().manual_seed(0))
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        draw = ckpt.get("latent_draw", "sample")
-        real = sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", draw=draw) * scale
+        real = _latents(autoencoder_path, data / "train", n_spectrum, ckpt)
         mean = real.mean((0, 2, 3, 4), keepdim=True)
         power = (torch.fft.fftn(real - mean, dim=(2, 3, 4)).abs() ** 2).mean(0, keepdim=True)
         whitened = torch.fft.fftn(noise, dim=(2, 3, 4)) * torch.sqrt(power / float(np.prod(shape[1:])))
@@ -145,21 +159,12 @@ def denoising_errors(work, row, ckpt_path, autoencoder_path, n_spectrum, n):
     """Per noise level of :data:`NOISE_LEVELS`: (the UNet's error, the Gaussian's error) of the clean-latent
     prediction on ``n`` of the row's validation latents, each as a fraction of their variance."""
     import torch
-    from scripts.networks.checkpoints import load_checkpoint
-    from scripts.networks.trained import trained_unet
-    from scripts.training.latents import sample_latents
 
-    ckpt = load_checkpoint(ckpt_path, "diffusion")
-    unet, scale = trained_unet(ckpt, ckpt_path, "cpu"), ckpt["scale_factor"]
-    size = re.match(r"n(\d+)_", row).group(1)
-    data = Path(work) / f"data{size}" / "voxels_nifti"
-    draw = ckpt.get("latent_draw", "sample")
-    latents = []
-    for split, count in (("train", n_spectrum), ("val", n)):
-        _, mu, sigma = _encoded(str(autoencoder_path), str(data / split), count)
-        generator = torch.Generator().manual_seed(0)
-        latents.append(sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", generator, draw) * scale)
-    train, val = latents
+    ckpt, unet, data = _stage2(work, row, ckpt_path)
+    train, val = (
+        _latents(autoencoder_path, data / split, count, ckpt, torch.Generator().manual_seed(0))
+        for split, count in (("train", n_spectrum), ("val", n))
+    )
     gaussian = gaussian_denoiser(train)
     variance = float(((val - train.mean(0, keepdim=True)) ** 2).mean())
     generator, errors = torch.Generator().manual_seed(1), []

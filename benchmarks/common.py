@@ -246,7 +246,7 @@ def stage1_step(autoencoder_args, discriminator_args, values, device, amp_dtype)
 
 
 def stage2_trainer(unet_args, settings, learning_rate, device, amp_dtype):
-    """The bundle's stage-2 trainer (``LatentDiffusionTrainer``) for one step at a time: see :func:`stage2_step`."""
+    """The bundle's stage-2 trainer (``LatentDiffusionTrainer``) for one step at a time: see :func:`stage2_iteration`."""
     import torch
     from scripts.networks.build import build_unet
     from scripts.networks.schedulers import training_scheduler
@@ -260,14 +260,27 @@ def stage2_trainer(unet_args, settings, learning_rate, device, amp_dtype):
     return _outside_the_loop(trainer, amp_dtype)
 
 
-def stage2_step(unet_args, settings, learning_rate, device, amp_dtype, trainer=None):
-    """One stage-2 iteration of the bundle (``LatentDiffusionTrainer._iteration``) as a function of a batch of
-    latents (passed as the encoder's mean with zero spread, so the step uses them as they are); of ``trainer`` when
-    given, else of a new :func:`stage2_trainer`."""
+def untrained_sampler(settings, kind, steps):
+    """A ``kind`` scheduler of ``steps`` sampling steps for untrained networks, whatever objective ``settings`` name:
+    the settings with the objective that ``kind`` samples (timings do not depend on the weights)."""
+    from scripts.networks.schedulers import make_scheduler
+    from scripts.runtime.settings import SAMPLERS
+
+    objective = next(name for name, kinds in SAMPLERS.items() if kind in kinds)
+    return make_scheduler({**settings, "objective": objective}, kind, steps)
+
+
+def stage2_iteration(trainer):
+    """``trainer``'s iteration (``LatentDiffusionTrainer._iteration``) as a function of a batch of latents (passed as
+    the encoder's mean with zero spread, so the step uses them as they are)."""
     import torch
 
-    trainer = trainer or stage2_trainer(unet_args, settings, learning_rate, device, amp_dtype)
     return lambda latents: trainer._iteration(trainer, {"z_mu": latents, "z_sigma": torch.zeros_like(latents)})
+
+
+def stage2_step(unet_args, settings, learning_rate, device, amp_dtype):
+    """One stage-2 iteration of the bundle, of a new :func:`stage2_trainer`: see :func:`stage2_iteration`."""
+    return stage2_iteration(stage2_trainer(unet_args, settings, learning_rate, device, amp_dtype))
 
 
 def refiner_step(refiner_args, sigma_voxels, device, amp_dtype):

@@ -127,13 +127,13 @@ def refiner_step(cfg, device, amp):
 
 def sampling(cfg, device, amp):
     from scripts.networks.build import build_autoencoder, build_unet
-    from scripts.networks.schedulers import make_scheduler, objective_of, sample_grids
+    from scripts.networks.schedulers import sample_grids
 
     ae_args, latent, unet_args, settings, _ = diffusion_settings(cfg)
     autoencoder, unet = build_autoencoder(ae_args).to(device).eval(), build_unet(unet_args).to(device).eval()
     rows, n = [], cfg["sample_batch"]
     for kind, steps in cfg["steps"].items():
-        scheduler = make_scheduler({**settings, "objective": objective_of(kind)}, kind, steps)
+        scheduler = common.untrained_sampler(settings, kind, steps)
         seconds, peak = timed_steps(
             lambda s=scheduler: sample_grids(autoencoder, unet, s, 1.0, latent, n, device, None, amp), device, 1
         )

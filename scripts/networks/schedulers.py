@@ -24,11 +24,6 @@ def objective(settings):
     return settings.get("objective", "ddpm")
 
 
-def objective_of(kind):
-    """The training objective whose samplers include ``kind`` ('RFlow' → 'rflow', 'DDIM' or 'DDPM' → 'ddpm')."""
-    return next(name for name, kinds in SAMPLERS.items() if kind in kinds)
-
-
 class StochasticRFlowScheduler(RFlowScheduler):
     """Rectified-flow sampling that draws part of the noise afresh in its late steps.
 

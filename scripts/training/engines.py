@@ -262,12 +262,12 @@ def draw_timesteps(n, num_train_timesteps, sampling="uniform", generator=None, d
     sample's layout is set)."""
     if sampling == "logit-normal":
         u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
-        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
-    if sampling == "high-noise":
+    elif sampling == "high-noise":
         u = torch.rand(n, generator=generator, device=device)
         u = HIGH_NOISE_SHIFT * u / (1 + (HIGH_NOISE_SHIFT - 1) * u)
-        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    else:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def diffusion_loss(unet, scheduler, latents, autocast, generator=None, timestep_sampling="uniform"):
