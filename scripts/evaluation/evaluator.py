@@ -26,34 +26,29 @@ import numpy as np
 import torch
 from scripts.data.datasets import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.data.geometry import GridGeometry
-from scripts.data.nifti import load_nifti
 from scripts.data.pointclouds import read_point_clouds
 from scripts.data.voxelize import grid_to_points, point_count, voxelize_like
+from scripts.evaluation.inputs import check_folders, check_reference, check_trained_box, find_samples, read_samples
 from scripts.evaluation.metrics import (
     box_normalize,
     chamfer_matrix,
     compare_distributions,
     dice_iou,
     emd_set_blocks,
-    local_shape,
-    nn_distances_nm,
-    pair_distances,
+    foreground_statistics,
     psnr,
     set_metrics,
     subsample,
 )
-from scripts.evaluation.realism import classifier_two_sample_test, statistic_features
+from scripts.evaluation.realism import classifier_two_sample_test, set_statistics
 from scripts.evaluation.report import markdown_report, write_figures
 from scripts.networks.fine_stage import check_spacing, refine_grid
 from scripts.runtime.errors import UserError
-from scripts.runtime.output_folders import StagedOutput, listed_files
+from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.settings import BY_MASS, check_values, grouped
 
 logger = logging.getLogger(__name__)
-CONVERT_HINT = "convert point clouds with scripts/convert_h5_to_nifti.py first"
-SAMPLE_HINT = "sample first: python -m monai.bundle run --config_file configs/inference.json"
 EVALUATION_FILES = ("metrics.json", "metrics.md", "*.png")
-STATISTICS = ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm")
 GROUPS = {  # the Evaluation's settings by group, with their defaults
     "reference": {"file": None, "box_tolerance": 0.1, "max_clouds": None},
     "metrics": {
@@ -164,13 +159,13 @@ class Evaluation:
             raise UserError(
                 f"emd_points: must be an integer in [0, num_points={num_points}] or null, got {emd_points!r}"
             )
-        self._check_folders()
+        check_folders(self.dataset_dir, self.samples_dir)
         self.staged = StagedOutput(self.output_dir, "an evaluation", EVALUATION_FILES, overwrite)
         self.staged.check()
-        self.sample_files, self.sample_grid_files = self._find_samples()
+        self.sample_files, self.sample_grid_files = find_samples(self.samples_dir)
         self.info = load_dataset_info(self.dataset_dir / "val")
         self.geometry = GridGeometry.from_dict(self.info["geometry"])
-        self._check_trained_box(autoencoder_checkpoint, autoencoder_path)
+        check_trained_box(autoencoder_checkpoint, autoencoder_path, self.geometry, self.dataset_dir)
         self.points_per_mass = (self.info.get("points_per_mass") or {}).get("mean")
         self.threshold, self.method, self.export_num_points = (
             export["threshold"],
@@ -203,41 +198,6 @@ class Evaluation:
 
     # ------------------------------------------------------------------------------------------------ inputs
 
-    def _check_folders(self):
-        if not self.dataset_dir.is_dir():
-            raise UserError(f"{self.dataset_dir}: no such dataset folder; {CONVERT_HINT}")
-        for name in ("dataset_info.json", "val_points.h5", "train_points.h5"):
-            if not (self.dataset_dir / name).is_file():
-                raise UserError(f"{self.dataset_dir / name}: no such file; {CONVERT_HINT} (with a validation split)")
-        if not self.samples_dir.is_dir():
-            raise UserError(f"{self.samples_dir}: no such samples folder; {SAMPLE_HINT}")
-
-    def _check_trained_box(self, autoencoder_checkpoint, autoencoder_path):
-        trained_on = (autoencoder_checkpoint.get("dataset_info") or {}).get("geometry")
-        if trained_on and not GridGeometry.from_dict(trained_on).same_box(self.geometry):
-            raise UserError(
-                f"{autoencoder_path}: was trained on data in another box ({trained_on['box_min_nm']} to "
-                f"{trained_on['box_max_nm']} nm) than {self.dataset_dir} ({list(self.geometry.box_min_nm)} to "
-                f"{list(self.geometry.box_max_nm)} nm)"
-            )
-
-    def _find_samples(self):
-        """The sample clouds (and grids) of one sampling run: those its manifest lists, else what the folders hold."""
-        # the sampler's manifest names exactly one run's files; without one, whatever the folders hold
-        listed = listed_files(self.samples_dir)
-        if listed is not None:
-            files = [self.samples_dir / f for f in listed if f.startswith("pointcloud/") and f.endswith(".csv")]
-            grid_files = [self.samples_dir / f for f in listed if f.startswith("nifti/")]
-        else:
-            files = sorted((self.samples_dir / "pointcloud").glob("*.csv"))
-            folder = self.samples_dir / "nifti"
-            grid_files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
-        if not files and (self.samples_dir / "pointcloud" / "samples.h5").is_file():
-            files = [self.samples_dir / "pointcloud" / "samples.h5"]
-        if not files:
-            raise UserError(f"{self.samples_dir / 'pointcloud'}: no sample point clouds (*.csv); {SAMPLE_HINT}")
-        return files, grid_files
-
     def _rng(self, *stream):
         return np.random.default_rng([self.seed, *stream])
 
@@ -248,31 +208,17 @@ class Evaluation:
         transform = volume_transforms(self.voxel_size)
         return [transform(dict(d))["image"][0].numpy() for d in datalist]
 
-    def _check_reference(self, clouds):
-        """Refuse reference clouds with fewer than 2 distinct points (in the box), or that span another box than the
-        training clouds (each corner to ``reference_box_tolerance`` of the training box's side)."""
-        few = "{}: cloud {} has {} distinct point{} {}; each reference cloud needs at least 2 to be compared"
-        for i, cloud in enumerate(clouds):
-            if len(cloud) < 2 or not np.ptp(cloud, axis=0).any():
-                raise UserError(few.format(self.reference_file, i, 1, "", f"({len(cloud)} in all)"))
-        trained = GridGeometry.around(read_point_clouds(self.dataset_dir / "train_points.h5")[0], self.voxel_size)
-        reference = GridGeometry.around(clouds, self.voxel_size)
-        if not reference.same_box(trained, self.reference_box_tolerance * trained.size_nm):
-            raise UserError(
-                f"{self.reference_file}: its clouds span {reference.describe()}, but the training clouds of "
-                f"{self.dataset_dir} span {trained.describe()} (reference_box_tolerance "
-                f"{self.reference_box_tolerance:g} of each side); evaluate against clouds of the training box"
-            )
-        for i, cloud in enumerate(self._inside(clouds)):
-            n = len(np.unique(cloud, axis=0))
-            if n < 2:
-                where = f"inside the box of {self.dataset_dir}"
-                raise UserError(few.format(self.reference_file, i, n, "" if n == 1 else "s", where))
-
     def _heldout(self):
         if self.reference_file is not None:
             clouds = read_point_clouds(self.reference_file)[0]
-            self._check_reference(clouds)
+            check_reference(
+                clouds,
+                self.reference_file,
+                self.dataset_dir,
+                self.geometry,
+                self.voxel_size,
+                self.reference_box_tolerance,
+            )
             clouds = self._inside(clouds)
             clouds = self._at_most(clouds, self.max_reference_clouds, 0)
             grids = [resize_grid(voxelize_like(c, self.info), self.voxel_size) for c in clouds]
@@ -327,29 +273,6 @@ class Evaluation:
                 out += list(self.autoencoder.reconstruct(batch).float().clamp(0, 1)[:, 0].cpu().numpy())
         return out
 
-    def _samples(self):
-        clouds = []
-        for path in self.sample_files:
-            if path.suffix == ".csv" and not _has_rows(path):
-                clouds.append(np.zeros((0, 3)))  # an empty sample is counted, not refused
-            else:
-                clouds += read_point_clouds(path)[0]
-        grids = []
-        for path in self.sample_grid_files:
-            grid, geometry = load_nifti(path)
-            if not geometry.same_box(self.geometry):
-                raise UserError(
-                    f"{path}: covers {list(geometry.box_min_nm)} to {list(geometry.box_max_nm)} nm, not the "
-                    f"training box of {self.dataset_dir}; evaluate against the data the model was trained on"
-                )
-            if grid.shape != self.voxel_size:
-                raise UserError(
-                    f"{path}: has shape {grid.shape}, the autoencoder's grids {self.voxel_size}; evaluate with the "
-                    f"autoencoder that made the samples"
-                )
-            grids.append(grid)
-        return clouds, grids or None
-
     # ------------------------------------------------------------------------------------------------ metrics
 
     def _prepare(self, clouds, stream):
@@ -372,38 +295,14 @@ class Evaluation:
                 logger.info(f"EMD: {n_exact} new exact assignments for the {n * (n - 1) // 2} pairs of the union")
         return row
 
-    def _statistics(self, clouds, stream):
-        """What a microscopist reads off clouds, pooled over them: nearest-neighbour distances, z, local linearity
-        and planarity, and the distances of point pairs within ``pair_range_nm`` (all in nm but the shapes); and each
-        cloud's :func:`~scripts.evaluation.realism.statistic_features` (one row per cloud, for the realism test)."""
-        rng = self._rng(stream)
-        stats, features = {key: [] for key in STATISTICS}, []
-        for cloud in clouds:
-            nn, z = nn_distances_nm(cloud), cloud[:, 2]
-            linearity, planarity = local_shape(cloud, self.structure_radius_nm, rng=rng)
-            pairs = pair_distances(cloud, *self.pair_range_nm, rng=rng)
-            for key, values in zip(STATISTICS, (nn, z, linearity, planarity, pairs)):
-                stats[key].append(values)
-            features.append(statistic_features(len(cloud), nn, z, linearity, planarity, pairs, self.pair_range_nm))
-        pooled = {key: np.concatenate(values) if values else np.zeros(0) for key, values in stats.items()}
-        return pooled, np.array(features).reshape(len(features), -1)
-
-    def _grid_stats(self, grids, real_grids):
-        fraction = [float(np.mean(g > self.threshold)) for g in grids]
-        real_fraction = [float(np.mean(g > self.threshold)) for g in real_grids]
-        intensity = np.concatenate([g[g > self.threshold] for g in grids])
-        real_intensity = np.concatenate([g[g > self.threshold] for g in real_grids])
-        return {
-            "foreground_fraction": compare_distributions(fraction, real_fraction),
-            "foreground_intensity": compare_distributions(intensity, real_intensity),
-        }
-
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self):
         logger.info(f"reading the held-out set of {self.reference_file or self.dataset_dir}")
         real_clouds, real_grids = self._heldout()
-        sample_clouds, sample_grids = self._samples()
+        sample_clouds, sample_grids = read_samples(
+            self.sample_files, self.sample_grid_files, self.geometry, self.voxel_size, self.dataset_dir
+        )
         n = min(len(real_clouds), len(sample_clouds), len(read_point_clouds(self.dataset_dir / "train_points.h5")[0]))
         if n < max(len(real_clouds), len(sample_clouds)):
             logger.warning(
@@ -464,12 +363,13 @@ class Evaluation:
         reference = {"cd_clouds": full, "cd": chamfer_matrix(full, workers=self.workers)}
         if small is not None:
             reference.update(emd_clouds=small, emd_cache={})
-        real, real_features = self._statistics(real_clouds, 9)
+        real, real_features = set_statistics(real_clouds, self.structure_radius_nm, self.pair_range_nm, self._rng(9))
         rows, curves = {}, {key: {"held-out": values} for key, values in real.items()}
         for k, (name, (clouds, grids)) in enumerate(sets.items()):
             logger.info(f"{name}: {len(clouds)} clouds against {len(real_clouds)} held-out clouds")
             row = self._point_metrics(clouds, reference, (5, k))
-            stats, features = self._statistics([c for c in clouds if len(c)], 10 + k)
+            clouds_in = [c for c in clouds if len(c)]
+            stats, features = set_statistics(clouds_in, self.structure_radius_nm, self.pair_range_nm, self._rng(10 + k))
             for key, values in stats.items():
                 row[key] = compare_distributions(values, real[key])
                 curves[key][name] = values
@@ -478,7 +378,7 @@ class Evaluation:
                     features, real_features, self.realism_folds, [self.seed, 11, k]
                 )
             if grids is not None:
-                row.update(self._grid_stats(grids, real_grids))
+                row.update(foreground_statistics(grids, real_grids, self.threshold))
             rows[name] = row
         return rows, curves
 
@@ -507,9 +407,3 @@ class Evaluation:
             "count) telling the set's clouds from as many held-out ones, cross-validated",
             "rows": ROWS,
         }
-
-
-def _has_rows(csv_path):
-    with open(csv_path, errors="replace") as f:
-        f.readline()
-        return any(line.strip() for line in f)

@@ -235,6 +235,19 @@ def compare_distributions(values, reference):
     return out
 
 
+def foreground_statistics(grids, real_grids, threshold):
+    """:func:`compare_distributions` of the grids' foreground fractions (values above ``threshold``) and of their
+    foreground intensities, against those of ``real_grids``."""
+    fraction = [float(np.mean(g > threshold)) for g in grids]
+    real_fraction = [float(np.mean(g > threshold)) for g in real_grids]
+    intensity = np.concatenate([g[g > threshold] for g in grids])
+    real_intensity = np.concatenate([g[g > threshold] for g in real_grids])
+    return {
+        "foreground_fraction": compare_distributions(fraction, real_fraction),
+        "foreground_intensity": compare_distributions(intensity, real_intensity),
+    }
+
+
 def _stat(values, func):
     return float(func(values)) if len(values) else None
 

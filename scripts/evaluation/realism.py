@@ -37,16 +37,35 @@ def statistic_features(n_points, nn_nm, z_nm, linearity, planarity, pairs_nm, pa
     )
 
 
-def cloud_features(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=None):
-    """:func:`statistic_features` of a cloud (nm): its NN distances, z, :func:`local_shape` within ``radius_nm`` and
-    :func:`pair_distances` in ``pair_range_nm``. ``rng``: a Generator or a seed."""
-    points = np.asarray(points, np.float64)
-    rng = np.random.default_rng(rng)
+STATISTICS = ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm")
+
+
+def cloud_statistics(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=None):
+    """What a microscopist reads off a cloud (nm), by the names of :data:`STATISTICS`: its nearest-neighbour
+    distances, z, :func:`local_shape` within ``radius_nm`` and :func:`pair_distances` in ``pair_range_nm``."""
     linearity, planarity = local_shape(points, radius_nm, rng=rng)
     pairs = pair_distances(points, *pair_range_nm, rng=rng)
-    return statistic_features(
-        len(points), nn_distances_nm(points), points[:, 2], linearity, planarity, pairs, pair_range_nm
-    )
+    return dict(zip(STATISTICS, (nn_distances_nm(points), points[:, 2], linearity, planarity, pairs)))
+
+
+def cloud_features(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=None):
+    """:func:`statistic_features` of a cloud's :func:`cloud_statistics`. ``rng``: a Generator or a seed."""
+    points = np.asarray(points, np.float64)
+    stats = cloud_statistics(points, radius_nm, pair_range_nm, np.random.default_rng(rng))
+    return statistic_features(len(points), *stats.values(), pair_range_nm)
+
+
+def set_statistics(clouds, radius_nm, pair_range_nm, rng):
+    """The :func:`cloud_statistics` of ``clouds`` pooled over them, and each cloud's :func:`statistic_features`
+    (one row per cloud, for :func:`classifier_two_sample_test`)."""
+    stats, features = {key: [] for key in STATISTICS}, []
+    for cloud in clouds:
+        one = cloud_statistics(cloud, radius_nm, pair_range_nm, rng)
+        for key, values in one.items():
+            stats[key].append(values)
+        features.append(statistic_features(len(cloud), *one.values(), pair_range_nm))
+    pooled = {key: np.concatenate(values) if values else np.zeros(0) for key, values in stats.items()}
+    return pooled, np.array(features).reshape(len(features), -1)
 
 
 def _logistic_fit(x, y, l2):
