@@ -348,6 +348,11 @@ def _parser():
     parser.add_argument("--seed", type=int, default=0, help="stage 2's training seed (sampling keeps seed 0)")
     parser.add_argument("--figure", default=None, help="also write one PNG per row: test clouds above each milestone")
     parser.add_argument(
+        "--data_only",
+        action="store_true",
+        help="simulate and convert the rows' clouds (W/dataN/voxels_nifti), train nothing",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="ID=VALUE", help="a change to the recipe (train_diffusion.json)"
     )
     parser.add_argument(
@@ -391,6 +396,9 @@ def main():
         row.mkdir(exist_ok=True)
         (work / f"data{n_train}").mkdir(exist_ok=True)  # one conversion per size, shared by its rows
         dataset = prepare_row(work / f"data{n_train}", n_train, n_val, geometry, log)
+        if args.data_only:
+            print(f"{dataset}: {n_train} training clouds in the autoencoder's box", flush=True)
+            continue
         n_actual = json.loads((dataset / "dataset_info.json").read_text())["counts"]["n_train"]
         per_epoch = math.ceil(n_actual / BATCH)
         timing_file = row / "minutes.json"
@@ -428,6 +436,8 @@ def main():
             print("\n".join(table(results[-1:])[2:]), flush=True)
         if args.figure:
             figure(row, milestones, Path(args.figure).with_suffix(f".{row.name}{sampling_label(sampler)}.png"), sampler)
+    if args.data_only:
+        return
     intro = (
         f"The demo's stage-2 recipe on the autoencoder and fine stage of {models}; {n_test} samples per milestone "
         f"against {n_test} test clouds (the demo's, seed 1); minutes: this row's training so far."

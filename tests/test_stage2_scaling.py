@@ -138,3 +138,22 @@ def test_gaussian_denoiser_reaches_the_wiener_error_of_a_known_gaussian():
         assert abs(empirical / exact - 1) < 0.05, (t, empirical, exact)
         errors.append(empirical)
     assert errors[0] < errors[1] < errors[2] < float(test.var(0).mean())
+
+
+def test_scaling_benchmark_data_only_converts_a_row_into_the_autoencoders_box_and_trains_nothing(tmp_path):
+    """``--data_only`` (how the shipped fine stage's 1000 training clouds are made): the row's clouds simulated and
+    converted into the shipped autoencoder's box and grid, no stage 2 trained, no report written."""
+    command = [sys.executable, "benchmarks/benchmark_stage2_scaling.py", "--work_dir", str(tmp_path)]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(
+        command + ["--rows", "12:on", "--data_only"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    info = json.loads((tmp_path / "data12" / "voxels_nifti" / "dataset_info.json").read_text())
+    shipped = json.loads((ROOT / "models" / "checkpoints.json").read_text())["model_autoencoder.pt"]["checkpoint"]
+    box = shipped["dataset_info"]["geometry"]
+    assert info["counts"]["n_train"] == 12 and info["counts"]["n_val"] == 100
+    assert np.allclose(info["geometry"]["box_min_nm"], box["box_min_nm"], atol=1e-2)
+    assert np.allclose(info["geometry"]["box_max_nm"], box["box_max_nm"], atol=1e-2)
+    assert info["geometry"]["shape"] == box["shape"]
+    assert not (tmp_path / "n12_aug" / "diffusion").exists() and not (tmp_path / "report.md").exists()
