@@ -9,7 +9,8 @@ of the demo's simulator (seed 1, which no training used), against those clouds::
 Rows: the simulator's other clouds (seed 2: the floor); points uniform inside the voxels of the real grids; the
 fine stage on the real grids (the fine stage's own limit); the fine stage on the autoencoder's reconstructions of
 those grids (the ceiling of stage 2). ``--refiner`` adds the two fine-stage rows of other fine-stage checkpoints
-(trained for the same box and voxel size), so a fine stage can be compared with the shipped one in one run.
+(trained for the same box and voxel size), so a fine stage can be compared with the shipped one in one run; each
+row names its fine stage by its training (epochs, training clouds).
 Statistics as in ``configs/evaluate.json`` (W1 to the test clouds' pooled distributions, the realism test) and the
 model card's targets. ``--quick``: 8 clouds.
 """
@@ -151,11 +152,9 @@ def main():
     for i, path in enumerate([trained.checkpoint_path(models, "refiner"), *args.refiner]):
         ckpt = trained.load_refiner_checkpoint(path)
         refiner = trained.trained_refiner(ckpt, path)
-        name = (
-            f"fine stage {path}"
-            if i
-            else "shipped fine stage" if models == ROOT / "models" else f"fine stage of {models}"
-        )
+        trained_for = f"{ckpt['epoch']} epochs, {ckpt['dataset_info']['counts']['n_train']} clouds"
+        prefix = "" if i else "shipped " if models == ROOT / "models" else "the model_dir's "
+        name = f"{prefix}fine stage ({trained_for})"
         rows.append((f"{name} on the real grids", refined(refiner, ckpt, grids, geometry, points_per_mass)))
         ceiling = refined(refiner, ckpt, recon, geometry, points_per_mass)
         rows.append((f"{name} on their reconstructions (the ceiling)", ceiling))
