@@ -19,20 +19,20 @@ QUICK = {  # benchmark: a cell its table prints only when the reference was meas
 }
 
 
+def _run_quick(name, *args):
+    """``benchmarks/<name> --quick *args`` from the bundle root; its output, after checking that it succeeded."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, f"benchmarks/{name}", "--quick", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
 @pytest.mark.parametrize("name", sorted(QUICK))
 def test_benchmark_quick_prints_ours_beside_the_reference(name):
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{name}", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "quick" in result.stdout.lower()  # the header says the figures are a smoke check
-    assert QUICK[name] in result.stdout
+    stdout = _run_quick(name)
+    assert "quick" in stdout.lower()  # the header says the figures are a smoke check
+    assert QUICK[name] in stdout
 
 
 def _cells(stdout, label):
@@ -45,27 +45,10 @@ def test_ceiling_benchmark_scores_the_fine_stage_on_real_grids_and_reconstructio
     """The ceiling of stage 2 on the shipped weights: the fine stage's points on the test clouds' own grids lie
     closer to the structure (NN-distance W1) than points drawn uniformly inside the same voxels, and an extra fine
     stage given with --refiner gets its two rows, scored like the shipped one."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/benchmark_ceiling.py",
-            "--quick",
-            "--work_dir",
-            str(tmp_path),
-            "--refiner",
-            "models/model_refiner.pt",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    uniform = float(_cells(result.stdout, "points uniform inside")[1])
-    shipped = _cells(result.stdout, "shipped fine stage (")
+    stdout = _run_quick("benchmark_ceiling.py", "--work_dir", str(tmp_path), "--refiner", "models/model_refiner.pt")
+    uniform = float(_cells(stdout, "points uniform inside")[1])
+    shipped = _cells(stdout, "shipped fine stage (")
     assert float(shipped[1]) < 0.6 * uniform
     # the extra fine stage (the same file) is named by its training and scored as the shipped one
-    assert _cells(result.stdout, "fine stage (")[1:] == shipped[1:]
-    assert (tmp_path / "report.md").read_text().strip() in result.stdout
+    assert _cells(stdout, "fine stage (")[1:] == shipped[1:]
+    assert (tmp_path / "report.md").read_text().strip() in stdout
