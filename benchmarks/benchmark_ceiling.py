@@ -54,10 +54,9 @@ def refined(refiner, checkpoint, grids, geometry, points_per_mass):
     from scripts.data.voxelize import point_count
     from scripts.networks.fine_stage import refine_grid
 
-    out = []
+    out, steps = [], checkpoint["sampling"]["flow_steps"]
     for i, grid in enumerate(grids):
         n = point_count(grid, geometry.with_shape(grid.shape), None, points_per_mass)
-        steps = checkpoint["sampling"]["flow_steps"]
         out.append(refine_grid(refiner, grid, geometry, n, THRESHOLD, steps, torch.Generator().manual_seed(i)))
     return out
 
@@ -124,15 +123,21 @@ def main():
     from scripts.data.pointclouds import read_point_clouds
     from scripts.evaluation.realism import set_statistics
     from scripts.networks import trained
+    from scripts.runtime.errors import UserError
 
     n = N_QUICK if args.quick else N_CLOUDS
+    models = Path(args.model_dir).resolve()
+    ae_path = trained.checkpoint_path(models, "autoencoder")
+    refiner_paths = [trained.checkpoint_path(models, "refiner"), *args.refiner]
+    try:  # every checkpoint read before any work, so a wrong path costs no minutes
+        ae_ckpt = trained.load_autoencoder_checkpoint(ae_path)
+        fine_stages = [(path, trained.load_refiner_checkpoint(path)) for path in refiner_paths]
+    except UserError as e:
+        parser.error(str(e))
+    autoencoder = trained.frozen_autoencoder(ae_ckpt, ae_path, "cpu")
     work = Path(args.work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     log, load = work / "commands.log", common.load_average()
-    models = Path(args.model_dir).resolve()
-    ae_path = trained.checkpoint_path(models, "autoencoder")
-    ae_ckpt = trained.load_autoencoder_checkpoint(ae_path)
-    autoencoder = trained.frozen_autoencoder(ae_ckpt, ae_path, "cpu")
     info = ae_ckpt["dataset_info"]
     geometry = GridGeometry.from_dict(info["geometry"])
     points_per_mass = info["points_per_mass"]["mean"]
@@ -149,8 +154,7 @@ def main():
         ("floor: the simulator's other clouds (seed 2)", clouds["other"]),
         ("points uniform inside the real grids' voxels", voxel_uniform(grids, geometry, points_per_mass)),
     ]
-    for i, path in enumerate([trained.checkpoint_path(models, "refiner"), *args.refiner]):
-        ckpt = trained.load_refiner_checkpoint(path)
+    for i, (path, ckpt) in enumerate(fine_stages):
         refiner = trained.trained_refiner(ckpt, path)
         trained_for = f"{ckpt['epoch']} epochs, {ckpt['dataset_info']['counts']['n_train']} clouds"
         prefix = "" if i else "shipped " if models == ROOT / "models" else "the model_dir's "

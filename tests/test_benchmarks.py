@@ -52,3 +52,19 @@ def test_ceiling_benchmark_scores_the_fine_stage_on_real_grids_and_reconstructio
     # the extra fine stage (the same file) is named by its training and scored as the shipped one
     assert _cells(stdout, "fine stage (")[1:] == shipped[1:]
     assert (tmp_path / "report.md").read_text().strip() in stdout
+
+
+def test_ceiling_benchmark_refuses_a_missing_fine_stage_before_any_work(tmp_path):
+    work, missing = tmp_path / "work", tmp_path / "no_refiner.pt"
+    command = [sys.executable, "benchmarks/benchmark_ceiling.py", "--quick", "--work_dir", str(work)]
+    result = subprocess.run(command + ["--refiner", str(missing)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"error: {missing}: no such checkpoint; train the fine "
+            "stage first: python -m monai.bundle run --config_file configs/train_refiner.json"
+        )
+    )
+    assert "Traceback" not in result.stderr and not work.exists()
