@@ -102,6 +102,16 @@ def user_error_message(exc):
     return None
 
 
+_BEFORE_HARD_EXIT = []
+
+
+def before_hard_exit(func):
+    """Also run ``func`` when an interrupt ends a run through ``os._exit``, which skips the ``atexit`` hooks (the
+    output folders register the release of the folders they hold)."""
+    if func not in _BEFORE_HARD_EXIT:
+        _BEFORE_HARD_EXIT.append(func)
+
+
 def _one_line_excepthook(exc_type, exc, tb):
     """Print a :class:`UserError` or an interrupt (also when a framework wrapped it in another exception) in a line."""
     stop = _cause(exc, KeyboardInterrupt)
@@ -111,11 +121,8 @@ def _one_line_excepthook(exc_type, exc, tb):
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        from scripts.runtime.output_folders import (
-            release_held_folders,  # os._exit skips the atexit hook that releases them
-        )
-
-        release_held_folders()
+        for release in _BEFORE_HARD_EXIT:  # os._exit skips atexit's hooks
+            release()
         os._exit(stop.exit_status)  # MONAI's CLI owns the exit status otherwise; files were closed while unwinding
     message = user_error_message(exc) or _bundle_command_message(exc, tb)
     if message is None:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scripts.runtime.atomic_write import atomic_path
-from scripts.runtime.errors import UserError
+from scripts.runtime.errors import UserError, before_hard_exit
 
 logger = logging.getLogger(__name__)
 MANIFEST = ".manifest.json"
@@ -124,6 +124,7 @@ def hold_folder(folder, name="output_dir"):
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
     if not _held:
         atexit.register(release_held_folders)
+        before_hard_exit(release_held_folders)
     _held[key] = _Hold(fd, path, created)
 
 
