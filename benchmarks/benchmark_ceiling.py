@@ -51,13 +51,14 @@ def reconstructions(autoencoder, grids):
 def refined(refiner, checkpoint, grids, geometry, points_per_mass):
     """The fine stage's points of each grid, as many as the training data's density gives (seeded per grid)."""
     import torch
-    from scripts.data.voxelize import point_count
     from scripts.networks.fine_stage import refine_grid
 
     out, steps = [], checkpoint["sampling"]["flow_steps"]
     for i, grid in enumerate(grids):
-        n = point_count(grid, geometry.with_shape(grid.shape), None, points_per_mass)
-        out.append(refine_grid(refiner, grid, geometry, n, THRESHOLD, steps, torch.Generator().manual_seed(i)))
+        generator = torch.Generator().manual_seed(i)
+        out.append(
+            refine_grid(refiner, grid, geometry, None, THRESHOLD, steps, generator, points_per_mass=points_per_mass)
+        )
     return out
 
 

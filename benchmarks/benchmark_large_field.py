@@ -344,18 +344,19 @@ def _window_rows(autoencoder, simulated, geometry, tile, size_nm):
 def _fidelity_rows(ckpt, refiner, refiner_ckpt, fields, geometry, simulated):
     """The sampled fields' points (fine stage) against the simulated field: density, NN distances and z, by region."""
     import torch
-    from scripts.data.voxelize import point_count
     from scripts.evaluation.metrics import compare_distributions, nn_distances_nm
     from scripts.networks.fine_stage import refine_grid, refine_slab
 
     points_per_mass = ckpt["dataset_info"]["points_per_mass"]["mean"]
     clouds = []
     for i, grid in enumerate(fields):
-        n = point_count(grid, geometry, None, points_per_mass)
         generator = torch.Generator().manual_seed(i)
         slab = refine_slab(grid.shape, refiner)
+        steps = refiner_ckpt["sampling"]["flow_steps"]
         clouds.append(
-            refine_grid(refiner, grid, geometry, n, 0.0, refiner_ckpt["sampling"]["flow_steps"], generator, 4, slab)
+            refine_grid(
+                refiner, grid, geometry, None, 0.0, steps, generator, slab_voxels=slab, points_per_mass=points_per_mass
+            )
         )
     lines = [
         "## 3. Fidelity at scale: the sampled fields' points (fine stage) against a simulated field",

@@ -11,9 +11,10 @@ from conftest import ROOT, TINY_REFINER, run_workflow
 from scripts.data.datasets import symmetries
 from scripts.data.geometry import GridGeometry
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.voxelize import grid_to_points, voxelize
+from scripts.data.voxelize import grid_to_points, point_count, voxelize
 from scripts.networks.checkpoints import load_checkpoint
 from scripts.networks.fine_stage import Refiner, couple, draw_anchors, offset_scale, refine_grid, splat_voxel
+from scripts.runtime.errors import UserError
 
 
 def _refiner_overrides(dataset_dir, autoencoder_ckpt, out, **extra):
@@ -139,6 +140,18 @@ def test_refined_points_lie_closer_to_the_filaments_than_voxel_uniform_ones():
     # medians of the distance to the nearest filament, measured here: real 33 nm, refined 54 nm, voxel-uniform 143 nm
     assert near_refined < 0.5 * near_uniform, (real, near_refined, near_uniform)
     assert geometry.inside(refined).all() and len(refined) == 3000
+
+
+def test_refine_grid_counts_points_by_the_training_density_unless_told():
+    geometry = GridGeometry((0, 0, 0), (800, 800, 400), (8, 8, 4))
+    grid = np.zeros((8, 8, 4), np.float32)
+    grid[2:6, 3, 1] = 1.0
+    refiner = Refiner(channels=(4,), hidden=16, num_layers=1).eval()
+    density = refine_grid(refiner, grid, geometry, None, 0.0, 2, torch.Generator().manual_seed(0), points_per_mass=3e4)
+    assert len(density) == point_count(grid, geometry, None, 3e4) > 0
+    assert len(refine_grid(refiner, grid, geometry, 50, 0.0, 2, points_per_mass=3e4)) == 50  # a count given wins
+    with pytest.raises(UserError, match="num_points"):
+        refine_grid(refiner, grid, geometry, None, 0.0, 2)
 
 
 def test_draw_anchors_follows_the_grid_and_its_threshold():

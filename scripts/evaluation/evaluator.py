@@ -27,7 +27,7 @@ import torch
 from scripts.data.datasets import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.data.geometry import GridGeometry
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.voxelize import grid_to_points, point_count, voxelize_like
+from scripts.data.voxelize import grid_to_points, voxelize_like
 from scripts.evaluation.inputs import check_folders, check_reference, check_trained_box, find_samples, read_samples
 from scripts.evaluation.metrics import (
     box_normalize,
@@ -241,9 +241,17 @@ class Evaluation:
         return [items[i] for i in np.sort(self._rng(stream).choice(len(items), n, replace=False))]
 
     def _refine(self, grid, stream):
-        n = point_count(grid, self.geometry.with_shape(grid.shape), self.export_num_points, self.points_per_mass)
         generator = torch.Generator().manual_seed(int(self._rng(*stream).integers(2**62)))
-        return refine_grid(self.refiner, grid, self.geometry, n, self.threshold, self.flow_steps, generator)
+        return refine_grid(
+            self.refiner,
+            grid,
+            self.geometry,
+            self.export_num_points,
+            self.threshold,
+            self.flow_steps,
+            generator,
+            points_per_mass=self.points_per_mass,
+        )
 
     def _training(self, n):
         clouds, _ = read_point_clouds(self.dataset_dir / "train_points.h5")

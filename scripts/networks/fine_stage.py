@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 from scripts.data.geometry import GridGeometry
-from scripts.data.voxelize import gaussian_kernel
+from scripts.data.voxelize import gaussian_kernel, point_count
 from scripts.runtime.errors import UserError
 from scripts.runtime.resources import check_memory, physical_memory_bytes, round_down
 from torch import nn
@@ -218,9 +218,19 @@ def _multinomial(weights, n, generator):
 
 
 def refine_grid(
-    refiner, grid, geometry, num_points, threshold=0.0, flow_steps=12, generator=None, retries=4, slab_voxels=None
+    refiner,
+    grid,
+    geometry,
+    num_points=None,
+    threshold=0.0,
+    flow_steps=12,
+    generator=None,
+    retries=4,
+    slab_voxels=None,
+    points_per_mass=None,
 ):
-    """``num_points`` points (nm, float64 (n, 3)) from ``grid`` (X, Y, Z), inside ``geometry``'s box.
+    """``num_points`` points (nm, float64 (n, 3)) from ``grid`` (X, Y, Z), inside ``geometry``'s box; by default
+    as many as the training data's density gives (``points_per_mass``, :func:`~scripts.data.voxelize.point_count`).
 
     Anchors are drawn with probability proportional to the grid's values above ``threshold``, then placed by the
     flow; a point the flow puts outside the box is drawn again from its anchor (``retries`` times) and then
@@ -232,6 +242,7 @@ def refine_grid(
     """
     grid = np.asarray(grid, np.float32)
     shape = tuple(grid.shape)
+    num_points = point_count(grid, geometry.with_shape(shape), num_points, points_per_mass)
     slab = shape[0] if slab_voxels is None else max(1, int(slab_voxels))
     starts = list(range(0, shape[0], slab))
     counts = [int(num_points)]

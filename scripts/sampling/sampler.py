@@ -10,7 +10,7 @@ import torch
 from scripts.data.geometry import GridGeometry
 from scripts.data.nifti import save_nifti
 from scripts.data.pointclouds import CSV_POINT_BYTES, H5_POINT_BYTES, PointCloudsH5Writer, write_points_csv
-from scripts.data.voxelize import grid_to_points, point_count
+from scripts.data.voxelize import grid_to_points
 from scripts.evaluation.projections import projections
 from scripts.evaluation.rendering import render_points
 from scripts.networks.build import downsampling
@@ -339,9 +339,18 @@ class Sampler:
             (folder / "nifti").mkdir(parents=True, exist_ok=True)
             save_nifti(folder / "nifti" / f"sample_{i:04d}.nii.gz", grid, geometry)
         if self.method == "refine":
-            n = point_count(grid, geometry, self.num_points, self.points_per_mass)
             generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, i]).integers(2**62)))
-            points = refine_grid(self.refiner, grid, geometry, n, self.threshold, self.flow_steps, generator, 4, slab)
+            points = refine_grid(
+                self.refiner,
+                grid,
+                geometry,
+                self.num_points,
+                self.threshold,
+                self.flow_steps,
+                generator,
+                slab_voxels=slab,
+                points_per_mass=self.points_per_mass,
+            )
         else:
             points = grid_to_points(
                 grid,
