@@ -348,11 +348,11 @@ def _fidelity_rows(ckpt, refiner, refiner_ckpt, fields, geometry, simulated):
     from scripts.networks.fine_stage import refine_grid, refine_slab
 
     points_per_mass = ckpt["dataset_info"]["points_per_mass"]["mean"]
+    steps = refiner_ckpt["sampling"]["flow_steps"]
     clouds = []
     for i, grid in enumerate(fields):
         generator = torch.Generator().manual_seed(i)
         slab = refine_slab(grid.shape, refiner)
-        steps = refiner_ckpt["sampling"]["flow_steps"]
         clouds.append(
             refine_grid(
                 refiner, grid, geometry, None, 0.0, steps, generator, slab_voxels=slab, points_per_mass=points_per_mass

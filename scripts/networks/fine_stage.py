@@ -242,7 +242,8 @@ def refine_grid(
     """
     grid = np.asarray(grid, np.float32)
     shape = tuple(grid.shape)
-    num_points = point_count(grid, geometry.with_shape(shape), num_points, points_per_mass)
+    geometry = geometry.with_shape(shape)
+    num_points = point_count(grid, geometry, num_points, points_per_mass)
     slab = shape[0] if slab_voxels is None else max(1, int(slab_voxels))
     starts = list(range(0, shape[0], slab))
     counts = [int(num_points)]
@@ -268,7 +269,7 @@ def refine_grid(
             positions[outside] = refiner.sample(part, anchors[outside], flow_steps, generator) + shift
         out.append(positions)
     positions = torch.cat(out) if out else torch.zeros((0, 3))
-    points = geometry.with_shape(shape).to_nm(positions.double().numpy())
+    points = geometry.to_nm(positions.double().numpy())
     # on the box, a thousandth of a nanometre inside: files written at 0.001 nm keep the points inside it
     return np.clip(points, geometry.lo + 1e-3, np.asarray(geometry.box_max_nm) - 1e-3)
 
