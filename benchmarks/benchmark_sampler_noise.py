@@ -8,6 +8,10 @@ statistic of the model card, the realism test, the copy check against the demo's
     OMP_WAIT_POLICY=PASSIVE python benchmarks/benchmark_sampler_noise.py --work_dir ~/runs/sampler_noise
 
 A setting already scored in ``--work_dir`` is read back. ``--quick``: 10 samples of 4 steps per setting.
+
+A setting with ``guidance=W`` samples with autoguidance (Karras et al., 2024): each velocity is the guide's pushed
+``W`` times as far towards the model's, ``guide + W (model - guide)``, the guide being a weaker version of the same
+model: the demo's recipe stopped after ``--guide_epochs`` epochs (trained into ``--work_dir``), or ``--guide``.
 """
 
 import json
@@ -21,6 +25,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.common import ROOT  # noqa: E402
 
 # isort: split
+import torch  # noqa: E402
 from scripts import run_demo  # noqa: E402
 
 SETTINGS = (
@@ -32,7 +37,15 @@ SETTINGS = (
     "eta=1,eta_below=0.7,num_inference_steps=50",
     "eta=1,eta_below=1,num_inference_steps=50",
 )
-QUICK = {"settings": ("eta=0,num_inference_steps=4", "eta=1,eta_below=0.5,num_inference_steps=4"), "n": 10}
+QUICK = {
+    "settings": (
+        "eta=0,num_inference_steps=4",
+        "eta=1,eta_below=0.5,num_inference_steps=4",
+        "eta=0,num_inference_steps=4,guidance=2",
+    ),
+    "n": 10,
+    "guide_epochs": 1,
+}
 
 
 def parse(setting):
@@ -44,11 +57,13 @@ def parse(setting):
 
 
 def label(setting):
-    """A setting as the figure names it: ``Euler, 20 steps`` or ``eta 1 below 0.5, 50 steps``."""
+    """A setting as the figure names it: ``Euler, 20 steps``, ``eta 1 below 0.5, 50 steps`` or ``guidance 2``."""
     from scripts.networks.schedulers import RFLOW_ETA
 
     values = {**{k: str(v) for k, v in RFLOW_ETA.items()}, **parse(setting)}
     steps = f"{values.get('num_inference_steps', 'the default')} steps"
+    if "guidance" in values:  # short: the row labels are drawn along a strip's height
+        return f"guidance {values['guidance']}" + (", Euler" if float(values["eta"]) == 0 else "")
     if float(values["eta"]) == 0:
         return f"Euler, {steps}"
     return f"eta {values['eta']} below {values['eta_below']}, {steps}"
@@ -59,26 +74,69 @@ def folder(work, setting, seed=0):
     return work / (setting.replace("=", "-").replace(",", "_") + (f"_seed{seed}" if seed else ""))
 
 
-def sample_and_score(work, setting, models, dataset, reference, n, log, with_reference_rows, seed=0):
+class AutoGuided(torch.nn.Module):
+    """A diffusion model guided by a weaker version of itself: ``guide + weight (model - guide)`` (autoguidance)."""
+
+    def __init__(self, model, guide, weight):
+        super().__init__()
+        self.model, self.guide, self.weight = model, guide, float(weight)
+
+    def forward(self, x, *args, **kwargs):
+        guide = self.guide(x, *args, **kwargs)
+        return guide + self.weight * (self.model(x, *args, **kwargs) - guide)
+
+
+def train_guide(work, dataset, models, epochs, log):
+    """The guide: stage 2 of the demo's recipe (``run_demo.DIFFUSION``, seed 0) on the demo's clouds, stopped after
+    ``epochs`` epochs; trained once into ``work/guide``."""
+    guide = work / "guide" / f"epochs{epochs}"
+    if not (guide / "latest_checkpoint.pt").is_file():
+        settings = {**run_demo.DIFFUSION, "dataset_dir": dataset, "seed": 0, "n_epochs": epochs, "ckpt_dir": guide}
+        settings.update(log_dir=guide / "logs", generate_samples_interval=10**6, val_interval=epochs)
+        run_demo.bundle_step(
+            "train_diffusion.json", {**settings, "autoencoder_path": models / "model_autoencoder.pt"}, log
+        )
+    return guide / "latest_checkpoint.pt"
+
+
+def sample_guided(overrides, guide, weight):
+    """``inference.json`` with ``overrides``, its UNet guided by the stage-2 checkpoint ``guide`` (in this process)."""
+    from scripts.networks import trained
+    from scripts.runtime.validators import literal
+
+    typed = {**{k: literal(str(v)) for k, v in overrides.items()}, "overwrite": True}
+    workflow = common.open_workflow(ROOT / "configs" / "inference.json", typed)
+    config = workflow.parser
+    checkpoint = trained.load_diffusion_checkpoint(
+        guide, config.get_parsed_content("autoencoder_checkpoint"), config.get_parsed_content("autoencoder_path")
+    )
+    weaker = trained.trained_unet(checkpoint, guide, config.get_parsed_content("device"))
+    config["unet"] = AutoGuided(config.get_parsed_content("unet"), weaker, weight)
+    common.run_workflow(workflow)
+
+
+def sample_and_score(work, setting, models, dataset, reference, n, log, with_reference_rows, seed=0, guide=None):
     """Sample ``n`` clouds from ``models`` with ``setting`` and score them; read back when done before."""
     out = folder(work, setting, seed)
     result_file = out / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    run_demo.bundle_step(
-        "inference.json",
-        {
-            "model_dir": models,
-            "output_dir": out / "samples",
-            "num_samples": n,
-            "output_formats": "['nifti','csv','h5']",
-            "batch_size": 10,
-            "seed": seed,
-            **parse(setting),
-            "overwrite": "true",
-        },
-        log,
-    )
+    values = parse(setting)
+    weight = values.pop("guidance", None)
+    overrides = {
+        "model_dir": models,
+        "output_dir": out / "samples",
+        "num_samples": n,
+        "output_formats": "['nifti','csv','h5']",
+        "batch_size": 10,
+        "seed": seed,
+        **values,
+        "overwrite": "true",
+    }
+    if weight is None:
+        run_demo.bundle_step("inference.json", overrides, log)
+    else:
+        sample_guided(overrides, guide, weight)
     result = scaling.evaluate(out, dataset, models, reference, log, with_reference_rows)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -106,6 +164,8 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (the same for every setting)")
     parser.add_argument("--figure_of", nargs="+", default=None, help="the settings drawn in --figure (default: all)")
+    parser.add_argument("--guide", default=None, help="the guide of guidance=W settings: a stage-2 checkpoint")
+    parser.add_argument("--guide_epochs", type=int, default=20, help="else the demo's recipe stopped after these")
     args = parser.parse_args()
     settings, n = (QUICK["settings"], QUICK["n"]) if args.quick else (args.settings, scaling.N_SCORED)
     for setting in settings:
@@ -113,6 +173,8 @@ def main():
             parse(setting)
         except ValueError:
             parser.error(f"--settings {setting!r}: give ID=VALUE pairs separated by commas")
+    if args.guide and not Path(args.guide).is_file():
+        parser.error(f"--guide {args.guide}: no such stage-2 checkpoint")
     models = Path(args.model_dir).resolve()
     if not (models / "checkpoints.json").is_file() and not (models / "diffusion").is_dir():
         parser.error(f"--model_dir {models}: holds no trained model (checkpoints.json, or diffusion/)")
@@ -123,11 +185,13 @@ def main():
     dataset = scaling.prepare_row(work / "data102", 102, 0, None, log)  # the demo's clouds and split
     reference = work / "test_clouds.h5"
     scaling.simulate(reference, n, 1, log)  # the demo's test clouds
+    guide = args.guide
+    if guide is None and any("guidance" in parse(s) for s in settings):
+        guide = train_guide(work, dataset, models, QUICK["guide_epochs"] if args.quick else args.guide_epochs, log)
     results = []
     for i, setting in enumerate(settings):
-        results.append(
-            (setting, sample_and_score(work, setting, models, dataset, reference, n, log, i == 0, args.seed))
-        )
+        score = sample_and_score(work, setting, models, dataset, reference, n, log, i == 0, args.seed, guide)
+        results.append((setting, score))
         print("\n".join(table(results)[-3:-2]), flush=True)
     import monai
     import numpy as np

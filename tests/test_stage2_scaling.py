@@ -58,7 +58,7 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
         0 < float(cell.split("/")[1].split()[0]) < 1.5 for cells in errors for cell in cells
     )
     assert (tmp_path / "flow.png").stat().st_size > 0
-    pixel = [sys.executable, "benchmarks/benchmark_pixel_diffusion.py", "--quick", "--work_dir", str(tmp_path / "px")]
+    pixel = [sys.executable, "benchmarks/benchmark_stage2_designs.py", "--quick", "--work_dir", str(tmp_path / "px")]
     pixel += ["--dataset_dir", str(tmp_path / "data16" / "voxels_nifti")]
     pixel += ["--reference_file", str(tmp_path / "test_clouds.h5")]
     result = subprocess.run(pixel, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -70,13 +70,13 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     for cloud in clouds:  # the fine stage placed the voxel-space samples' points inside the training box
         assert (cloud.min(0) >= np.array(info["box_min_nm"]) - 1e-3).all()
         assert (cloud.max(0) <= np.array(info["box_max_nm"]) + 1e-3).all()
-    trained = (tmp_path / "px" / "pixel_unet.pt").stat().st_mtime_ns
+    trained = (tmp_path / "px" / "stage2.pt").stat().st_mtime_ns
     latent = tmp_path / "n16_aug" / "step4" / "evaluation" / "renderings.png"
     beside = ["--figure", str(tmp_path / "px.png"), "--beside", f"latent, 4 steps={latent}"]
     again = subprocess.run(pixel + beside, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "| 16 | on (voxel space) | 4 | " in again.stdout  # the same row, read back
-    assert (tmp_path / "px" / "pixel_unet.pt").stat().st_mtime_ns == trained  # not trained again
+    assert (tmp_path / "px" / "stage2.pt").stat().st_mtime_ns == trained  # not trained again
     assert (tmp_path / "px.png").stat().st_size > 0
     for flags, named in (  # refused in one line, before anything is trained
         (["--figure", str(tmp_path / "x.png"), "--beside", str(latent)], "--beside"),
@@ -93,8 +93,9 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     euler, late = "eta=0,num_inference_steps=4", "eta=1,eta_below=0.5,num_inference_steps=4"
-    for setting in (euler, late):
+    for setting in (euler, late, euler + ",guidance=2"):  # the last guided by a 1-epoch stage 2 trained for it
         assert f"| {setting} | " in result.stdout
+    assert (tmp_path / "guide" / "epochs1" / "latest_checkpoint.pt").is_file()
     samples = tmp_path / "eta-1_eta_below-0.5_num_inference_steps-4" / "samples" / "pointcloud" / "samples.h5"
     clouds, _ = read_point_clouds(samples)
     info = json.loads((tmp_path / "data102" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]
@@ -106,8 +107,43 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
     made = samples.stat().st_mtime_ns
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and f"| {late} | " in again.stdout and samples.stat().st_mtime_ns == made
-    refused = subprocess.run(command + ["--model_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert refused.returncode == 2 and "--model_dir" in refused.stderr.strip().splitlines()[-1]
+    for flag in ("--model_dir", "--guide"):
+        refused = subprocess.run(command + [flag, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+        assert refused.returncode == 2 and flag in refused.stderr.strip().splitlines()[-1]
+
+
+def test_folded_unet_folds_depth_into_channels_and_back():
+    """The 2D design's network sees each (x, y) column's whole depth as channels: with its 2D UNet replaced by the
+    identity it returns its input exactly, and its 2D UNet is given C·Z channels."""
+    import torch
+    from benchmarks.benchmark_stage2_designs import QUICK_FOLDED, FoldedUNet
+
+    unet = FoldedUNet([3, 8, 8, 4], **{**QUICK_FOLDED, "spatial_dims": 2})
+    assert unet.unet.conv_in.conv.in_channels == 12
+    x = torch.randn(2, 3, 8, 8, 4)
+    assert unet(x, timesteps=torch.tensor([1, 500])).shape == x.shape
+    seen = []
+
+    class Identity(torch.nn.Module):
+        def forward(self, h, timesteps):
+            seen.append(h)
+            return h
+
+    unet.unet = Identity()
+    assert torch.equal(unet(x, timesteps=torch.tensor([1, 500])), x)
+    assert torch.equal(seen[0][1, 1 * 4 + 3], x[1, 1, :, :, 3])  # channel c·Z + z holds depth z of channel c
+
+
+def test_autoguidance_moves_from_the_guide_towards_the_model_by_its_weight():
+    import torch
+    from benchmarks.benchmark_sampler_noise import AutoGuided
+
+    model, guide = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.allclose(AutoGuided(model, guide, 1)(x), model(x), atol=1e-6)
+        assert torch.allclose(AutoGuided(model, guide, 0)(x), guide(x), atol=1e-6)
+        assert torch.allclose(AutoGuided(model, guide, 3)(x), guide(x) + 3 * (model(x) - guide(x)), atol=1e-5)
 
 
 def test_gaussian_denoiser_reaches_the_wiener_error_of_a_known_gaussian():
