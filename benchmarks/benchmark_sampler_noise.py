@@ -87,16 +87,18 @@ class AutoGuided(torch.nn.Module):
 
 
 def train_guide(work, dataset, models, epochs, log):
-    """The guide: stage 2 of the demo's recipe (``run_demo.DIFFUSION``, seed 0) on the demo's clouds, stopped after
-    ``epochs`` epochs; trained once into ``work/guide``."""
+    """The guide: stage 2 of the demo's recipe (``run_demo.DIFFUSION``, seed 0) on the demo's clouds and
+    ``models``' autoencoder, stopped after ``epochs`` epochs; trained once into ``work/guide`` (its ``best_model.pt``,
+    written by the one validation after the last epoch, marks a finished run)."""
+    from scripts.networks.trained import checkpoint_path
+
     guide = work / "guide" / f"epochs{epochs}"
-    if not (guide / "latest_checkpoint.pt").is_file():
+    if not (guide / "best_model.pt").is_file():
         settings = {**run_demo.DIFFUSION, "dataset_dir": dataset, "seed": 0, "n_epochs": epochs, "ckpt_dir": guide}
         settings.update(log_dir=guide / "logs", generate_samples_interval=10**6, val_interval=epochs)
-        run_demo.bundle_step(
-            "train_diffusion.json", {**settings, "autoencoder_path": models / "model_autoencoder.pt"}, log
-        )
-    return guide / "latest_checkpoint.pt"
+        settings.update(autoencoder_path=checkpoint_path(models, "autoencoder"), overwrite="true")
+        run_demo.bundle_step("train_diffusion.json", settings, log)
+    return guide / "best_model.pt"
 
 
 def sample_guided(overrides, guide, weight):
@@ -110,6 +112,9 @@ def sample_guided(overrides, guide, weight):
     checkpoint = trained.load_diffusion_checkpoint(
         guide, config.get_parsed_content("autoencoder_checkpoint"), config.get_parsed_content("autoencoder_path")
     )
+    scale, own = config.get_parsed_content("diffusion_checkpoint")["scale_factor"], checkpoint["scale_factor"]
+    if abs(own - scale) > 1e-3 * scale:  # the sampler scales the latents once, by the model's factor
+        raise SystemExit(f"--guide {guide}: its latent scale factor {own:.4g} is not the model's {scale:.4g}")
     weaker = trained.trained_unet(checkpoint, guide, config.get_parsed_content("device"))
     config["unet"] = AutoGuided(config.get_parsed_content("unet"), weaker, weight)
     common.run_workflow(workflow)
@@ -138,6 +143,10 @@ def sample_and_score(work, setting, models, dataset, reference, n, log, with_ref
     else:
         sample_guided(overrides, guide, weight)
     result = scaling.evaluate(out, dataset, models, reference, log, with_reference_rows)
+    if weight is not None:
+        result["guide"] = str(
+            guide
+        )  # a guided setting is read back whatever the guide: another guide, another work_dir
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -175,6 +184,8 @@ def main():
             parser.error(f"--settings {setting!r}: give ID=VALUE pairs separated by commas")
     if args.guide and not Path(args.guide).is_file():
         parser.error(f"--guide {args.guide}: no such stage-2 checkpoint")
+    if args.guide and not any("guidance" in parse(s) for s in settings):
+        parser.error("--guide: no setting uses it; add guidance=W to a setting")
     models = Path(args.model_dir).resolve()
     if not (models / "checkpoints.json").is_file() and not (models / "diffusion").is_dir():
         parser.error(f"--model_dir {models}: holds no trained model (checkpoints.json, or diffusion/)")

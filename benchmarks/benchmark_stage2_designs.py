@@ -116,7 +116,7 @@ def train(draw, count, build, steps, batch_size, learning_rate, seed, log_every=
     return unet.eval(), time.perf_counter() - start
 
 
-def pixel_sampler(unet, shape, num_inference_steps, eta):
+def voxel_sampler(unet, shape, num_inference_steps, eta):
     """A stand-in for ``schedulers.sample_grids`` with its signature: grids drawn by ``unet`` in voxel space."""
     from monai.inferers import DiffusionInferer
     from scripts.networks.schedulers import make_scheduler
@@ -185,7 +185,7 @@ def sample(design, unet, shape, out, model_dir, args):
 
     original = sampler.sample_grids
     if design == "voxels":
-        sampler.sample_grids = pixel_sampler(unet, shape, args.num_inference_steps, args.eta)
+        sampler.sample_grids = voxel_sampler(unet, shape, args.num_inference_steps, args.eta)
     try:
         workflow = common.open_workflow(
             ROOT / "configs" / "inference.json",
@@ -201,8 +201,8 @@ def sample(design, unet, shape, out, model_dir, args):
                 "overwrite": True,
             },
         )
-        if design != "voxels":
-            workflow.parser["unet"] = unet  # the latent designs keep the bundle's scheduler, scale and decoder
+        if design != "voxels":  # the latent designs keep the bundle's scheduler, scale and decoder
+            workflow.parser["unet"] = unet.to(workflow.parser.get_parsed_content("device"))
         common.run_workflow(workflow)
     finally:
         sampler.sample_grids = original
@@ -222,6 +222,7 @@ def run(args, unet_args, work):
     sample(args.design, unet, shape, work, model_dir, args)
     result = scaling.evaluate(work, dataset, model_dir, Path(args.reference_file), work / "commands.log", True)
     changes = dict(n_train=count, augment=f"on ({LABELS[args.design]})", steps=args.steps, minutes=seconds / 60)
+    changes.update(design=args.design)
     parameters = sum(p.numel() for p in unet.parameters())
     return {**result, **changes, "val_loss": float("nan"), "parameters": parameters}
 
@@ -233,8 +234,12 @@ def _check_arguments(parser, args):
         parser.error(f"--dataset_dir {dataset}: not a conversion with training grids (dataset_info.json, train/)")
     if not Path(args.reference_file).is_file():
         parser.error(f"--reference_file {args.reference_file}: no such file")
-    if not (Path(args.model_dir) / "model_refiner.pt").is_file():
-        parser.error(f"--model_dir {args.model_dir}: holds no fine stage (model_refiner.pt)")
+    from scripts.networks.trained import checkpoint_path
+
+    stages = ("refiner",) if args.design == "voxels" else ("refiner", "autoencoder", "diffusion")
+    for stage in stages:  # the fine stage; the latent designs also encode and scale as the shipped stage 2
+        if not Path(checkpoint_path(args.model_dir, stage)).is_file():
+            parser.error(f"--model_dir {args.model_dir}: holds no {stage} checkpoint")
     for item in args.beside:
         label, _, png = item.partition("=")
         if not label or not Path(png).is_file():
@@ -248,7 +253,11 @@ def main():
     parser.add_argument("--work_dir", required=True, help="where the model, samples and scores go (kept)")
     parser.add_argument("--dataset_dir", required=True, help="a conversion (its train/ grids and train_points.h5)")
     parser.add_argument("--reference_file", required=True, help="the clouds the samples are scored against (h5)")
-    parser.add_argument("--model_dir", default=str(ROOT / "models"), help="the fine stage (and the grid geometry)")
+    parser.add_argument(
+        "--model_dir",
+        default=str(ROOT / "models"),
+        help="the fine stage (latent designs: and its autoencoder, stage 2)",
+    )
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     parser.add_argument("--batch_size", type=int, default=run_demo.DIFFUSION["batch_size"])
     parser.add_argument("--learning_rate", type=float, default=run_demo.DIFFUSION["learning_rate"])
@@ -276,6 +285,8 @@ def main():
     result_file = work / "result.json"
     if result_file.is_file():
         result = json.loads(result_file.read_text())  # trained, sampled and scored before: reported again
+        if result.get("design", "voxels") != args.design:
+            parser.error(f"--work_dir {work}: holds the {result.get('design', 'voxels')} design's run; use another")
     else:
         result = run(args, unet_args, work)
         result_file.write_text(json.dumps(result, indent=1) + "\n")

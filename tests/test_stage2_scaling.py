@@ -58,10 +58,10 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
         0 < float(cell.split("/")[1].split()[0]) < 1.5 for cells in errors for cell in cells
     )
     assert (tmp_path / "flow.png").stat().st_size > 0
-    pixel = [sys.executable, "benchmarks/benchmark_stage2_designs.py", "--quick", "--work_dir", str(tmp_path / "px")]
-    pixel += ["--dataset_dir", str(tmp_path / "data16" / "voxels_nifti")]
-    pixel += ["--reference_file", str(tmp_path / "test_clouds.h5")]
-    result = subprocess.run(pixel, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    designs = [sys.executable, "benchmarks/benchmark_stage2_designs.py", "--quick", "--work_dir", str(tmp_path / "px")]
+    designs += ["--dataset_dir", str(tmp_path / "data16" / "voxels_nifti")]
+    designs += ["--reference_file", str(tmp_path / "test_clouds.h5")]
+    result = subprocess.run(designs, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| 16 | on (voxel space) | 4 | " in result.stdout and "floor: training clouds" in result.stdout
     info = json.loads((tmp_path / "data16" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]
@@ -73,7 +73,7 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
     trained = (tmp_path / "px" / "stage2.pt").stat().st_mtime_ns
     latent = tmp_path / "n16_aug" / "step4" / "evaluation" / "renderings.png"
     beside = ["--figure", str(tmp_path / "px.png"), "--beside", f"latent, 4 steps={latent}"]
-    again = subprocess.run(pixel + beside, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    again = subprocess.run(designs + beside, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "| 16 | on (voxel space) | 4 | " in again.stdout  # the same row, read back
     assert (tmp_path / "px" / "stage2.pt").stat().st_mtime_ns == trained  # not trained again
@@ -82,7 +82,7 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
         (["--figure", str(tmp_path / "x.png"), "--beside", str(latent)], "--beside"),
         (["--dataset_dir", str(tmp_path / "nowhere")], "--dataset_dir"),
     ):
-        refused = subprocess.run(pixel + flags, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        refused = subprocess.run(designs + flags, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
         assert refused.returncode == 2 and named in refused.stderr.strip().splitlines()[-1], refused.stderr
         assert not (tmp_path / "x.png").exists()
 
@@ -95,7 +95,7 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
     euler, late = "eta=0,num_inference_steps=4", "eta=1,eta_below=0.5,num_inference_steps=4"
     for setting in (euler, late, euler + ",guidance=2"):  # the last guided by a 1-epoch stage 2 trained for it
         assert f"| {setting} | " in result.stdout
-    assert (tmp_path / "guide" / "epochs1" / "latest_checkpoint.pt").is_file()
+    assert (tmp_path / "guide" / "epochs1" / "best_model.pt").is_file()
     samples = tmp_path / "eta-1_eta_below-0.5_num_inference_steps-4" / "samples" / "pointcloud" / "samples.h5"
     clouds, _ = read_point_clouds(samples)
     info = json.loads((tmp_path / "data102" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]
