@@ -143,10 +143,8 @@ def sample_and_score(work, setting, models, dataset, reference, n, log, with_ref
     else:
         sample_guided(overrides, guide, weight)
     result = scaling.evaluate(out, dataset, models, reference, log, with_reference_rows)
-    if weight is not None:
-        result["guide"] = str(
-            guide
-        )  # a guided setting is read back whatever the guide: another guide, another work_dir
+    if weight is not None:  # read back whatever the guide is then: another guide wants another work_dir
+        result["guide"] = str(guide)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -184,7 +182,8 @@ def main():
             parser.error(f"--settings {setting!r}: give ID=VALUE pairs separated by commas")
     if args.guide and not Path(args.guide).is_file():
         parser.error(f"--guide {args.guide}: no such stage-2 checkpoint")
-    if args.guide and not any("guidance" in parse(s) for s in settings):
+    guided = any("guidance" in parse(s) for s in settings)
+    if args.guide and not guided:
         parser.error("--guide: no setting uses it; add guidance=W to a setting")
     models = Path(args.model_dir).resolve()
     if not (models / "checkpoints.json").is_file() and not (models / "diffusion").is_dir():
@@ -197,7 +196,7 @@ def main():
     reference = work / "test_clouds.h5"
     scaling.simulate(reference, n, 1, log)  # the demo's test clouds
     guide = args.guide
-    if guide is None and any("guidance" in parse(s) for s in settings):
+    if guide is None and guided:
         guide = train_guide(work, dataset, models, QUICK["guide_epochs"] if args.quick else args.guide_epochs, log)
     results = []
     for i, setting in enumerate(settings):
@@ -206,7 +205,6 @@ def main():
         print("\n".join(table(results)[-3:-2]), flush=True)
     import monai
     import numpy as np
-    import torch
 
     lines = common.machine_header("Sampling noise", args.quick, load, (torch, monai, np), torch_info=True)
     lines += [

@@ -132,32 +132,26 @@ def voxel_sampler(unet, shape, num_inference_steps, eta):
     return sample_grids
 
 
-def encoded(train_dir, model_dir):
-    """The posterior means and spreads of the training grids under ``model_dir``'s autoencoder, and the scale factor
-    of its stage 2."""
-    from scripts.networks import trained
-
-    autoencoder_path = trained.checkpoint_path(model_dir, "autoencoder")
-    checkpoint = trained.load_autoencoder_checkpoint(autoencoder_path)
-    autoencoder = trained.frozen_autoencoder(checkpoint, autoencoder_path, "cpu")
-    grids = scaling.training_grids(train_dir, checkpoint["voxel_size"])
-    with torch.no_grad():
-        parts = [autoencoder.encode(grids[i : i + 32]) for i in range(0, len(grids), 32)]
-    diffusion_path = trained.checkpoint_path(model_dir, "diffusion")
-    scale = trained.load_diffusion_checkpoint(diffusion_path, checkpoint, autoencoder_path)["scale_factor"]
-    return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts]), float(scale)
-
-
 def training_data(design, dataset, model_dir):
     """The design's training items: ``(count, draw(index, generator) → batch, shape of one item)``."""
     if design == "voxels":
         shape = json.loads((dataset / "dataset_info.json").read_text())["geometry"]["shape"]
         grids = scaling.training_grids(dataset / "train", shape).clamp(0, 1) * 2 - 1  # [-1, 1]
         return len(grids), lambda index, _: grids[index], shape
-    mean, spread, scale = encoded(dataset / "train", model_dir)
+    from benchmarks.benchmark_stage2_layout import encoded_grids
+    from scripts.networks import trained
+    from scripts.training.latents import sample_latents
+
+    autoencoder_path = trained.checkpoint_path(model_dir, "autoencoder")
+    _, mean, spread = encoded_grids(autoencoder_path, str(dataset / "train"), None)
+    scale = trained.load_diffusion_checkpoint(  # the shipped stage 2's latent scale, which sampling applies
+        trained.checkpoint_path(model_dir, "diffusion"),
+        trained.load_autoencoder_checkpoint(autoencoder_path),
+        autoencoder_path,
+    )["scale_factor"]
 
     def draw(index, generator):  # a fresh draw of the posterior each step, as train_diffusion.json's default
-        return (mean[index] + spread[index] * torch.randn(mean[index].shape, generator=generator)) * scale
+        return sample_latents({"z_mu": mean[index], "z_sigma": spread[index]}, None, "cpu", generator) * scale
 
     return len(mean), draw, list(mean.shape[1:])
 

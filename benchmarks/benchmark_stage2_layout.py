@@ -70,7 +70,7 @@ def same_noise(found, n_pairs, rng, extent):
 
 
 @functools.lru_cache(maxsize=None)
-def _encoded(autoencoder_path, folder, n):
+def encoded_grids(autoencoder_path, folder, n):
     """The autoencoder and its posterior (mu, sigma) of the first ``n`` grids of ``folder``, once per folder."""
     import torch
     from benchmarks.benchmark_stage2_scaling import training_grids
@@ -98,7 +98,7 @@ def _latents(autoencoder_path, folder, n, ckpt, generator=None):
     as its ``latent_draw`` says (with ``generator``; ``None``: torch's global one), times its scale factor."""
     from scripts.training.latents import sample_latents
 
-    _, mu, sigma = _encoded(str(autoencoder_path), str(folder), n)
+    _, mu, sigma = encoded_grids(str(autoencoder_path), str(folder), n)
     draw = ckpt.get("latent_draw", "sample")
     return sample_latents({"z_mu": mu, "z_sigma": sigma}, None, "cpu", generator, draw) * ckpt["scale_factor"]
 
@@ -111,7 +111,7 @@ def gaussian_flow(work, row, ckpt_path, autoencoder_path, n, n_spectrum, figure=
 
     ckpt, unet, data = _stage2(work, row, ckpt_path)
     scale, shape = ckpt["scale_factor"], tuple(ckpt["latent_shape"])
-    autoencoder = _encoded(str(autoencoder_path), str(data / "train"), n_spectrum)[0]
+    autoencoder = encoded_grids(str(autoencoder_path), str(data / "train"), n_spectrum)[0]
     scheduler = make_scheduler(ckpt["scheduler"], "RFlow", STEPS, eta=0.0)  # the deterministic map it measures
     # the bundle's sampling, from noise drawn with seed 0; the Gaussian flow of the same noise
     samples = sample_grids(autoencoder, unet, scheduler, scale, shape, n, "cpu", torch.Generator().manual_seed(0))
