@@ -177,9 +177,9 @@ def main():
     settings, n = (QUICK["settings"], QUICK["n"]) if args.quick else (args.settings, scaling.N_SCORED)
     for setting in settings:
         try:
-            parse(setting)
+            float(parse(setting).get("guidance", 1))
         except ValueError:
-            parser.error(f"--settings {setting!r}: give ID=VALUE pairs separated by commas")
+            parser.error(f"--settings {setting!r}: give ID=VALUE pairs separated by commas, guidance=W a number")
     if args.guide and not Path(args.guide).is_file():
         parser.error(f"--guide {args.guide}: no such stage-2 checkpoint")
     guided = any("guidance" in parse(s) for s in settings)

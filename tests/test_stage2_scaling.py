@@ -110,6 +110,10 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
     for flag in ("--model_dir", "--guide"):
         refused = subprocess.run(command + [flag, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
         assert refused.returncode == 2 and flag in refused.stderr.strip().splitlines()[-1]
+    bad = [sys.executable, "benchmarks/benchmark_sampler_noise.py", "--work_dir", str(tmp_path / "bad")]
+    refused = subprocess.run(bad + ["--settings", "eta=0,guidance=two"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "guidance=W a number" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_folded_unet_folds_depth_into_channels_and_back():
