@@ -10,7 +10,9 @@ milestones already scored are read back. ``--quick`` is a smoke check (tiny rows
 
 Every row trains stage 2 with the demo's recipe (``scripts/run_demo.py``: its UNet, batch, learning rate and
 rectified flow), on the autoencoder of ``--model_dir`` (default: the shipped ``models/``, the demo's), for ``N``
-simulated training clouds (``N:on`` with the flips and rotations, ``N:off`` without). 102 is the demo's own data
+simulated training clouds (``N:on`` with the flips and rotations, ``N:off`` without). ``--model_dir`` is the shipped
+layout or a training one (``autoencoder/best_model.pt``, ``refiner/best_model.pt``), and the clouds are converted
+into its autoencoder's box and grid (a finer autoencoder gets grids of its own voxels). 102 is the demo's own data
 (128 clouds, seed 0, 80/20 split); other sizes are simulated with the demo's simulator and box, seed ``N``, with 100
 validation clouds. At each milestone (optimizer steps, rounded up to whole epochs) the row samples 100 clouds through
 the fine stage of ``--model_dir`` and scores them against the demo's 100 test clouds (seed 1) with
@@ -34,6 +36,8 @@ from benchmarks.common import ROOT  # noqa: E402
 # isort: split
 import numpy as np  # noqa: E402
 from scripts import run_demo  # noqa: E402
+from scripts.networks.checkpoints import SHIPPED_INFO  # noqa: E402
+from scripts.networks.trained import checkpoint_path, load_autoencoder_checkpoint  # noqa: E402
 
 BATCH = run_demo.DIFFUSION["batch_size"]
 N_VAL = 100  # validation clouds of the simulated sizes
@@ -42,6 +46,11 @@ MEMO_POINTS = 2048  # points per cloud in the memorisation check (as the set met
 COPY_RATIO = 1 / 3  # nearest / second-nearest training cloud below this: a copy (Carlini et al., 2023)
 QUICK = {"rows": "16:on", "milestones": "4,8", "n_test": 10, "n_val": 4}
 SAMPLING = common.EULER_SAMPLING  # how milestones are sampled unless --sampler says otherwise
+
+
+def autoencoder_geometry(models):
+    """The box and grid of ``models``' autoencoder (its checkpoint's conversion), in either layout."""
+    return load_autoencoder_checkpoint(checkpoint_path(models, "autoencoder"))["dataset_info"]["geometry"]
 
 
 def simulate(path, n, seed, log):
@@ -75,8 +84,8 @@ def training_grids(train_dir, voxel_size, n=None):
 
 
 def prepare_row(row, n_train, n_val, geometry, log):
-    """Simulate and convert the row's clouds (once): the demo's data for 102, else ``n_train`` + ``n_val`` in the
-    autoencoder's box (``geometry``)."""
+    """Simulate and convert the row's clouds (once) into the autoencoder's box and grid (``geometry``): the demo's
+    data for 102, else ``n_train`` + ``n_val`` simulated clouds."""
     dataset = row / "voxels_nifti"
     if (dataset / "dataset_info.json").is_file():
         return dataset
@@ -98,7 +107,7 @@ def prepare_row(row, n_train, n_val, geometry, log):
             "--output_dir",
             dataset,
             "--voxel_size",
-            json.dumps(run_demo.VOXEL_SIZE),
+            json.dumps(geometry["shape"]),
             "--method",
             "gaussian",
             "--sigma",
@@ -132,7 +141,7 @@ def train_to(row, dataset, models, augment, epochs, log, quick, seed=0, changes=
         "log_dir": row / "logs",
         "seed": seed,
         **(changes or {}),
-        "autoencoder_path": models / "model_autoencoder.pt",
+        "autoencoder_path": checkpoint_path(models, "autoencoder"),
         **({"resume_from": latest} if latest.is_file() else {}),
     }
     train_log = row / "train.log"
@@ -168,11 +177,16 @@ def score(row, dataset, models, ckpt_file, reference, step, n_samples, log, with
     result_file = out / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    model_dir = out / "models"
+    model_dir = out / "models"  # ``models``' autoencoder and fine stage, in its layout, beside this stage 2
     (model_dir / "diffusion").mkdir(parents=True, exist_ok=True)
-    for name in ("model_autoencoder.pt", "model_refiner.pt", "checkpoints.json"):
-        if not (model_dir / name).exists():
-            (model_dir / name).symlink_to((models / name).resolve())
+    linked = [Path(checkpoint_path(models, stage)) for stage in ("autoencoder", "refiner")]
+    if (models / SHIPPED_INFO).is_file():  # the shipped files' settings
+        linked.append(models / SHIPPED_INFO)
+    for source in linked:
+        link = model_dir / source.relative_to(models)
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source.resolve())
     shutil.copyfile(ckpt_file, model_dir / "diffusion" / "best_model.pt")
     run_demo.bundle_step(
         "inference.json",
@@ -380,8 +394,7 @@ def main():
     log = work / "commands.log"
     n_test = QUICK["n_test"] if args.quick else N_SCORED
     n_val = QUICK["n_val"] if args.quick else N_VAL
-    geometry = json.loads((models / "checkpoints.json").read_text())["model_autoencoder.pt"]["checkpoint"]
-    geometry = geometry["dataset_info"]["geometry"]
+    geometry = autoencoder_geometry(models)
     reference = work / "test_clouds.h5"
     simulate(reference, n_test, 1, log)  # the demo's test clouds
     load = common.load_average()

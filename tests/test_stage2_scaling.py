@@ -197,3 +197,27 @@ def test_scaling_benchmark_data_only_converts_a_row_into_the_autoencoders_box_an
     assert np.allclose(info["geometry"]["box_max_nm"], box["box_max_nm"], atol=1e-2)
     assert info["geometry"]["shape"] == box["shape"]
     assert not (tmp_path / "n12_aug" / "diffusion").exists() and not (tmp_path / "report.md").exists()
+
+
+def test_scaling_benchmark_converts_into_the_grid_of_a_training_layout_autoencoder(tmp_path):
+    """``--model_dir`` in the training layout (``autoencoder/best_model.pt``) with an autoencoder of another grid:
+    the row's clouds are converted into that autoencoder's grid, not the shipped one's."""
+    import torch
+    from scripts.networks.trained import load_autoencoder_checkpoint
+
+    shipped = load_autoencoder_checkpoint(ROOT / "models" / "model_autoencoder.pt")  # as training writes one
+    geometry = shipped["dataset_info"]["geometry"]
+    geometry["shape"] = [16, 16, 8]  # coarser than the shipped [32, 32, 16], as a finer one would differ too
+    geometry["spacing_nm"] = [
+        (hi - lo) / n for lo, hi, n in zip(geometry["box_min_nm"], geometry["box_max_nm"], [16, 16, 8])
+    ]
+    (tmp_path / "models" / "autoencoder").mkdir(parents=True)
+    torch.save(shipped, tmp_path / "models" / "autoencoder" / "best_model.pt")
+    command = [sys.executable, "benchmarks/benchmark_stage2_scaling.py", "--work_dir", str(tmp_path / "work")]
+    command += ["--model_dir", str(tmp_path / "models"), "--rows", "12:on", "--data_only"]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    info = json.loads((tmp_path / "work" / "data12" / "voxels_nifti" / "dataset_info.json").read_text())
+    assert info["geometry"]["shape"] == [16, 16, 8]
+    assert np.allclose(info["geometry"]["box_max_nm"], geometry["box_max_nm"], atol=1e-2)
