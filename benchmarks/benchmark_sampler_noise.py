@@ -192,7 +192,8 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     log, load = work / "commands.log", common.load_average()
     (work / "data102").mkdir(exist_ok=True)
-    dataset = scaling.prepare_row(work / "data102", 102, 0, None, log)  # the demo's clouds and split
+    geometry = scaling.autoencoder_geometry(models)  # the demo's clouds and split, in the model's grid
+    dataset = scaling.prepare_row(work / "data102", 102, 0, geometry, log)
     reference = work / "test_clouds.h5"
     scaling.simulate(reference, n, 1, log)  # the demo's test clouds
     guide = args.guide
