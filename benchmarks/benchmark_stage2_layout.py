@@ -25,7 +25,6 @@ samples scored at each milestone, all drawn with sampling seed 0):
 
 import functools
 import itertools
-import json
 import re
 import sys
 from pathlib import Path
@@ -214,8 +213,10 @@ def main():
     lines = common.machine_header("What stage 2's samples are made of", args.quick, load, (torch, monai, np))
     lines += ["", "Same sampling noise, another recipe (Chamfer ×10³, medians):", ""]
     lines += ["| pair | same noise | other noise (reference) | ratio |", "|---|---:|---:|---:|"]
-    geometry = json.loads((Path(args.model_dir) / "checkpoints.json").read_text())["model_autoencoder.pt"]
-    extent = common.box_extent(geometry["checkpoint"]["dataset_info"]["geometry"])  # the box the rows were drawn in
+    from benchmarks.benchmark_stage2_scaling import autoencoder_geometry
+    from scripts.networks.trained import checkpoint_path
+
+    extent = common.box_extent(autoencoder_geometry(args.model_dir))  # the box the rows were drawn in
     pairs = same_noise(found, sizes["n_pairs"], np.random.default_rng(0), extent)
     lines += [f"| {p} | {s:.2f} | {o:.2f} | {r:.2f} |" for p, s, o, r in pairs]
     if pairs:
@@ -229,7 +230,7 @@ def main():
         "| checkpoint | corr. same noise | corr. other noise (reference) | foreground % real / samples / Gaussian |",
         "|---|---:|---:|---|",
     ]
-    autoencoder = Path(args.model_dir) / "model_autoencoder.pt"
+    autoencoder = checkpoint_path(args.model_dir, "autoencoder")  # either layout, as the scaling run's
     checkpoints = {name: step.parent / f"{step.name}.pt" for name, step in found.items()}
     checkpoints = {name: ckpt for name, ckpt in checkpoints.items() if ckpt.is_file()}
     for i, (name, ckpt) in enumerate(checkpoints.items()):

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from scripts import run_demo  # noqa: E402
 from scripts.networks.checkpoints import SHIPPED_INFO  # noqa: E402
 from scripts.networks.trained import checkpoint_path, load_autoencoder_checkpoint  # noqa: E402
+from scripts.runtime.errors import UserError  # noqa: E402
 
 BATCH = run_demo.DIFFUSION["batch_size"]
 N_VAL = 100  # validation clouds of the simulated sizes
@@ -390,11 +391,14 @@ def main():
     if not args.work_dir:
         parser.error("--work_dir is required: the rows' checkpoints and scores are kept there to resume")
     work, models = Path(args.work_dir).expanduser().resolve(), Path(args.model_dir).resolve()
+    try:
+        geometry = autoencoder_geometry(models)
+    except UserError as e:  # refused before the work dir is made
+        parser.error(f"--model_dir: {e}")
     work.mkdir(parents=True, exist_ok=True)
     log = work / "commands.log"
     n_test = QUICK["n_test"] if args.quick else N_SCORED
     n_val = QUICK["n_val"] if args.quick else N_VAL
-    geometry = autoencoder_geometry(models)
     reference = work / "test_clouds.h5"
     simulate(reference, n_test, 1, log)  # the demo's test clouds
     load = common.load_average()

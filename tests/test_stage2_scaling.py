@@ -221,3 +221,11 @@ def test_scaling_benchmark_converts_into_the_grid_of_a_training_layout_autoencod
     info = json.loads((tmp_path / "work" / "data12" / "voxels_nifti" / "dataset_info.json").read_text())
     assert info["geometry"]["shape"] == [16, 16, 8]
     assert np.allclose(info["geometry"]["box_max_nm"], geometry["box_max_nm"], atol=1e-2)
+    # a --model_dir without an autoencoder is refused in one line, before the work dir is made
+    (tmp_path / "empty").mkdir()
+    command[command.index(str(tmp_path / "models"))] = str(tmp_path / "empty")
+    command[command.index(str(tmp_path / "work"))] = str(tmp_path / "work2")
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "--model_dir" in last and "no such checkpoint" in last
+    assert not (tmp_path / "work2").exists()
