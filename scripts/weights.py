@@ -1,6 +1,7 @@
 """Publish trained weights in the shipped layout (what ``ckpt_export``'s defaults and the Model Zoo read)::
 
-    python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true]
+    python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true] \
+        [--eta 0]  # the sampling default recorded with these weights
 
 Loading and publishing live in :mod:`scripts.networks.trained`.
 """

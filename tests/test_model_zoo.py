@@ -119,6 +119,27 @@ def test_published_weights_sample_the_same_clouds(model_dir, tmp_path):
         assert len(a) > 0 and (a == b).all()
 
 
+def test_the_sampling_default_recorded_with_the_weights_is_theirs_and_a_flag_overrides_it(model_dir, tmp_path):
+    publish(model_dir, tmp_path / "models", eta=0)
+    entry = json.loads((tmp_path / "models" / "checkpoints.json").read_text())["model.pt"]["checkpoint"]
+    assert entry["sampling"] == {"eta": 0.0}
+    common = {"num_samples": 2, "num_inference_steps": 3, "seed": 5, "preview": False}
+
+    def points(name, **settings):
+        run_workflow("inference.json", output_dir=str(tmp_path / name), **common, **settings)
+        return read_point_clouds(tmp_path / name / "pointcloud" / "sample_0000.csv")[0][0]
+
+    shipped = points("shipped", model_dir=str(tmp_path / "models"))
+    euler = points("euler", model_dir=str(model_dir), eta=0)
+    noisy = points("noisy", model_dir=str(model_dir))  # no record: the sampler's own default, fresh noise
+    overridden = points("overridden", model_dir=str(tmp_path / "models"), eta=1)
+    assert len(shipped) > 0 and shipped.shape == euler.shape and (shipped == euler).all()
+    assert noisy.shape == overridden.shape and (noisy == overridden).all()
+    assert noisy.shape != shipped.shape or not (noisy == shipped).all()
+    with pytest.raises(UserError, match="eta: must be at most 1, got 2"):
+        publish(model_dir, tmp_path / "models", overwrite=True, eta=2)
+
+
 def test_publish_refuses_to_replace_and_tampered_weights_are_refused(model_dir, tmp_path):
     publish(model_dir, tmp_path / "models")
     with pytest.raises(UserError, match=r"models: already holds published weights \(.*\); pass --overwrite true"):

@@ -66,14 +66,17 @@ def step_noise(seed):
     return torch.Generator().manual_seed(seed + 1)
 
 
-def make_scheduler(settings, kind=None, num_inference_steps=None, eta=None, eta_below=None, generator=None):
+def make_scheduler(
+    settings, kind=None, num_inference_steps=None, eta=None, eta_below=None, generator=None, defaults=None
+):
     """A scheduler of ``kind`` ('RFlow' for the rflow objective; 'DDPM' or 'DDIM' for ddpm; ``None``: the first of
     these) with the training settings ``settings`` (``objective``, ``num_train_timesteps``, and for ddpm
     ``schedule``, ``beta_start``, ``beta_end``); with ``num_inference_steps`` its timesteps are set for sampling
     (without, it is a training scheduler: RFlow's is MONAI's own).
     ``eta``, ``eta_below``: RFlow's fresh noise per step, and the noise level below which it is drawn
     (:class:`StochasticRFlowScheduler`, its noise from ``generator``; ``eta`` 0: Euler's deterministic steps;
-    ``None``: :data:`RFLOW_ETA`); the other samplers take neither."""
+    ``None``: the weights' own ``defaults``, a stage-2 checkpoint's ``sampling``, then :data:`RFLOW_ETA`); the other
+    samplers take neither (and ignore ``defaults``)."""
     allowed = SAMPLERS[objective(settings)]
     kind = allowed[0] if kind is None else next((k for k in allowed if k.upper() == str(kind).upper()), None)
     if kind is None:
@@ -89,8 +92,9 @@ def make_scheduler(settings, kind=None, num_inference_steps=None, eta=None, eta_
     if kind == "RFlow":
         if num_inference_steps is None:  # for training: no sampling noise
             eta = 0.0
-        eta = RFLOW_ETA["eta"] if eta is None else float(eta)
-        eta_below = RFLOW_ETA["eta_below"] if eta_below is None else float(eta_below)
+        default = {**RFLOW_ETA, **(defaults or {})}
+        eta = default["eta"] if eta is None else float(eta)
+        eta_below = default["eta_below"] if eta_below is None else float(eta_below)
         options = dict(use_discrete_timesteps=True, sample_method="uniform")
         num_train_timesteps = settings["num_train_timesteps"]
         if eta == 0:

@@ -7,6 +7,10 @@ at once; ``model_dir`` chooses a folder of either layout. The weights used are a
 Publish trained weights in the shipped layout (what ``ckpt_export``'s defaults and the zoo read)::
 
     python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true]
+        [--eta 0] [--eta_below 0.5]
+
+``--eta`` and ``--eta_below`` record the rectified-flow sampler's fresh noise these weights sample best with: it is
+then their default (``inference.json``'s ``eta: null``), as the fine stage's ``flow_steps`` is.
 """
 
 import json
@@ -23,8 +27,10 @@ from scripts.networks.checkpoints import (
     ship_checkpoint,
     weights_sha256,
 )
+from scripts.networks.schedulers import objective
 from scripts.runtime.errors import UserError
 from scripts.runtime.output_folders import StagedOutput
+from scripts.runtime.settings import check_values
 
 logger = logging.getLogger(__name__)
 STAGES = ("autoencoder", "diffusion", "refiner")
@@ -148,15 +154,19 @@ def trained_refiner(checkpoint, path, device="cpu"):
     return refiner.to(device).eval().requires_grad_(False)
 
 
-def publish(model_dir="outputs", output_dir="models", overwrite=False, without_refiner=False):
+def publish(model_dir="outputs", output_dir="models", overwrite=False, without_refiner=False, eta=None, eta_below=None):
     """Write the checkpoints of ``model_dir`` (training layout) to ``output_dir`` in the shipped layout, as one set.
 
     The autoencoder and the diffusion model are needed (and must belong together); the fine stage is written when
     it exists and ``without_refiner`` is false. The set is staged and swapped in at once
     (:class:`scripts.runtime.output_folders.StagedOutput`): a failure (a full disk) leaves the earlier set as it was, and a
     replaced set leaves none of its files behind. An earlier set is replaced only with ``overwrite``, and one with
-    a fine stage only by a set with one or with ``without_refiner``. Returns the files written.
+    a fine stage only by a set with one or with ``without_refiner``. ``eta``, ``eta_below``: the sampling defaults
+    recorded with stage 2 (its checkpoint's ``sampling``; rectified flow only). Returns the files written.
     """
+    recorded = {
+        k: v for k, v in check_values({"eta": eta, "eta_below": eta_below}, "inference").items() if v is not None
+    }
     model_dir, out = Path(model_dir), Path(output_dir)
     paths = {stage: model_dir / stage / "best_model.pt" for stage in STAGES}
     shipped = [model_dir / name for name in (SHIPPED_INFO, *SHIPPED_FILES.values())]
@@ -167,6 +177,13 @@ def publish(model_dir="outputs", output_dir="models", overwrite=False, without_r
         )
     ckpts = {"autoencoder": load_autoencoder_checkpoint(paths["autoencoder"])}
     ckpts["diffusion"] = load_diffusion_checkpoint(paths["diffusion"], ckpts["autoencoder"], paths["autoencoder"])
+    if recorded:
+        if objective(ckpts["diffusion"]["scheduler"]) != "rflow":
+            raise UserError(
+                f"--{next(iter(recorded))}: only rectified-flow sampling draws fresh noise; this stage 2 "
+                f"was trained with the {objective(ckpts['diffusion']['scheduler'])} objective"
+            )
+        ckpts["diffusion"]["sampling"] = {**(ckpts["diffusion"].get("sampling") or {}), **recorded}
     if paths["refiner"].is_file() and not without_refiner:
         ckpts["refiner"] = load_refiner_checkpoint(paths["refiner"])
     staged = StagedOutput(out, "published weights", [SHIPPED_INFO, *SHIPPED_FILES.values()], overwrite)

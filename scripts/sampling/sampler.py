@@ -68,7 +68,8 @@ class Sampler:
         denoising: ``scheduler``: 'RFlow' (rectified-flow checkpoints), 'DDPM' or 'DDIM' (ddpm ones), ``None``:
             RFlow or DDIM, as the checkpoint was trained; ``num_inference_steps``: its steps (``None``: all training
             timesteps); ``eta``, ``eta_below``: RFlow's fresh noise per step and the noise level below which it is
-            drawn (:class:`scripts.networks.schedulers.StochasticRFlowScheduler`; ``None``: the defaults of
+            drawn (:class:`scripts.networks.schedulers.StochasticRFlowScheduler`; ``None``: the checkpoint's own
+            ``sampling`` defaults where publishing recorded them, else those of
             :data:`scripts.networks.schedulers.RFLOW_ETA`; ``eta`` 0: Euler's deterministic steps).
         export: how grids become files. ``method``, ``threshold``, ``num_points``: 'refine' (the fine stage places
             points at localization precision) or a voxel export of :func:`scripts.data.voxelize.grid_to_points`;
@@ -132,7 +133,9 @@ class Sampler:
         if num_points is None and self.points_per_mass is None and method in BY_MASS:
             raise UserError("num_points: the checkpoints hold no points-per-mass of the training data; set num_points")
         steps = num_inference_steps or ckpt["scheduler"]["num_train_timesteps"]
-        self.scheduler = make_scheduler(ckpt["scheduler"], scheduler, steps, eta, eta_below)
+        self.scheduler = make_scheduler(
+            ckpt["scheduler"], scheduler, steps, eta, eta_below, defaults=ckpt.get("sampling")
+        )
         self.autoencoder, self.unet, self.scale_factor = autoencoder, unet, ckpt["scale_factor"]
         self.latent_shape = tuple(ckpt["latent_shape"])
         self.tile_overlap, self.sw_batch_size = tile_overlap, sw_batch_size
