@@ -88,8 +88,10 @@ class AutoGuided(torch.nn.Module):
 
 def train_guide(work, dataset, models, epochs, log):
     """The guide: stage 2 of the demo's recipe (``run_demo.DIFFUSION``, seed 0) on the demo's clouds and
-    ``models``' autoencoder, stopped after ``epochs`` epochs; trained once into ``work/guide`` (its ``best_model.pt``,
+    ``models``' autoencoder, its latents scaled by ``models``' stage-2 factor (the sampler scales them once, so the
+    two must agree), stopped after ``epochs`` epochs; trained once into ``work/guide`` (its ``best_model.pt``,
     written by the one validation after the last epoch, marks a finished run)."""
+    from scripts.networks.checkpoints import load_checkpoint
     from scripts.networks.trained import checkpoint_path
 
     guide = work / "guide" / f"epochs{epochs}"
@@ -97,6 +99,7 @@ def train_guide(work, dataset, models, epochs, log):
         settings = {**run_demo.DIFFUSION, "dataset_dir": dataset, "seed": 0, "n_epochs": epochs, "ckpt_dir": guide}
         settings.update(log_dir=guide / "logs", generate_samples_interval=10**6, val_interval=epochs)
         settings.update(autoencoder_path=checkpoint_path(models, "autoencoder"), overwrite="true")
+        settings.update(scale_factor=load_checkpoint(checkpoint_path(models, "diffusion"), "diffusion")["scale_factor"])
         run_demo.bundle_step("train_diffusion.json", settings, log)
     return guide / "best_model.pt"
 

@@ -80,30 +80,36 @@ def test_tile_boundaries_show_no_seam():
     ckpt = load_diffusion_checkpoint(ROOT / "models" / "model.pt", autoencoder_ckpt, "models/model_autoencoder.pt")
     unet = trained_unet(ckpt, "models/model.pt", "cpu")
     autoencoder = frozen_autoencoder(autoencoder_ckpt, "models/model_autoencoder.pt", "cpu")
-    tile = tuple(ckpt["latent_shape"][1:])  # (16, 16, 8)
-    noise = torch.randn((4, 3, 64, 64, tile[2]), generator=torch.Generator().manual_seed(0))
+    tile = tuple(ckpt["latent_shape"][1:])  # (32, 32, 8)
+    size = 4 * tile[0]  # a field of four tiles a side
+    noise = torch.randn((4, 3, size, size, tile[2]), generator=torch.Generator().manual_seed(0))
     jumps, grid_jumps = {}, {}
     for overlap in (0.0, 0.5):  # the default: 0.5
         latent = denoise_tiled(unet, make_scheduler(ckpt["scheduler"], None, 10), noise, tile, overlap)
-        edges = tile_edges(64, tile[0], overlap)
+        edges = tile_edges(size, tile[0], overlap)
         jumps[overlap] = [seam_jump(latent, edges, axis) for axis in (0, 1)]
         with torch.no_grad():  # the whole latent decoded at once: only the denoising's tiles can leave seams
             whole = autoencoder.decode_stage_2_outputs(latent / ckpt["scale_factor"]).clamp(0, 1)
         grid_jumps[overlap] = [seam_jump(whole, [2 * e for e in edges], axis, period=2) for axis in (0, 1)]
-    # tiles denoised apart (no overlap) meet at seams: latent and grid change 10-40 % more across their edges
-    assert max(jumps[0.0]) > 1.08 and max(grid_jumps[0.0]) > 1.2, (jumps, grid_jumps)
+    # tiles denoised apart (no overlap) meet at seams: the latent changes 19-25 % more across their edges (the
+    # decoder of 78 nm voxels smooths them out of the grid: 0.96-1.00; the 156 nm one, shipped until 2026-12-07,
+    # left 20-40 %)
+    assert max(jumps[0.0]) > 1.08, (jumps, grid_jumps)
     # denoised together, they change across tile edges as they do elsewhere: within 3 % in the latent (measured
-    # 1.01-1.02); in the grid within the scatter of single planes over 4 samples (measured 0.90-1.07 at planes
+    # 0.98-0.99); in the grid within the scatter of single planes over 4 samples (measured 0.90-1.07 at planes
     # away from any edge)
     assert all(abs(j - 1) < 0.03 for j in jumps[0.5]), jumps
     assert all(j < 1.15 for j in grid_jumps[0.5]), grid_jumps
-    # decoding by sliding window adds no seam of its own: at its windows' edges the grid changes as the whole
-    # grid's decode does there (the same latent, so the comparison is paired; measured within 1.5 %)
-    window = (32, 32, tile[2])
+    # decoding by sliding window adds no seam that shows: at its windows' edges the grid changes about as the whole
+    # grid's decode does there (the same latent, so the comparison is paired; measured: 6.5-6.7 % more, the same
+    # with overlap 0.5; the 156 nm decoder shipped until 2026-12-07: within 1.5 %), and it differs from the whole
+    # grid's decode by 0.0003 on average (values up to 1)
+    window = (2 * tile[0], 2 * tile[1], tile[2])
     tiled = decode_tiled(autoencoder, latent, ckpt["scale_factor"], window).clamp(0, 1)
-    edges = [2 * e for e in tile_edges(64, window[0], 0.25)]
+    edges = [2 * e for e in tile_edges(size, window[0], 0.25)]
     paired = [seam_jump(tiled, edges, a, 2) / seam_jump(whole, edges, a, 2) for a in (0, 1)]
-    assert all(abs(p - 1) < 0.05 for p in paired), paired
+    assert all(abs(p - 1) < 0.1 for p in paired), paired
+    assert (tiled - whole).abs().mean() < 0.002
 
 
 def test_sliding_window_decoding_matches_whole_grid_decoding(autoencoder_ckpt):

@@ -8,6 +8,7 @@ staging folder is left. The workspace looks like a bundle root's outputs: ``data
 """
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -104,8 +105,10 @@ def _grids(ws):
     from scripts.data.geometry import GridGeometry
     from scripts.data.nifti import save_nifti
 
-    geometry = GridGeometry((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0), (32, 32, 16))
-    sound = np.random.default_rng(3).random((32, 32, 16)).astype(np.float32) ** 6
+    shipped = json.loads((ROOT / "models" / "checkpoints.json").read_text())["model_refiner.pt"]["checkpoint"]
+    shape = tuple(shipped["dataset_info"]["geometry"]["shape"])
+    geometry = GridGeometry((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0), shape)
+    sound = np.random.default_rng(3).random(shape).astype(np.float32) ** 6
     broken = sound.copy()
     broken[[1, 7], [2, 9], [3, 4]] = [np.nan, np.inf]
     negative = sound.copy()

@@ -207,7 +207,7 @@ def test_scaling_benchmark_converts_into_the_grid_of_a_training_layout_autoencod
 
     shipped = load_autoencoder_checkpoint(ROOT / "models" / "model_autoencoder.pt")  # as training writes one
     geometry = shipped["dataset_info"]["geometry"]
-    geometry["shape"] = [16, 16, 8]  # coarser than the shipped [32, 32, 16], as a finer one would differ too
+    geometry["shape"] = [16, 16, 8]  # coarser than the shipped [64, 64, 16], as a finer one would differ too
     geometry["spacing_nm"] = [
         (hi - lo) / n for lo, hi, n in zip(geometry["box_min_nm"], geometry["box_max_nm"], [16, 16, 8])
     ]
