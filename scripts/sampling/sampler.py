@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.schedulers import RFlowScheduler
 from scripts.data.geometry import GridGeometry
 from scripts.data.nifti import save_nifti
 from scripts.data.pointclouds import CSV_POINT_BYTES, H5_POINT_BYTES, PointCloudsH5Writer, write_points_csv
@@ -151,9 +152,12 @@ class Sampler:
         self._check_memory(ckpt, refiner)
         self._check_disk(ckpt)
         points = f"the fine stage, {self.flow_steps} flow steps" if refiner is not None else f"{method} in voxels"
+        recorded = ", as recorded with the weights" if eta is None and ckpt.get("sampling") else ""
         noise = ""
         if isinstance(self.scheduler, StochasticRFlowScheduler):
-            noise = f" (eta {self.scheduler.eta:g} below noise level {self.scheduler.eta_below:g})"
+            noise = f" (eta {self.scheduler.eta:g} below noise level {self.scheduler.eta_below:g}{recorded})"
+        elif isinstance(self.scheduler, RFlowScheduler):
+            noise = f" (Euler's steps{recorded})"
         logger.info(f"sampling with {type(self.scheduler).__name__}{noise}, {steps} steps; points placed by {points}")
         if self.tiled:
             logger.info(
