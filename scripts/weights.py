@@ -1,7 +1,9 @@
 """Publish trained weights in the shipped layout (what ``ckpt_export``'s defaults and the Model Zoo read)::
 
-    python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true] \
-        [--eta 0]  # the sampling default recorded with these weights
+    python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true]
+        [--eta 0] [--eta_below 0.5]
+
+``--eta`` (and ``--eta_below``) record the sampler these weights sample best with as their default.
 
 Loading and publishing live in :mod:`scripts.networks.trained`.
 """
