@@ -26,7 +26,6 @@ from benchmarks.common import ROOT  # noqa: E402
 
 N_CLOUDS, N_QUICK = 100, 8
 RADIUS_NM, PAIR_RANGE_NM, FOLDS = 150.0, (20.0, 500.0), 5  # configs/evaluate.json's defaults
-THRESHOLD = 0.1  # configs/inference.json's: anchors and the voxel-uniform export from values above it
 COLUMNS = ("NN W1 (nm)", "z W1 (nm)", "linearity W1", "pair W1 (nm)", "C2ST %", "linearity / planarity mean")
 TARGETS = ("≤ 3", "≤ 5", "", "≤ 3", "≤ 65")  # and linearity / planarity means within 0.05 / 0.03 of the test clouds'
 
@@ -49,25 +48,28 @@ def reconstructions(autoencoder, grids):
 
 
 def refined(refiner, checkpoint, grids, geometry, points_per_mass):
-    """The fine stage's points of each grid, as many as the training data's density gives (seeded per grid)."""
+    """The fine stage's points of each grid, as many as the training data's density gives (seeded per grid), from
+    the voxels above the threshold it was trained with (the sampler's default)."""
     import torch
-    from scripts.networks.fine_stage import refine_grid
+    from scripts.networks.fine_stage import refine_grid, sampling_settings
 
-    out, steps = [], checkpoint["sampling"]["flow_steps"]
+    out, (steps, threshold) = [], sampling_settings(checkpoint)
     for i, grid in enumerate(grids):
         generator = torch.Generator().manual_seed(i)
         out.append(
-            refine_grid(refiner, grid, geometry, None, THRESHOLD, steps, generator, points_per_mass=points_per_mass)
+            refine_grid(refiner, grid, geometry, None, threshold, steps, generator, points_per_mass=points_per_mass)
         )
     return out
 
 
 def voxel_uniform(grids, geometry, points_per_mass):
     import numpy as np
-    from scripts.data.voxelize import grid_to_points
+    from scripts.data.voxelize import EXPORT_THRESHOLD, grid_to_points
 
     return [
-        grid_to_points(g, geometry, "probabilistic", THRESHOLD, None, points_per_mass, rng=np.random.default_rng(i))
+        grid_to_points(
+            g, geometry, "probabilistic", EXPORT_THRESHOLD, None, points_per_mass, rng=np.random.default_rng(i)
+        )
         for i, g in enumerate(grids)
     ]
 

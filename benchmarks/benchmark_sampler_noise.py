@@ -62,11 +62,13 @@ def label(setting):
 
     values = {**{k: str(v) for k, v in RFLOW_ETA.items()}, **parse(setting)}
     steps = f"{values.get('num_inference_steps', 'the default')} steps"
+    named = ("eta", "eta_below", "num_inference_steps", "guidance")
+    others = "".join(f", {k} {v}" for k, v in values.items() if k not in named)  # e.g. ", threshold 0"
     if "guidance" in values:  # short: the row labels are drawn along a strip's height
-        return f"guidance {values['guidance']}" + (", Euler" if float(values["eta"]) == 0 else "")
+        return f"guidance {values['guidance']}" + (", Euler" if float(values["eta"]) == 0 else "") + others
     if float(values["eta"]) == 0:
-        return f"Euler, {steps}"
-    return f"eta {values['eta']} below {values['eta_below']}, {steps}"
+        return f"Euler, {steps}{others}"
+    return f"eta {values['eta']} below {values['eta_below']}, {steps}{others}"
 
 
 def folder(work, setting, seed=0):
@@ -158,9 +160,12 @@ def table(results):
     for setting, r in results:
         samples = r["rows"]["samples"]
         lines.append(f"| {setting} | {run_demo.summary_cells(samples)} | {scaling.shape_cells(samples)} |")
-    rows = results[0][1]["rows"]  # the reference rows: scored with the first setting
+    # the reference rows: scored with the first setting of the run that scored it (a setting read back from an
+    # earlier run may lack them)
+    rows = next((r["rows"] for _, r in results if "train_vs_heldout" in r["rows"]), {})
     for name, key in (("floor: training clouds", "train_vs_heldout"), ("mean-grid baseline", "mean_grid_baseline")):
-        lines.append(f"| {name} | {run_demo.summary_cells(rows[key])} | {scaling.shape_cells(rows[key])} |")
+        if key in rows:
+            lines.append(f"| {name} | {run_demo.summary_cells(rows[key])} | {scaling.shape_cells(rows[key])} |")
     return lines
 
 
@@ -206,7 +211,7 @@ def main():
     for i, setting in enumerate(settings):
         score = sample_and_score(work, setting, models, dataset, reference, n, log, i == 0, args.seed, guide)
         results.append((setting, score))
-        print("\n".join(table(results)[-3:-2]), flush=True)
+        print(table(results)[2 + i], flush=True)  # this setting's row
     import monai
     import numpy as np
 

@@ -33,17 +33,17 @@ import torch  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 from scripts import run_demo  # noqa: E402
 from scripts.data.geometry import GridGeometry  # noqa: E402
-from scripts.data.voxelize import grid_to_points  # noqa: E402
+from scripts.data.voxelize import EXPORT_THRESHOLD, grid_to_points  # noqa: E402
 from scripts.networks.build import build_autoencoder, build_unet  # noqa: E402
 from scripts.networks.checks import autoencoder_grid, latent_shape  # noqa: E402
 from scripts.networks.precision import autocast_dtype, cpu_has_bf16  # noqa: E402
 from scripts.networks.schedulers import sample_grids  # noqa: E402
 from scripts.runtime.validators import literal  # noqa: E402
 
-INFERENCE = common.parse_config(ROOT / "configs" / "inference.json", {}, "batch_size", "threshold")
+INFERENCE = common.parse_config(ROOT / "configs" / "inference.json", {}, "batch_size")
 BATCH = INFERENCE["batch_size"]  # grids denoised at once
 BOX_NM = ((0.0, 0.0, -300.0), (5000.0, 5000.0, 300.0))  # the demo data's box (scripts/simulate_smlm.py)
-THRESHOLD = INFERENCE["threshold"]
+THRESHOLD = EXPORT_THRESHOLD  # the voxel exports' default (inference.json's threshold: null)
 
 # Each size: its networks (the label: the demo's, the configs' defaults or the tests' tiny ones), the grid and the
 # runs. A DDPM run with ``fit`` is timed at those two (shorter) step counts and extrapolated linearly to ``steps``.

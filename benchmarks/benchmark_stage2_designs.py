@@ -140,15 +140,12 @@ def training_data(design, dataset, model_dir):
         return len(grids), lambda index, _: grids[index], shape
     from benchmarks.benchmark_stage2_layout import encoded_grids
     from scripts.networks import trained
+    from scripts.networks.checkpoints import load_checkpoint
     from scripts.training.latents import sample_latents
 
-    autoencoder_path = trained.checkpoint_path(model_dir, "autoencoder")
-    _, mean, spread = encoded_grids(autoencoder_path, str(dataset / "train"), None)
-    scale = trained.load_diffusion_checkpoint(  # the shipped stage 2's latent scale, which sampling applies
-        trained.checkpoint_path(model_dir, "diffusion"),
-        trained.load_autoencoder_checkpoint(autoencoder_path),
-        autoencoder_path,
-    )["scale_factor"]
+    _, mean, spread = encoded_grids(trained.checkpoint_path(model_dir, "autoencoder"), str(dataset / "train"), None)
+    # the model_dir's stage-2 latent scale, which sampling applies
+    scale = load_checkpoint(trained.checkpoint_path(model_dir, "diffusion"), "diffusion")["scale_factor"]
 
     def draw(index, generator):  # a fresh draw of the posterior each step, as train_diffusion.json's default
         return sample_latents({"z_mu": mean[index], "z_sigma": spread[index]}, None, "cpu", generator) * scale

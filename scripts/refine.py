@@ -24,6 +24,7 @@ from scripts.networks.fine_stage import (  # noqa: E402
     refine_grid,
     refine_memory,
     refine_slab,
+    sampling_settings,
 )
 from scripts.networks.trained import (  # noqa: E402
     checkpoint_path,
@@ -37,7 +38,7 @@ from scripts.runtime.resources import check_disk  # noqa: E402
 from scripts.runtime.settings import check_values  # noqa: E402
 
 
-def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow_steps=None, seed=0, overwrite=False):
+def refine(grid, refiner=None, output=None, num_points=None, threshold=None, flow_steps=None, seed=0, overwrite=False):
     """Turn ``grid`` into a point cloud with the fine stage's checkpoint ``refiner``.
 
     Args:
@@ -48,7 +49,7 @@ def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow
         output: the CSV to write (default: ``grid`` with ``.csv``); refused if it exists, unless ``overwrite``.
         num_points: how many points (default: the training data's points per unit of grid mass); refused, with
             how many would fit, when they would not fit in memory or on the output's disk.
-        threshold: only voxels above it anchor points.
+        threshold: only voxels above it anchor points (default: the threshold the fine stage was trained with, 0).
         flow_steps: Euler steps of the flow (default: those the checkpoint was validated with).
         seed: the same seed writes the same file.
     """
@@ -63,13 +64,14 @@ def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow
     check_grid(values, grid_path)
     if values.max() > 1:
         values = values / values.max()
-    if not (values > threshold).any():
-        raise UserError(
-            f"{grid_path}: no voxel is above threshold {threshold} (the largest is {values.max():.3g}), so there is "
-            "nothing to place points on" + ("; lower --threshold" if values.max() > 0 else "")
-        )
     refiner = refiner or checkpoint_path(default_model_dir("."), "refiner")
     checkpoint = load_refiner_checkpoint(refiner)
+    steps, threshold = sampling_settings(checkpoint, flow_steps, threshold)
+    if not (values > threshold).any():
+        raise UserError(
+            f"{grid_path}: no voxel is above threshold {threshold:g} (the largest is {values.max():.3g}), so there "
+            "is nothing to place points on" + ("; lower --threshold" if values.max() > 0 else "")
+        )
     check_spacing(checkpoint, geometry, grid_path)
     network = trained_refiner(checkpoint, refiner)
     ppm = (checkpoint["dataset_info"].get("points_per_mass") or {}).get("mean")
@@ -77,7 +79,6 @@ def refine(grid, refiner=None, output=None, num_points=None, threshold=0.1, flow
     what = f"num_points: a cloud of {n} points" + ("" if num_points else " (the training data's density)")
     check_point_memory(n, refine_memory(values.shape, network, 0), what)
     check_disk(CSV_POINT_BYTES * n, output.parent, what, "set a smaller num_points or write the CSV elsewhere")
-    steps = flow_steps or checkpoint["sampling"]["flow_steps"]
     generator = torch.Generator().manual_seed(int(seed))
     slab = refine_slab(values.shape, network)
     points = refine_grid(network, values, geometry, n, threshold, steps, generator, 4, slab)

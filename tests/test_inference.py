@@ -61,6 +61,9 @@ def test_num_points_and_export_method(model_dir, tmp_path):
     points = read_point_clouds(tmp_path / "c" / "pointcloud" / "sample_0000.csv")[0][0]
     grid, _ = load_nifti(tmp_path / "c" / "nifti" / "sample_0000.nii.gz")
     assert len(points) == np.count_nonzero(grid > 0)  # one point per voxel above the threshold
+    _sample(model_dir, tmp_path / "d", method="center", num_samples=1)  # a voxel export's default threshold: 0.1
+    points = read_point_clouds(tmp_path / "d" / "pointcloud" / "sample_0000.csv")[0][0]
+    assert len(points) == np.count_nonzero(grid > 0.1) < np.count_nonzero(grid > 0)
 
 
 @pytest.mark.parametrize(

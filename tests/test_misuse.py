@@ -758,7 +758,7 @@ CASES = [
     Case(
         "refine a grid of zeros",
         [*REFINE, "--grid", "{ws}/in/grid_zeros.nii.gz", "--output", "{ws}/in/p.csv"],
-        r"grid_zeros.nii.gz: no voxel is above threshold 0.1 \(the largest is 0\), so there is nothing to place",
+        r"grid_zeros.nii.gz: no voxel is above threshold 0 \(the largest is 0\), so there is nothing to place",
         setup=_grids,
     ),
     Case(

@@ -179,8 +179,11 @@ def point_count(grid, geometry, num_points=None, points_per_mass=None):
     return int(num_points)
 
 
+EXPORT_THRESHOLD = 0.1  # the voxel exports' default: grid values (in [0, 1]) at or below it are background
+
+
 def grid_to_points(
-    grid, geometry, method="probabilistic", threshold=0.1, num_points=None, points_per_mass=None, rng=None
+    grid, geometry, method="probabilistic", threshold=EXPORT_THRESHOLD, num_points=None, points_per_mass=None, rng=None
 ):
     """Points in nanometres drawn from a grid, inside ``geometry``'s box.
 

@@ -27,7 +27,7 @@ import torch
 from scripts.data.datasets import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.data.geometry import GridGeometry
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.voxelize import grid_to_points, voxelize_like
+from scripts.data.voxelize import EXPORT_THRESHOLD, grid_to_points, voxelize_like
 from scripts.evaluation.inputs import check_folders, check_reference, check_trained_box, find_samples, read_samples
 from scripts.evaluation.metrics import (
     box_normalize,
@@ -42,7 +42,7 @@ from scripts.evaluation.metrics import (
 )
 from scripts.evaluation.realism import classifier_two_sample_test, set_statistics
 from scripts.evaluation.report import markdown_report, write_figures
-from scripts.networks.fine_stage import check_spacing, refine_grid
+from scripts.networks.fine_stage import check_spacing, refine_grid, sampling_settings
 from scripts.runtime.errors import UserError
 from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.settings import BY_MASS, check_values, grouped
@@ -61,7 +61,7 @@ GROUPS = {  # the Evaluation's settings by group, with their defaults
         "realism_test": True,
         "realism_folds": 5,
     },
-    "export": {"threshold": 0.1, "method": "probabilistic", "num_points": None},
+    "export": {"threshold": EXPORT_THRESHOLD, "method": "probabilistic", "num_points": None},
     "fine_stage": {"refiner": None, "checkpoint": None, "flow_steps": None},
     "pictures": {"num_pictures": 6, "pixel_nm": 15.0},
 }
@@ -112,7 +112,8 @@ class Evaluation:
             :func:`scripts.data.voxelize.grid_to_points`), ``num_points`` (``None``: the training data's points per
             unit of grid mass, as the sampler does).
         fine_stage: ``refiner`` and its ``checkpoint`` (they add the refined and voxel-uniform rows), or ``None``;
-            ``flow_steps``: its flow's steps (``None``: those of its checkpoint).
+            ``flow_steps``: its flow's steps (``None``: those of its checkpoint). It places points from the voxels
+            above the threshold it was trained with, as the sampler does by default, whatever ``threshold``.
         pictures: ``num_pictures`` clouds and grids shown per set in the figures (``renderings.png``: held-out
             above, generated below, one renderer and scale), rendered at ``pixel_nm``.
         Each group takes the defaults of :data:`GROUPS` for what it leaves out.
@@ -190,7 +191,9 @@ class Evaluation:
             check_spacing(
                 fine_stage["checkpoint"], self.geometry.with_shape(self.voxel_size), "the autoencoder's grids"
             )
-            self.flow_steps = fine_stage["flow_steps"] or fine_stage["checkpoint"]["sampling"]["flow_steps"]
+            self.flow_steps, self.anchor_threshold = sampling_settings(
+                fine_stage["checkpoint"], fine_stage["flow_steps"]
+            )
         self.structure_radius_nm = float(metrics["structure_radius_nm"])
         self.pair_range_nm = tuple(map(float, metrics["pair_range_nm"]))
         self.sets = checked["sets"]
@@ -247,7 +250,7 @@ class Evaluation:
             grid,
             self.geometry,
             self.export_num_points,
-            self.threshold,
+            self.anchor_threshold,
             self.flow_steps,
             generator,
             points_per_mass=self.points_per_mass,
@@ -400,6 +403,7 @@ class Evaluation:
             "seed": self.seed,
             "threshold": self.threshold,
             "export_method": self.method,
+            "fine_stage_threshold": self.anchor_threshold if self.refiner is not None else None,
             "voxel_size": list(self.voxel_size),
             "normalization": "points minus the training box centre, divided by its largest extent",
             "largest_extent_nm": float(self.geometry.size_nm.max()),

@@ -339,6 +339,15 @@ def coupling(dataset_info, geometry):
     return {"sigma_voxels": (sigma_nm / geometry.spacing_nm).tolist(), "splat": voxelization.get("splat", "nearest")}
 
 
+def sampling_settings(refiner_checkpoint, flow_steps=None, threshold=None):
+    """The fine stage's ``(flow_steps, threshold)``: those given, else those its checkpoint records (the flow steps
+    it was validated with, and the threshold it was trained with: 0, every voxel anchors points, as the coupling
+    draws anchors from the whole grid; a higher one drops the faint voxels' mass and crowds their points onto the
+    bright ones)."""
+    recorded = refiner_checkpoint["sampling"]
+    return (flow_steps or recorded["flow_steps"], recorded.get("threshold", 0.0) if threshold is None else threshold)
+
+
 def check_spacing(refiner_checkpoint, geometry, what="this grid"):
     """Refuse a grid whose voxels differ from those the fine stage was trained on (the box may differ: large
     fields)."""

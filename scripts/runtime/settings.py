@@ -141,7 +141,7 @@ SETTINGS = {
     "timestep_sampling": choice(*TIMESTEP_SAMPLINGS),
     "latent_draw": choice(*LATENT_DRAWS),
     "method": choice(*EXPORT_METHODS),
-    "threshold": number(0, 1),
+    "threshold": number(0, 1, optional=True),  # None: the fine stage's own, or voxelize.EXPORT_THRESHOLD
     "num_points": integer(1, optional=True),
     "output_formats": subset(*OUTPUT_FORMATS),
     "pixel_nm": number(0, above=True),
@@ -162,8 +162,8 @@ SETTINGS = {
 }
 # where an id means something else in one config
 STAGE_SETTINGS = {
-    "evaluate": {"num_points": _POSITIVE, "num_workers": integer(-1)},
-    "train_refiner": {"key_metric": choice("val_nn_w1"), "flow_steps": _POSITIVE},
+    "evaluate": {"num_points": _POSITIVE, "num_workers": integer(-1), "threshold": number(0, 1)},
+    "train_refiner": {"key_metric": choice("val_nn_w1"), "flow_steps": _POSITIVE, "threshold": number(0, 1)},
     "inference": {"method": choice("refine", *EXPORT_METHODS)},
 }
 

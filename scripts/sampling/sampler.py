@@ -11,11 +11,18 @@ from monai.networks.schedulers import RFlowScheduler
 from scripts.data.geometry import GridGeometry
 from scripts.data.nifti import save_nifti
 from scripts.data.pointclouds import CSV_POINT_BYTES, H5_POINT_BYTES, PointCloudsH5Writer, write_points_csv
-from scripts.data.voxelize import grid_to_points
+from scripts.data.voxelize import EXPORT_THRESHOLD, grid_to_points
 from scripts.evaluation.projections import projections
 from scripts.evaluation.rendering import render_points
 from scripts.networks.build import downsampling
-from scripts.networks.fine_stage import POINT_BYTES, check_point_memory, check_spacing, refine_grid, refine_slab
+from scripts.networks.fine_stage import (
+    POINT_BYTES,
+    check_point_memory,
+    check_spacing,
+    refine_grid,
+    refine_slab,
+    sampling_settings,
+)
 from scripts.networks.precision import autocast_dtype
 from scripts.networks.schedulers import StochasticRFlowScheduler, make_scheduler, sample_grids, step_noise
 from scripts.networks.trained import REFINER_HINT
@@ -38,7 +45,7 @@ GROUPS = {  # the Sampler's settings by group, with their defaults
     "denoising": {"scheduler": None, "num_inference_steps": 50, "eta": None, "eta_below": None},
     "export": {
         "method": "probabilistic",
-        "threshold": 0.1,
+        "threshold": None,
         "num_points": None,
         "output_formats": ("nifti", "csv"),
         "preview": True,
@@ -74,7 +81,9 @@ class Sampler:
             :data:`scripts.networks.schedulers.RFLOW_ETA`; ``eta`` 0: Euler's deterministic steps).
         export: how grids become files. ``method``, ``threshold``, ``num_points``: 'refine' (the fine stage places
             points at localization precision) or a voxel export of :func:`scripts.data.voxelize.grid_to_points`;
-            both draw voxels above ``threshold``; ``num_points`` ``None`` takes the training data's points per unit
+            both draw voxels above ``threshold`` (``None``: for 'refine' the threshold the fine stage was trained
+            with, :func:`scripts.networks.fine_stage.sampling_settings`; for a voxel export
+            :data:`scripts.data.voxelize.EXPORT_THRESHOLD`); ``num_points`` ``None`` takes the training data's points per unit
             of grid mass. ``output_formats``: any of 'nifti', 'csv', 'h5'. ``preview``: write ``preview.png``,
             rendered at ``pixel_nm``.
         fine_stage: ``refiner`` and its ``checkpoint``, for ``method='refine'``; ``flow_steps``: its flow's steps
@@ -142,16 +151,20 @@ class Sampler:
         self.tile_overlap, self.sw_batch_size = tile_overlap, sw_batch_size
         self._plan_field(ckpt, field_size_nm)
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.method, self.threshold, self.num_points = method, threshold, num_points
+        self.method, self.num_points = method, num_points
         self.formats, self.preview, self.pixel_nm = tuple(output_formats), preview, pixel_nm
         self.device, self.amp_dtype = device, autocast_dtype(device, amp)
         self.refiner = refiner
         if refiner is not None:
             check_spacing(refiner_checkpoint, self.geometry, "the sampled grids")
-            self.flow_steps = flow_steps or refiner_checkpoint["sampling"]["flow_steps"]
+            self.flow_steps, fine_threshold = sampling_settings(refiner_checkpoint, flow_steps, threshold)
+        if threshold is None:
+            threshold = fine_threshold if method == "refine" else EXPORT_THRESHOLD
+        self.threshold = threshold
         self._check_memory(ckpt, refiner)
         self._check_disk(ckpt)
         points = f"the fine stage, {self.flow_steps} flow steps" if refiner is not None else f"{method} in voxels"
+        points += f", from voxels above {threshold:g}"
         recorded = ", as recorded with the weights" if eta is None and ckpt.get("sampling") else ""
         noise = ""
         if isinstance(self.scheduler, StochasticRFlowScheduler):
