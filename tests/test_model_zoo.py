@@ -138,6 +138,14 @@ def test_the_sampling_default_recorded_with_the_weights_is_theirs_and_a_flag_ove
     assert noisy.shape != shipped.shape or not (noisy == shipped).all()
     with pytest.raises(UserError, match="eta: must be at most 1, got 2"):
         publish(model_dir, tmp_path / "models", overwrite=True, eta=2)
+    ddpm = tmp_path / "ddpm"  # the same set, its stage 2 as if trained with noise prediction
+    shutil.copytree(model_dir, ddpm)
+    ckpt = torch.load(ddpm / "diffusion" / "best_model.pt", weights_only=False)
+    ckpt["scheduler"]["objective"] = "ddpm"
+    torch.save(ckpt, ddpm / "diffusion" / "best_model.pt")
+    with pytest.raises(UserError, match="--eta: only rectified-flow sampling draws fresh noise; .* the ddpm objective"):
+        publish(ddpm, tmp_path / "ddpm_models", eta=0)
+    assert not (tmp_path / "ddpm_models").exists()
 
 
 def test_publish_refuses_to_replace_and_tampered_weights_are_refused(model_dir, tmp_path):
