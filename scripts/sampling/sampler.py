@@ -83,8 +83,8 @@ class Sampler:
             points at localization precision) or a voxel export of :func:`scripts.data.voxelize.grid_to_points`;
             both draw voxels above ``threshold`` (``None``: for 'refine' the threshold the fine stage was trained
             with, :func:`scripts.networks.fine_stage.sampling_settings`; for a voxel export
-            :data:`scripts.data.voxelize.EXPORT_THRESHOLD`); ``num_points`` ``None`` takes the training data's points per unit
-            of grid mass. ``output_formats``: any of 'nifti', 'csv', 'h5'. ``preview``: write ``preview.png``,
+            :data:`scripts.data.voxelize.EXPORT_THRESHOLD`); ``num_points`` ``None`` takes the training data's
+            points per unit of grid mass. ``output_formats``: any of 'nifti', 'csv', 'h5'. ``preview``: write ``preview.png``,
             rendered at ``pixel_nm``.
         fine_stage: ``refiner`` and its ``checkpoint``, for ``method='refine'``; ``flow_steps``: its flow's steps
             (``None``: those it was validated with).
@@ -157,9 +157,9 @@ class Sampler:
         self.refiner = refiner
         if refiner is not None:
             check_spacing(refiner_checkpoint, self.geometry, "the sampled grids")
-            self.flow_steps, fine_threshold = sampling_settings(refiner_checkpoint, flow_steps, threshold)
+            self.flow_steps, trained_threshold = sampling_settings(refiner_checkpoint, flow_steps)
         if threshold is None:
-            threshold = fine_threshold if method == "refine" else EXPORT_THRESHOLD
+            threshold = trained_threshold if method == "refine" else EXPORT_THRESHOLD
         self.threshold = threshold
         self._check_memory(ckpt, refiner)
         self._check_disk(ckpt)
