@@ -155,7 +155,7 @@ def sample_and_score(work, setting, models, dataset, reference, n, log, with_ref
 
 
 def table(results):
-    head = ["sampling (inference.json)", *(name for name, *_ in run_demo.SUMMARY), "linearity / planarity mean"]
+    head = ["sampling (inference.json)", *(name for name, *_ in run_demo.SUMMARY), scaling.SHAPE_HEAD]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(run_demo.SUMMARY) + "---|"]
     for setting, r in results:
         samples = r["rows"]["samples"]
@@ -166,7 +166,7 @@ def table(results):
     for name, key in (("floor: training clouds", "train_vs_heldout"), ("mean-grid baseline", "mean_grid_baseline")):
         if key in rows:
             lines.append(f"| {name} | {run_demo.summary_cells(rows[key])} | {scaling.shape_cells(rows[key])} |")
-    return lines
+    return lines + ["", "Test clouds: " + scaling.reference_shape(results[0][1]["rows"]["samples"]) + "."]
 
 
 def main():

@@ -301,12 +301,16 @@ def _short(value):
 
 
 def shape_cells(row):
-    return f"{row['linearity']['mean']:.2f} / {row['planarity']['mean']:.2f}"
+    """Mean linearity / planarity, and where scored, the mean width across (nm) and the narrowest axis's z share."""
+    cells = f"{row['linearity']['mean']:.2f} / {row['planarity']['mean']:.2f}"
+    if "cross_section_nm" in row:  # rows scored before it was a statistic lack it
+        cells += f"; {row['cross_section_nm']['mean']:.1f} nm, {row['narrow_axis_z']['mean']:.2f}"
+    return cells
 
 
 def table(results):
     head = ["clouds", "flips/rot. (changes)", "steps", "val loss", "minutes"] + [name for name, *_ in run_demo.SUMMARY]
-    head += ["linearity / planarity mean", "copies", "CD to nearest train ×10³ (samples / test)"]
+    head += [SHAPE_HEAD, "copies", "CD to nearest train ×10³ (samples / test)"]
     head += ["nearest / 2nd (samples / test)"]
     lines = [
         "| " + " | ".join(head) + " |",
@@ -334,11 +338,20 @@ def reference_rows(results):
         cells = f"{run_demo.summary_cells(first['rows'][key])} | {shape_cells(first['rows'][key])}"
         lines.append(f"| {label} | | | | | {cells} | | | |")
     test = first["rows"]["samples"]
-    return lines + [
-        "",
-        f"Test clouds: linearity mean {test['linearity']['reference_mean']:.2f}, planarity mean "
-        f"{test['planarity']['reference_mean']:.2f}.",
-    ]
+    return lines + ["", "Test clouds: " + reference_shape(test) + "."]
+
+
+SHAPE_HEAD = "linearity / planarity mean; across (nm), narrowest axis z share"
+
+
+def reference_shape(row):
+    """The test clouds' means of :func:`shape_cells`' statistics, in words."""
+    words = f"linearity mean {row['linearity']['reference_mean']:.2f}, planarity mean "
+    words += f"{row['planarity']['reference_mean']:.2f}"
+    if "cross_section_nm" in row:
+        words += f", width across {row['cross_section_nm']['reference_mean']:.1f} nm, narrowest axis z share "
+        words += f"{row['narrow_axis_z']['reference_mean']:.2f}"
+    return words
 
 
 def write_report(work, title, quick, load, intro, results):

@@ -52,6 +52,11 @@ def test_ceiling_benchmark_scores_the_fine_stage_on_real_grids_and_reconstructio
     # the extra fine stage (the same file) is named by its training and scored as the shipped one
     assert _cells(stdout, "fine stage (")[1:] == shipped[1:]
     assert (tmp_path / "report.md").read_text().strip() in stdout
+    # the width across the filaments and the tilt of its narrowest axis, beside the test clouds' own
+    test_across, test_tilt = map(float, _cells(stdout, "target")[-1].split(": ")[1].split(" / "))
+    assert 10 < test_across < 40 and test_tilt < 0.3  # microtubules at 10 / 40 nm lateral / axial precision
+    across, tilt = map(float, shipped[-1].split(" / "))
+    assert 10 < across < 40 and 0 <= tilt <= 1
 
 
 def test_ceiling_benchmark_refuses_a_missing_fine_stage_before_any_work(tmp_path):

@@ -49,8 +49,9 @@ def test_evaluate_writes_metrics_json(evaluated):
         for metric in ("cd", "emd32"):
             assert set(row[metric]) == {"mmd", "cov", "1nna", "1nna_generated", "1nna_reference"}
             assert row[metric]["mmd"] >= 0 and 0 <= row[metric]["cov"] <= 1 and 0 <= row[metric]["1nna"] <= 1
-        for key in ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm"):
+        for key in ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm", "cross_section_nm"):
             assert row[key]["wasserstein"] >= 0 and row[key]["reference_mean"] is not None
+        assert 0 <= row["narrow_axis_z"]["mean"] <= 1
         assert 0 <= row["foreground_fraction"]["mean"] <= 1 and "wasserstein" in row["foreground_intensity"]
         # the realism test of each set's non-empty clouds: one sample cloud is too few to cross-validate
         realism = row["realism"]
@@ -83,6 +84,7 @@ def test_evaluate_writes_markdown_and_figures(evaluated):
     for needle in ROWS + ["| set | n gen / n ref (empty) | MMD-CD (×10³)", "1-NNA-EMD", "| Dice | IoU | PSNR (dB) |"]:
         assert needle in text
     assert "## Structure statistics" in text and "| set | linearity | W1 | planarity | W1 |" in text
+    assert "| across √λ3 (nm) | W1 (nm) | narrowest axis z share | W1 |" in text
     assert "| 1-NNA-CD (%) (gen / ref) | C2ST (%) |" in text and "C2ST (realism test): the 5-fold" in text
     for name in ("projections.png", "renderings.png", "nn_distance.png", "z.png", "linearity.png", "pair_distance.png"):
         assert (evaluated / name).read_bytes()[:8] == PNG

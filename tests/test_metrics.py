@@ -181,6 +181,37 @@ def test_local_shape_of_a_line_a_sheet_and_a_blob():
     assert len(local_shape(np.array([[0, 0, 0], [1000, 0, 0], [0, 1000, 0]], float), 150, min_neighbours=2)[0]) == 0
 
 
+def test_cross_section_reads_a_filaments_width_and_the_tilt_of_its_narrowest_axis():
+    from scripts.evaluation.metrics import local_geometry
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    # a filament along x imaged as SMLM is: 12 nm across in y, 40 nm in z; its narrowest axis is y
+    across = np.c_[rng.normal(0, 12, n), rng.normal(0, 40, n)]
+
+    def filament(cross_section, degrees=0.0):  # the cross-section turned about the filament's axis
+        a = np.radians(degrees)
+        turned = cross_section @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+        return np.c_[rng.uniform(0, 4000, n), turned]
+
+    upright = local_geometry(filament(across), 150, rng=0)
+    assert np.mean(upright["cross_section_nm"]) == pytest.approx(12, rel=0.1)
+    assert np.mean(upright["narrow_axis_z"]) < 0.1
+    tilted = local_geometry(filament(across, 60), 150, rng=0)
+    assert np.mean(tilted["cross_section_nm"]) == pytest.approx(12, rel=0.1)  # as wide, turned by 60°
+    assert np.mean(tilted["narrow_axis_z"]) == pytest.approx(np.sin(np.radians(60)), abs=0.05)
+    wider = local_geometry(filament(across * [2, 1]), 150, rng=0)  # 24 nm across, still narrower than in z
+    assert np.mean(wider["cross_section_nm"]) == pytest.approx(24, rel=0.1)
+    # linearity and planarity are those of local_shape, from the same neighbourhoods
+    from scripts.evaluation.metrics import local_shape
+
+    points = filament(across)
+    lin, pla = local_shape(points, 150, rng=3)
+    same = local_geometry(points, 150, rng=3)
+    np.testing.assert_allclose(lin, same["linearity"])
+    np.testing.assert_allclose(pla, same["planarity"])
+
+
 def test_pair_distances_and_ripley_l_on_known_clouds():
     from scripts.evaluation.metrics import pair_distances, ripley_l
 

@@ -96,6 +96,7 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
     for setting in (euler, late, euler + ",guidance=2"):  # the last guided by a 1-epoch stage 2 trained for it
         assert f"| {setting} | " in result.stdout
     assert (tmp_path / "guide" / "epochs1" / "best_model.pt").is_file()
+    assert "Test clouds: linearity mean" in result.stdout and "nm, narrowest axis z share" in result.stdout
     samples = tmp_path / "eta-1_eta_below-0.5_num_inference_steps-4" / "samples" / "pointcloud" / "samples.h5"
     clouds, _ = read_point_clouds(samples)
     info = json.loads((tmp_path / "data102" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]

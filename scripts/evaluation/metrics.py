@@ -261,17 +261,22 @@ def histogram_w1(counts_a, counts_b, bin_width):
     return float(np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum()).sum() * bin_width)
 
 
-def local_shape(points, radius_nm=150.0, num_queries=512, min_neighbours=5, rng=None):
-    """Linearity and planarity of a cloud around each of ``num_queries`` random points (all points if fewer).
+def local_geometry(points, radius_nm=150.0, num_queries=512, min_neighbours=5, rng=None):
+    """The shape of a cloud around each of ``num_queries`` random points (all points if fewer).
 
     The eigenvalues l1 >= l2 >= l3 of the covariance of every point within ``radius_nm`` of a query point (itself
     included) give ``linearity = (l1 - l2) / l1`` and ``planarity = (l2 - l3) / l1``: about 1 and 0 on a thin
-    filament, 0 and 1 on a sheet, both low on haze. Query points with fewer than ``min_neighbours`` neighbours
-    (isolated background) are left out. Returns ``(linearity, planarity)``, two arrays of equal length.
+    filament, 0 and 1 on a sheet, both low on haze. The narrowest axis (l3's) gives the structure's local width,
+    ``cross_section_nm = sqrt(l3)`` (on a filament: its spread across, tube and localization precision together),
+    and ``narrow_axis_z``, the absolute z component of that axis: near 0 where the narrowest direction lies in the
+    xy plane, as on filaments imaged with a poorer axial than lateral precision, 1 where it is z. Query points with
+    fewer than ``min_neighbours`` neighbours (isolated background) are left out. Returns a dict of four arrays of
+    equal length, by those names.
     """
     points = np.asarray(points, np.float64)
+    names = ("linearity", "planarity", "cross_section_nm", "narrow_axis_z")
     if len(points) < min_neighbours:
-        return np.zeros(0), np.zeros(0)
+        return {name: np.zeros(0) for name in names}
     rng = np.random.default_rng(rng)
     queries = points if len(points) <= num_queries else points[rng.choice(len(points), num_queries, replace=False)]
     tree = cKDTree(points)
@@ -279,7 +284,7 @@ def local_shape(points, radius_nm=150.0, num_queries=512, min_neighbours=5, rng=
     counts = np.array([len(n) for n in neighbours])
     keep = counts >= min_neighbours
     if not keep.any():
-        return np.zeros(0), np.zeros(0)
+        return {name: np.zeros(0) for name in names}
     owner = np.repeat(np.arange(len(queries))[keep], counts[keep])
     members = points[np.concatenate([neighbours[i] for i in np.flatnonzero(keep)])]
     n = counts[keep].astype(np.float64)
@@ -290,9 +295,17 @@ def local_shape(points, radius_nm=150.0, num_queries=512, min_neighbours=5, rng=
     for a in range(3):
         for b in range(a, 3):
             cov[:, a, b] = cov[:, b, a] = np.bincount(index, centred[:, a] * centred[:, b], len(n)) / n
-    l3, l2, l1 = np.moveaxis(np.linalg.eigvalsh(cov), -1, 0)
+    values, vectors = np.linalg.eigh(cov)
+    l3, l2, l1 = np.moveaxis(values, -1, 0)
     l1 = np.maximum(l1, 1e-12)
-    return (l1 - l2) / l1, (l2 - l3) / l1
+    shape = ((l1 - l2) / l1, (l2 - l3) / l1, np.sqrt(np.maximum(l3, 0.0)), np.abs(vectors[:, 2, 0]))
+    return dict(zip(names, shape))
+
+
+def local_shape(points, radius_nm=150.0, num_queries=512, min_neighbours=5, rng=None):
+    """``(linearity, planarity)`` of :func:`local_geometry`, two arrays of equal length."""
+    shape = local_geometry(points, radius_nm, num_queries, min_neighbours, rng)
+    return shape["linearity"], shape["planarity"]
 
 
 def pair_distances(points, r_min_nm=20.0, r_max_nm=500.0, num_points=1000, rng=None):

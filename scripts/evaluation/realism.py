@@ -10,7 +10,7 @@ half of them 100 %.
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
-from scripts.evaluation.metrics import local_shape, nn_distances_nm, pair_distances
+from scripts.evaluation.metrics import local_geometry, nn_distances_nm, pair_distances
 
 _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -37,22 +37,40 @@ def statistic_features(n_points, nn_nm, z_nm, linearity, planarity, pairs_nm, pa
     )
 
 
-STATISTICS = ("nn_distance_nm", "z_nm", "linearity", "planarity", "pair_distance_nm")
+STATISTICS = (
+    "nn_distance_nm",
+    "z_nm",
+    "linearity",
+    "planarity",
+    "pair_distance_nm",
+    "cross_section_nm",
+    "narrow_axis_z",
+)
+FEATURES = STATISTICS[:5]  # what the realism test reads, in :func:`statistic_features`' order
 
 
 def cloud_statistics(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=None):
     """What a microscopist reads off a cloud (nm), by the names of :data:`STATISTICS`: its nearest-neighbour
-    distances, z, :func:`local_shape` within ``radius_nm`` and :func:`pair_distances` in ``pair_range_nm``."""
-    linearity, planarity = local_shape(points, radius_nm, rng=rng)
+    distances, z, :func:`local_geometry` within ``radius_nm`` (linearity, planarity, the width across and the tilt
+    of the narrowest axis) and :func:`pair_distances` in ``pair_range_nm``."""
+    shape = local_geometry(points, radius_nm, rng=rng)
     pairs = pair_distances(points, *pair_range_nm, rng=rng)
-    return dict(zip(STATISTICS, (nn_distances_nm(points), points[:, 2], linearity, planarity, pairs)))
+    return {
+        "nn_distance_nm": nn_distances_nm(points),
+        "z_nm": points[:, 2],
+        "linearity": shape["linearity"],
+        "planarity": shape["planarity"],
+        "pair_distance_nm": pairs,
+        "cross_section_nm": shape["cross_section_nm"],
+        "narrow_axis_z": shape["narrow_axis_z"],
+    }
 
 
 def cloud_features(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=None):
     """:func:`statistic_features` of a cloud's :func:`cloud_statistics`. ``rng``: a Generator or a seed."""
     points = np.asarray(points, np.float64)
     stats = cloud_statistics(points, radius_nm, pair_range_nm, np.random.default_rng(rng))
-    return statistic_features(len(points), *stats.values(), pair_range_nm)
+    return statistic_features(len(points), *(stats[k] for k in FEATURES), pair_range_nm)
 
 
 def set_statistics(clouds, radius_nm, pair_range_nm, rng):
@@ -63,7 +81,7 @@ def set_statistics(clouds, radius_nm, pair_range_nm, rng):
         one = cloud_statistics(cloud, radius_nm, pair_range_nm, rng)
         for key, values in one.items():
             stats[key].append(values)
-        features.append(statistic_features(len(cloud), *one.values(), pair_range_nm))
+        features.append(statistic_features(len(cloud), *(one[k] for k in FEATURES), pair_range_nm))
     pooled = {key: np.concatenate(values) if values else np.zeros(0) for key, values in stats.items()}
     return pooled, np.array(features).reshape(len(features), -1)
 

@@ -83,6 +83,7 @@ def _statistics_table(rows, columns):
     """A table of one set per row: for each of ``columns`` ``(key, header, W1 header, scale, digits, W1 digits)``,
     the set's mean ± std and its W1 to the held-out distribution, under a first row of the held-out values."""
     first = next(iter(rows.values()))
+    columns = [c for c in columns if c[0] in first]  # metrics.json of an earlier version may lack a statistic
     lines = [
         "| set | " + " | ".join(f"{header} | {w1}" for _, header, w1, *_ in columns) + " |",
         "|---|" + "---:|---:|" * len(columns),
@@ -108,13 +109,18 @@ def _smlm_statistics(rows):
 def _structure_statistics(settings, rows):
     intro = (
         f"Linearity (λ1 − λ2) / λ1 and planarity (λ2 − λ3) / λ1 of the covariance of the points within "
-        f"{settings['structure_radius_nm']:g} nm of each of up to 512 points per cloud; pair distances: every "
+        f"{settings['structure_radius_nm']:g} nm of each of up to 512 points per cloud; across: the width along its "
+        "narrowest axis, √λ3 (nm), and that axis's z share, the absolute z component of its direction (0: the "
+        "narrowest direction lies in xy, as on filaments imaged with a poorer axial precision; a tilted cross-section "
+        "scores higher); pair distances: every "
         f"distance between {settings['pair_range_nm'][0]:g} and {settings['pair_range_nm'][1]:g} nm among 1000 "
         "points per cloud (the pair statistic behind Ripley's K). Mean ± std and W1 to the held-out distribution."
     )
     columns = [
         ("linearity", "linearity", "W1", 1, 3, 3),
         ("planarity", "planarity", "W1", 1, 3, 3),
+        ("cross_section_nm", "across √λ3 (nm)", "W1 (nm)", 1, 1, 2),
+        ("narrow_axis_z", "narrowest axis z share", "W1", 1, 2, 3),
         ("pair_distance_nm", "pair distance (nm)", "W1 (nm)", 1, 1, 2),
     ]
     return ["", "## Structure statistics", "", intro, "", *_statistics_table(rows, columns)]
