@@ -202,14 +202,6 @@ def test_cross_section_reads_a_filaments_width_and_the_tilt_of_its_narrowest_axi
     assert np.mean(tilted["narrow_axis_z"]) == pytest.approx(np.sin(np.radians(60)), abs=0.05)
     wider = local_geometry(filament(across * [2, 1]), 150, rng=0)  # 24 nm across, still narrower than in z
     assert np.mean(wider["cross_section_nm"]) == pytest.approx(24, rel=0.1)
-    # linearity and planarity are those of local_shape, from the same neighbourhoods
-    from scripts.evaluation.metrics import local_shape
-
-    points = filament(across)
-    lin, pla = local_shape(points, 150, rng=3)
-    same = local_geometry(points, 150, rng=3)
-    np.testing.assert_allclose(lin, same["linearity"])
-    np.testing.assert_allclose(pla, same["planarity"])
 
 
 def test_pair_distances_and_ripley_l_on_known_clouds():

@@ -55,15 +55,7 @@ def cloud_statistics(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=N
     of the narrowest axis) and :func:`pair_distances` in ``pair_range_nm``."""
     shape = local_geometry(points, radius_nm, rng=rng)
     pairs = pair_distances(points, *pair_range_nm, rng=rng)
-    return {
-        "nn_distance_nm": nn_distances_nm(points),
-        "z_nm": points[:, 2],
-        "linearity": shape["linearity"],
-        "planarity": shape["planarity"],
-        "pair_distance_nm": pairs,
-        "cross_section_nm": shape["cross_section_nm"],
-        "narrow_axis_z": shape["narrow_axis_z"],
-    }
+    return {"nn_distance_nm": nn_distances_nm(points), "z_nm": points[:, 2], **shape, "pair_distance_nm": pairs}
 
 
 def cloud_features(points, radius_nm=150.0, pair_range_nm=(20.0, 500.0), rng=None):
