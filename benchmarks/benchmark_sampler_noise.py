@@ -166,7 +166,8 @@ def table(results):
     for name, key in (("floor: training clouds", "train_vs_heldout"), ("mean-grid baseline", "mean_grid_baseline")):
         if key in rows:
             lines.append(f"| {name} | {run_demo.summary_cells(rows[key])} | {scaling.shape_cells(rows[key])} |")
-    return lines + ["", "Test clouds: " + scaling.reference_shape(results[0][1]["rows"]["samples"]) + "."]
+    lines += ["", "Test clouds: " + scaling.reference_shape(results[0][1]["rows"]["samples"]) + "."]
+    return lines + scaling.by_statistic_lines([(setting, r["rows"]["samples"]) for setting, r in results])
 
 
 def main():

@@ -354,6 +354,24 @@ def reference_shape(row):
     return words
 
 
+def by_statistic_lines(labelled):
+    """A table of the realism test on each statistic alone for ``(label, evaluation row)`` pairs, under the main
+    table; empty when no row has it (rows scored before it was measured)."""
+    from scripts.evaluation.report import BY_STATISTIC
+
+    scored = [(label, row["realism"]["by_statistic"]) for label, row in labelled if "by_statistic" in row["realism"]]
+    if not scored:
+        return []
+    return [
+        "",
+        "C2ST on each statistic alone (%; 50: the samples match the test clouds in it, 100: it alone gives them away):",
+        "",
+        "| samples | " + " | ".join(BY_STATISTIC.values()) + " |",
+        "|---|" + "---:|" * len(BY_STATISTIC),
+        *(f"| {label} | " + " | ".join(f"{100 * by[k]:.1f}" for k in BY_STATISTIC) + " |" for label, by in scored),
+    ]
+
+
 def write_report(work, title, quick, load, intro, results):
     """Print the report (the machine, ``intro``, the table of ``results`` and the reference rows) and keep it in
     ``work/report.md``."""
@@ -362,6 +380,8 @@ def write_report(work, title, quick, load, intro, results):
 
     lines = common.machine_header(title, quick, load, (torch, monai, np), torch_info=True)
     lines += [intro, "", *table(results), *reference_rows(results)]
+    labelled = [(f"{r['n_train']} clouds, {r['augment']}, {r['steps']} steps", r["rows"]["samples"]) for r in results]
+    lines += by_statistic_lines(labelled)
     report = "\n".join(lines)
     (work / "report.md").write_text(report + "\n")
     print(report)

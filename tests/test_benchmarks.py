@@ -57,6 +57,10 @@ def test_ceiling_benchmark_scores_the_fine_stage_on_real_grids_and_reconstructio
     assert 10 < test_across < 40 and test_tilt < 0.3  # microtubules at 10 / 40 nm lateral / axial precision
     across, tilt = map(float, shipped[-1].split(" / "))
     assert 10 < across < 40 and 0 <= tilt <= 1
+    # the realism test on each statistic alone: points spread through whole voxels are given away by their NN distances
+    by_statistic = stdout.split("The C2ST on each statistic alone")[1]
+    assert "| points | point count | NN distance | z | linearity | planarity | pair distances |" in by_statistic
+    assert float(_cells(by_statistic, "points uniform inside")[2]) >= 80
 
 
 def test_ceiling_benchmark_refuses_a_missing_fine_stage_before_any_work(tmp_path):

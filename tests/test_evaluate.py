@@ -57,6 +57,9 @@ def test_evaluate_writes_metrics_json(evaluated):
         realism = row["realism"]
         assert realism["n"] == row["n_generated"] and realism["folds"] == min(5, realism["n"])
         assert realism["accuracy"] is None if name == "samples" else 0 <= realism["accuracy"] <= 1
+        assert set(realism["by_statistic"]) == {"point_count", "nn_distance_nm", "z_nm", "linearity", "planarity"} | {
+            "pair_distance_nm"
+        }
     grid = results["reconstruction_grids"]
     assert 0 <= grid["dice"]["mean"] <= 1 and 0 <= grid["iou"]["mean"] <= grid["dice"]["mean"]
     assert grid["psnr"]["mean"] > 0
@@ -86,6 +89,7 @@ def test_evaluate_writes_markdown_and_figures(evaluated):
     assert "## Structure statistics" in text and "| set | linearity | W1 | planarity | W1 |" in text
     assert "| across √λ3 (nm) | W1 (nm) | narrowest axis z share | W1 |" in text
     assert "| 1-NNA-CD (%) (gen / ref) | C2ST (%) |" in text and "C2ST (realism test): the 5-fold" in text
+    assert "| set | point count | NN distance | z | linearity | planarity | pair distances |" in text
     for name in ("projections.png", "renderings.png", "nn_distance.png", "z.png", "linearity.png", "pair_distance.png"):
         assert (evaluated / name).read_bytes()[:8] == PNG
 

@@ -20,7 +20,7 @@ from scripts.evaluation.metrics import (
     set_metrics,
     subsample,
 )
-from scripts.evaluation.realism import classifier_two_sample_test, cloud_features
+from scripts.evaluation.realism import classifier_two_sample_test, cloud_features, feature_columns, realism_by_statistic
 from scripts.simulate_smlm import simulate_microtubules
 
 
@@ -254,6 +254,25 @@ def test_realism_of_haze_against_filaments_is_near_one(filament_features):
     clouds, haze = filament_features
     result = classifier_two_sample_test(haze[:50], clouds[50:], folds=5, seed=0)
     assert result["accuracy"] >= 0.9, result
+
+
+def test_realism_by_statistic_names_the_statistic_that_differs():
+    """The same filaments lifted by 150 nm differ only in z: z alone tells them apart, every other statistic (which
+    a translation leaves as it is) is at chance."""
+    clouds = simulate_microtubules(80, seed=4, mean_points=2000)
+    lifted = [
+        np.stack([cloud_features(c + [0.0, 0.0, dz], rng=i) for i, c in enumerate(clouds[40:])]) for dz in (0, 150)
+    ]
+    own = np.stack([cloud_features(c, rng=i) for i, c in enumerate(clouds[:40])])
+    columns = feature_columns()
+    assert sorted(i for cols in columns.values() for i in cols) == list(range(own.shape[1]))  # each column once
+    same, moved = (realism_by_statistic(x, own, folds=5, seed=0) for x in lifted)
+    assert set(moved) == {"point_count", "z_nm", "nn_distance_nm", "linearity", "planarity", "pair_distance_nm"}
+    assert moved["z_nm"] >= 0.95 and same["z_nm"] <= 0.75, (moved, same)
+    for name in moved.keys() - {"z_nm"}:
+        assert moved[name] == same[name] <= 0.75, (name, moved, same)
+    with pytest.raises(ValueError, match="expected 32 feature columns"):
+        realism_by_statistic(own[:, :-1], own)
 
 
 def test_realism_balances_sets_and_refuses_bad_folds(filament_features):

@@ -31,6 +31,7 @@ def test_scaling_benchmark_quick_trains_resumes_scores_and_reuses(tmp_path):
         assert (row / f"step{step}" / "evaluation" / "renderings.png").is_file()
     report = (tmp_path / "report.md").read_text()
     assert report.count("| 16 | on | ") == 2 and "floor: training clouds" in report
+    assert "| 16 clouds, on, 8 steps | " in report.split("C2ST on each statistic alone")[1]
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and (row / "train.log").read_text() == train_log  # nothing trained again
     # the kept milestones sampled again with other settings: their own folders and rows, nothing trained
@@ -97,6 +98,8 @@ def test_sampler_noise_benchmark_quick_scores_each_setting_and_reads_them_back(t
         assert f"| {setting} | " in result.stdout
     assert (tmp_path / "guide" / "epochs1" / "best_model.pt").is_file()
     assert "Test clouds: linearity mean" in result.stdout and "nm, narrowest axis z share" in result.stdout
+    by_statistic = result.stdout.split("C2ST on each statistic alone")[1]
+    assert f"| {late} | " in by_statistic and "| samples | point count | NN distance | z |" in by_statistic
     samples = tmp_path / "eta-1_eta_below-0.5_num_inference_steps-4" / "samples" / "pointcloud" / "samples.h5"
     clouds, _ = read_point_clouds(samples)
     info = json.loads((tmp_path / "data102" / "voxels_nifti" / "dataset_info.json").read_text())["geometry"]

@@ -40,7 +40,7 @@ from scripts.evaluation.metrics import (
     set_metrics,
     subsample,
 )
-from scripts.evaluation.realism import classifier_two_sample_test, set_statistics
+from scripts.evaluation.realism import classifier_two_sample_test, realism_by_statistic, set_statistics
 from scripts.evaluation.report import markdown_report, write_figures
 from scripts.networks.fine_stage import check_spacing, refine_grid, sampling_settings
 from scripts.runtime.errors import UserError
@@ -106,7 +106,8 @@ class Evaluation:
             add each set's classifier two-sample test against the held-out clouds (the cross-validated accuracy of
             a logistic regression on per-cloud statistics, see
             :func:`scripts.evaluation.realism.classifier_two_sample_test`; 50 %: indistinguishable, 100 %: always
-            told apart), with ``realism_folds`` cross-validation folds (at most the clouds per set).
+            told apart), with ``realism_folds`` cross-validation folds (at most the clouds per set), and the same
+            test on each statistic alone (:func:`scripts.evaluation.realism.realism_by_statistic`).
         export: how reconstructed grids become points: ``threshold`` (foreground of grid values in [0, 1], also for
             Dice, IoU, the foreground fraction and intensities), ``method`` (see
             :func:`scripts.data.voxelize.grid_to_points`), ``num_points`` (``None``: the training data's points per
@@ -385,9 +386,9 @@ class Evaluation:
                 row[key] = compare_distributions(values, real[key])
                 curves[key][name] = values
             if self.realism_test:
-                row["realism"] = classifier_two_sample_test(
-                    features, real_features, self.realism_folds, [self.seed, 11, k]
-                )
+                seed = [self.seed, 11, k]
+                row["realism"] = classifier_two_sample_test(features, real_features, self.realism_folds, seed)
+                row["realism"]["by_statistic"] = realism_by_statistic(features, real_features, self.realism_folds, seed)
             if grids is not None:
                 row.update(foreground_statistics(grids, real_grids, self.threshold))
             rows[name] = row
@@ -416,6 +417,7 @@ class Evaluation:
             "realism_folds": self.realism_folds if self.realism_test else None,
             "realism": "classifier two-sample test: held-out accuracy of an L2-regularised logistic regression on "
             "per-cloud statistics (NN distance, z, linearity and planarity quantiles, pair-distance histogram, point "
-            "count) telling the set's clouds from as many held-out ones, cross-validated",
+            "count) telling the set's clouds from as many held-out ones, cross-validated; by_statistic: the same test "
+            "on each statistic's features alone",
             "rows": ROWS,
         }

@@ -76,7 +76,38 @@ def _point_metrics(settings, rows):
                 line += f" {_num(c2st.get('accuracy'), 100, 1)}"
                 line += f" ± {_num(c2st['stderr'], 100, 1)} |" if c2st.get("stderr") is not None else " |"
         lines.append(line)
+    if realism:
+        lines += _realism_by_statistic(rows)
     return lines
+
+
+BY_STATISTIC = {
+    "point_count": "point count",
+    "nn_distance_nm": "NN distance",
+    "z_nm": "z",
+    "linearity": "linearity",
+    "planarity": "planarity",
+    "pair_distance_nm": "pair distances",
+}
+
+
+def _realism_by_statistic(rows):
+    """The realism test on each statistic alone: which statistics give each set away."""
+    rows = {name: row["realism"]["by_statistic"] for name, row in rows.items() if "by_statistic" in row["realism"]}
+    if not rows:
+        return []  # metrics.json of an earlier version
+    return [
+        "",
+        "C2ST by statistic (%): the same test on each statistic's features alone. Near 50: the set matches the "
+        "held-out clouds in it; near 100: it gives the set away by itself.",
+        "",
+        "| set | " + " | ".join(BY_STATISTIC.values()) + " |",
+        "|---|" + "---:|" * len(BY_STATISTIC),
+        *(
+            f"| {name} | " + " | ".join(_num(row.get(k), 100, 1) for k in BY_STATISTIC) + " |"
+            for name, row in rows.items()
+        ),
+    ]
 
 
 def _statistics_table(rows, columns):
