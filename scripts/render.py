@@ -1,6 +1,7 @@
 """Render a point cloud as an SMLM image (x/y histogram, Gaussian blur, coloured by z, scale bar)::
 
     python scripts/render.py --input outputs/samples/pointcloud/sample_0000.csv --output sample_0000.png
+    python scripts/render.py --input outputs/samples/pointcloud/sample_0000.csv --output side.png --view xz  # from the side
 
 The renderer is :mod:`scripts.evaluation.rendering`.
 """

@@ -411,6 +411,11 @@ CASES = [
         r"none.csv: no such file",
     ),
     Case(
+        "render an unknown view",
+        [*RENDER, "--input", "{ws}/in/xyz.csv", "--output", "{ws}/r.png", "--view", "zx"],
+        r"view: expected one of xy, xz, yz, got 'zx'",
+    ),
+    Case(
         "render a cloud index out of range",
         [*RENDER, "--input", "{ws}/in/mt.h5", "--index", "9", "--output", "{ws}/r.png"],
         r"mt.h5: has 6 clouds, no index 9",

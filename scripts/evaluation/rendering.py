@@ -1,7 +1,8 @@
 """SMLM-style renderings of point clouds: an x/y histogram at ~10–20 nm pixels, Gaussian-blurred, coloured by z,
-with a scale bar. Usable from the command line on any cloud the readers accept::
+with a scale bar. Usable from the command line on any cloud the readers accept, from above or from the side::
 
     python scripts/render.py --input outputs/samples/pointcloud/sample_0000.csv --output sample_0000.png
+    python scripts/render.py --input outputs/samples/pointcloud/sample_0000.csv --output side.png --view xz
 """
 
 from pathlib import Path
@@ -71,16 +72,24 @@ def render_points(points, pixel_nm=15.0, blur_px=1.0, xy_range=None, z_range=Non
     return image, {"pixel_nm": pixel_nm, "bar_nm": bar_nm, "bar_px": bar_px}
 
 
-def main(input, output=None, pixel_nm=15.0, blur_px=1.0, key=None, index=0, pixel_size=None):
-    """Render cloud ``index`` of ``input`` (CSV or HDF5, nm) to a PNG (default: ``input`` with ``.png``)."""
+VIEWS = {"xy": (0, 1, 2), "xz": (0, 2, 1), "yz": (1, 2, 0)}  # the image's horizontal, vertical and colour axes
+
+
+def main(input, output=None, pixel_nm=15.0, blur_px=1.0, key=None, index=0, pixel_size=None, view="xy"):
+    """Render cloud ``index`` of ``input`` (CSV or HDF5, nm) to a PNG (default: ``input`` with ``.png``). ``view``:
+    ``xy`` (from above, coloured by z), or a side view, ``xz`` (coloured by y) or ``yz`` (coloured by x), which
+    shows a cloud's depth."""
     import matplotlib.pyplot as plt
     from scripts.data.pointclouds import read_point_clouds
 
+    if view not in VIEWS:
+        raise UserError(f"view: expected one of {', '.join(VIEWS)}, got {view!r}")
     clouds, _ = read_point_clouds(input, key=key, pixel_size_nm=pixel_size)
     if not 0 <= index < len(clouds):
         raise UserError(f"{input}: has {len(clouds)} clouds, no index {index}")
-    image, meta = render_points(clouds[index], pixel_nm, blur_px)
+    image, meta = render_points(clouds[index][:, list(VIEWS[view])], pixel_nm, blur_px)
     output = Path(output) if output else Path(input).with_suffix(".png")
     with atomic_path(output) as tmp:
         plt.imsave(tmp, np.clip(image, 0, 1), format="png")
-    print(f"wrote {output} ({image.shape[1]}×{image.shape[0]} px at {pixel_nm} nm; scale bar {meta['bar_nm']} nm)")
+    size = f"{image.shape[1]}×{image.shape[0]} px"
+    print(f"wrote {output} ({view} view, {size} at {pixel_nm} nm; scale bar {meta['bar_nm']} nm)")
