@@ -131,7 +131,7 @@ def main():
     from scripts.data.geometry import GridGeometry
     from scripts.data.pointclouds import read_point_clouds
     from scripts.evaluation.realism import set_statistics
-    from scripts.evaluation.report import BY_STATISTIC
+    from scripts.evaluation.report import by_statistic_table
     from scripts.networks import trained
     from scripts.runtime.errors import UserError
 
@@ -198,9 +198,7 @@ def main():
         "The C2ST on each statistic alone (%; 50: that statistic matches the test clouds', 100: it alone gives the "
         "set away):",
         "",
-        "| points | " + " | ".join(BY_STATISTIC.values()) + " |",
-        "|---" + "|---:" * len(BY_STATISTIC) + "|",
-        *(f"| {label} | " + " | ".join(f"{100 * by[k]:.1f}" for k in BY_STATISTIC) + " |" for label, _, by in scores),
+        *by_statistic_table("points", [(label, by) for label, _, by in scores]),
     ]
     report = "\n".join(lines)
     (work / "report.md").write_text(report + "\n")

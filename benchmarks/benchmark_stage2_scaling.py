@@ -357,19 +357,15 @@ def reference_shape(row):
 def by_statistic_lines(labelled):
     """A table of the realism test on each statistic alone for ``(label, evaluation row)`` pairs, under the main
     table; empty when no row has it (rows scored before it was measured)."""
-    from scripts.evaluation.report import BY_STATISTIC
+    from scripts.evaluation.report import by_statistic_table
 
     scored = [(label, row["realism"]["by_statistic"]) for label, row in labelled if "by_statistic" in row["realism"]]
     if not scored:
         return []
-    return [
-        "",
-        "C2ST on each statistic alone (%; 50: the samples match the test clouds in it, 100: it alone gives them away):",
-        "",
-        "| samples | " + " | ".join(BY_STATISTIC.values()) + " |",
-        "|---|" + "---:|" * len(BY_STATISTIC),
-        *(f"| {label} | " + " | ".join(f"{100 * by[k]:.1f}" for k in BY_STATISTIC) + " |" for label, by in scored),
-    ]
+    intro = (
+        "C2ST on each statistic alone (%; 50: the samples match the test clouds in it, 100: it alone gives them away):"
+    )
+    return ["", intro, "", *by_statistic_table("samples", scored)]
 
 
 def write_report(work, title, quick, load, intro, results):

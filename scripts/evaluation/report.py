@@ -93,20 +93,23 @@ BY_STATISTIC = {
 
 def _realism_by_statistic(rows):
     """The realism test on each statistic alone: which statistics give each set away."""
-    rows = {name: row["realism"]["by_statistic"] for name, row in rows.items() if "by_statistic" in row["realism"]}
+    rows = [(name, row["realism"]["by_statistic"]) for name, row in rows.items() if "by_statistic" in row["realism"]]
     if not rows:
         return []  # metrics.json of an earlier version
-    return [
-        "",
+    intro = (
         "C2ST by statistic (%): the same test on each statistic's features alone. Near 50: the set matches the "
-        "held-out clouds in it; near 100: it gives the set away by itself.",
-        "",
-        "| set | " + " | ".join(BY_STATISTIC.values()) + " |",
+        "held-out clouds in it; near 100: it gives the set away by itself."
+    )
+    return ["", intro, "", *by_statistic_table("set", rows)]
+
+
+def by_statistic_table(head, labelled):
+    """A Markdown table of :func:`scripts.evaluation.realism.realism_by_statistic`'s accuracies (%), one row per
+    ``(label, {statistic: accuracy})`` pair, under the first column's ``head``."""
+    return [
+        f"| {head} | " + " | ".join(BY_STATISTIC.values()) + " |",
         "|---|" + "---:|" * len(BY_STATISTIC),
-        *(
-            f"| {name} | " + " | ".join(_num(row.get(k), 100, 1) for k in BY_STATISTIC) + " |"
-            for name, row in rows.items()
-        ),
+        *(f"| {label} | " + " | ".join(_num(by.get(k), 100, 1) for k in BY_STATISTIC) + " |" for label, by in labelled),
     ]
 
 
