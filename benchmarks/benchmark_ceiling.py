@@ -8,9 +8,10 @@ of the demo's simulator (seed 1, which no training used), against those clouds::
 
 Rows: the simulator's other clouds (seed 2: the floor); points uniform inside the voxels of the real grids; the
 fine stage on the real grids (the fine stage's own limit); the fine stage on the autoencoder's reconstructions of
-those grids (the ceiling of stage 2). ``--refiner`` adds the two fine-stage rows of other fine-stage checkpoints
-(trained for the same box and voxel size), so a fine stage can be compared with the shipped one in one run; each
-row names its fine stage by its training (epochs, training clouds).
+those grids, put on the training grids' scale as the sampler puts decoded grids (the ceiling of stage 2).
+``--refiner`` adds the two fine-stage rows of other fine-stage checkpoints (trained for the same box and voxel
+size), so a fine stage can be compared with the shipped one in one run; each row names its fine stage by its
+training (epochs, training clouds).
 Statistics as in ``configs/evaluate.json`` (W1 to the test clouds' pooled distributions, the realism test) and the
 model card's targets. ``--quick``: 8 clouds.
 """
@@ -130,9 +131,11 @@ def main():
     import numpy as np
     from scripts.data.geometry import GridGeometry
     from scripts.data.pointclouds import read_point_clouds
+    from scripts.data.voxelize import as_training_grid
     from scripts.evaluation.realism import set_statistics
     from scripts.evaluation.report import by_statistic_table
     from scripts.networks import trained
+    from scripts.networks.fine_stage import sampling_background
     from scripts.runtime.errors import UserError
 
     n = N_QUICK if args.quick else N_CLOUDS
@@ -170,7 +173,9 @@ def main():
         prefix = "" if i else "shipped " if models == ROOT / "models" else "the model_dir's "
         name = f"{prefix}fine stage ({trained_for})"
         rows.append((f"{name} on the real grids", refined(refiner, ckpt, grids, geometry, points_per_mass)))
-        ceiling = refined(refiner, ckpt, recon, geometry, points_per_mass)
+        level = sampling_background(ckpt)
+        on_scale = [as_training_grid(g, info, level) for g in recon]  # as the sampler puts decoded grids
+        ceiling = refined(refiner, ckpt, on_scale, geometry, points_per_mass)
         rows.append((f"{name} on their reconstructions (the ceiling)", ceiling))
         print(f"scored {name}", file=sys.stderr, flush=True)
     import monai

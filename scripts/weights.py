@@ -1,9 +1,11 @@
 """Publish trained weights in the shipped layout (what ``ckpt_export``'s defaults and the Model Zoo read)::
 
     python scripts/weights.py --model_dir outputs --output_dir models [--overwrite true] [--without_refiner true]
-        [--eta 0] [--eta_below 0.5]
+        [--eta 0] [--eta_below 0.5] [--background_from DATA]
 
 ``--eta`` (and ``--eta_below``) record the sampler these weights sample best with as their default.
+``--background_from DATA`` measures the fine stage's background level on a converted data folder (its training
+grids, through the autoencoder being published), for a fine stage trained before it recorded one.
 
 Loading and publishing live in :mod:`scripts.networks.trained`.
 """

@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 from scripts.data.geometry import GridGeometry, as_shape
-from scripts.data.voxelize import grid_mass_um3, grid_to_points, normalize_, sigma_in_voxels, voxelize
+from scripts.data.voxelize import (
+    as_training_grid,
+    grid_mass_um3,
+    grid_to_points,
+    normalize_,
+    point_count,
+    sigma_in_voxels,
+    voxelize,
+)
 from scripts.runtime.errors import UserError
 
 
@@ -132,6 +140,45 @@ def test_grid_to_points_default_count_from_points_per_mass():
     assert abs(len(grid_to_points(up, geo, threshold=0.0, points_per_mass=ppm, rng=1)) - len(pts)) <= 1
     with pytest.raises(UserError, match="num_points"):
         grid_to_points(grid, geo)
+
+
+def test_as_training_grid_rescales_to_the_maximum_and_raises_the_background():
+    decoded = np.array([0.0, 0.0005, 0.2, 0.8], np.float32)
+    info = {"normalization": {"rule": "max"}}
+    np.testing.assert_allclose(as_training_grid(decoded, info, 0.001), [0.001, 0.001, 0.25, 1.0])
+    np.testing.assert_allclose(as_training_grid(decoded, info), [0.0, 0.000625, 0.25, 1.0])  # no level
+    # grids of another normalization keep the decoded scale
+    np.testing.assert_allclose(as_training_grid(decoded, {"normalization": {"rule": "percentile"}}), decoded)
+    assert not as_training_grid(np.zeros(3, np.float32), info).any()
+
+
+def _share_in(points, mask, geo):
+    """The fraction of ``points`` that lie in the voxels where ``mask`` is true."""
+    voxels = np.floor(geo.to_voxel(points)).astype(int).clip(0, np.array(mask.shape) - 1)
+    return float(mask[tuple(voxels.T)].mean())
+
+
+def test_a_decoded_grid_on_the_training_scale_gets_the_real_clouds_count_and_background():
+    """A decoded grid loses its faint voxels (the decoder draws them as 0) and some of its peak (a maximum below 1).
+    Rescaled and raised to the level that gives it back the real grid's mass, it gets the real cloud's number of
+    points, and its empty voxels anchor some of them again (where the fine stage places them is its own test)."""
+    from scripts.simulate_smlm import simulate_microtubules
+
+    cloud = simulate_microtubules(1, seed=4, mean_points=8000)[0]
+    geo = GridGeometry((0, 0, -300), (5000, 5000, 300), (64, 64, 16))
+    real, _ = voxelize(cloud, geo, "gaussian", 1.0, "trilinear")
+    normalize_(real, "max")
+    ppm = len(cloud) / grid_mass_um3(real, geo)
+    info = {"normalization": {"rule": "max"}}
+    decoded = np.where(real > 0.01, real, 0.0).astype(np.float32) * 0.85
+    empty = decoded == 0
+    level = (real.sum() - decoded.sum() / 0.85) / empty.sum()  # the mass lost, spread over the empty voxels
+    on_scale = as_training_grid(decoded, info, level)
+    error = {name: abs(point_count(g, geo, None, ppm) - len(cloud)) for name, g in [("raw", decoded), ("on", on_scale)]}
+    assert error["on"] <= 1 and error["raw"] > 0.1 * len(cloud)
+    assert _share_in(grid_to_points(decoded, geo, threshold=0.0, points_per_mass=ppm, rng=0), empty, geo) == 0
+    share = _share_in(grid_to_points(on_scale, geo, threshold=0.0, points_per_mass=ppm, rng=0), empty, geo)
+    assert share == pytest.approx(level * empty.sum() / on_scale.sum(), rel=0.2)
 
 
 def test_grid_to_points_is_seeded():

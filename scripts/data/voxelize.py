@@ -153,6 +153,24 @@ def normalize_(grid, rule="max", constant=None):
     return divisor
 
 
+def as_training_grid(grid, dataset_info, background=0.0):
+    """A decoded ``grid`` (values in [0, 1]) on the scale of the training grids that ``dataset_info`` describes.
+
+    Two steps:
+    - **Rescale.** Under the 'max' normalization every training grid has a maximum of 1, and the points per unit
+      of grid mass were counted on that scale. So the grid is divided by its maximum.
+    - **Restore the background.** Every voxel is raised to at least ``background``. The decoder draws a grid's
+      faint voxels as 0, and with them the sparse background localizations would be missing from the points. The
+      fine stage records the level that gives the training grids' reconstructions back their mass
+      (:func:`scripts.networks.fine_stage.background_level`).
+    """
+    out = np.asarray(grid, np.float32)
+    peak = float(out.max()) if out.size else 0.0
+    if (dataset_info.get("normalization") or {}).get("rule") == "max" and peak > 0:
+        out = out / np.float32(peak)
+    return np.maximum(out, np.float32(background)) if background else out
+
+
 def dataset_percentile(samples, q):
     """The ``q``-th percentile of the non-zero voxel values in ``samples`` (arrays drawn from every grid)."""
     values = np.concatenate([np.asarray(s).ravel() for s in samples]) if len(samples) else np.zeros(0)

@@ -27,7 +27,7 @@ import torch
 from scripts.data.datasets import list_volumes, load_dataset_info, resize_grid, volume_transforms
 from scripts.data.geometry import GridGeometry
 from scripts.data.pointclouds import read_point_clouds
-from scripts.data.voxelize import EXPORT_THRESHOLD, grid_to_points, voxelize_like
+from scripts.data.voxelize import EXPORT_THRESHOLD, as_training_grid, grid_to_points, voxelize_like
 from scripts.evaluation.inputs import check_folders, check_reference, check_trained_box, find_samples, read_samples
 from scripts.evaluation.metrics import (
     box_normalize,
@@ -42,7 +42,7 @@ from scripts.evaluation.metrics import (
 )
 from scripts.evaluation.realism import classifier_two_sample_test, realism_by_statistic, set_statistics
 from scripts.evaluation.report import markdown_report, write_figures
-from scripts.networks.fine_stage import check_spacing, refine_grid, sampling_settings
+from scripts.networks.fine_stage import check_spacing, refine_grid, sampling_background, sampling_settings
 from scripts.runtime.errors import UserError
 from scripts.runtime.output_folders import StagedOutput
 from scripts.runtime.settings import BY_MASS, check_values, grouped
@@ -195,6 +195,7 @@ class Evaluation:
             self.flow_steps, self.anchor_threshold = sampling_settings(
                 fine_stage["checkpoint"], fine_stage["flow_steps"]
             )
+            self.background = sampling_background(fine_stage["checkpoint"])
         self.structure_radius_nm = float(metrics["structure_radius_nm"])
         self.pair_range_nm = tuple(map(float, metrics["pair_range_nm"]))
         self.sets = checked["sets"]
@@ -351,8 +352,12 @@ class Evaluation:
                 [self._export(g, self.threshold, (2, i)) for i, g in enumerate(recon_grids)],
                 recon_grids,
             ),
+            # on the training grids' scale, as the sampler puts its decoded grids
             "reconstruction_refined": lambda: (
-                [self._refine(g, (7, i)) for i, g in enumerate(recon_grids)],
+                [
+                    self._refine(as_training_grid(g, self.info, self.background), (7, i))
+                    for i, g in enumerate(recon_grids)
+                ],
                 recon_grids,
             ),
             # the mean grid is faint and diffuse: every voxel takes part, whatever the threshold

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 from scripts.data.geometry import GridGeometry
-from scripts.data.voxelize import gaussian_kernel, point_count
+from scripts.data.voxelize import as_training_grid, gaussian_kernel, point_count
 from scripts.runtime.errors import UserError
 from scripts.runtime.resources import check_memory, physical_memory_bytes, round_down
 from torch import nn
@@ -346,6 +346,48 @@ def sampling_settings(refiner_checkpoint, flow_steps=None, threshold=None):
     bright ones)."""
     recorded = refiner_checkpoint["sampling"]
     return (flow_steps or recorded["flow_steps"], recorded.get("threshold", 0.0) if threshold is None else threshold)
+
+
+BACKGROUND_SAMPLE = 1 << 22  # reconstructed voxel values kept to solve for the background level
+
+
+def background_level(items, dataset_info, seed=0):
+    """The level :func:`~scripts.data.voxelize.as_training_grid` raises decoded grids to: the one at which the
+    training grids' reconstructions (the items' ``recon``), rescaled as decoded grids are, hold on average as much
+    mass as the grids themselves (the items' ``image``); 0 when they already do, or without reconstructions.
+
+    The decoder draws faint voxels as 0, and their mass with them; this gives it back spread evenly over the
+    faintest voxels, as a uniform background of localizations is. Solved on at most :data:`BACKGROUND_SAMPLE`
+    voxel values drawn from the reconstructions, so any number of grids costs the same.
+    """
+    pairs = [(it["image"], it["recon"]) for it in items if "recon" in it]
+    if not pairs:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    per_grid = max(1, BACKGROUND_SAMPLE // len(pairs))
+    deficit, values = 0.0, []
+    for image, recon in pairs:
+        real = np.asarray(image, np.float64)
+        decoded = as_training_grid(np.asarray(recon), dataset_info).astype(np.float64).ravel()
+        deficit += (real.sum() - decoded.sum()) / decoded.size
+        values.append(rng.choice(decoded, min(per_grid, decoded.size), replace=False))
+    deficit /= len(pairs)  # the mass per voxel the rescaled reconstructions miss
+    if deficit <= 0:
+        return 0.0
+    v = np.sort(np.concatenate(values))
+    below = np.cumsum(v)
+    # raising every voxel to v[k] adds (k + 1) * v[k] - below[k] over the sample: find the first that adds enough
+    added = (np.arange(1, len(v) + 1) * v - below) / len(v)
+    k = int(np.searchsorted(added, deficit))
+    if k >= len(v):
+        return float(v[-1])
+    # between v[k - 1] and v[k], exactly k voxels lie below the level
+    return float((deficit * len(v) + (below[k - 1] if k else 0.0)) / max(k, 1))
+
+
+def sampling_background(refiner_checkpoint):
+    """The background level the fine stage recorded (:func:`background_level`); 0 for checkpoints without one."""
+    return float(refiner_checkpoint["sampling"].get("background") or 0.0)
 
 
 def check_spacing(refiner_checkpoint, geometry, what="this grid"):

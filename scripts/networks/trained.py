@@ -154,7 +154,38 @@ def trained_refiner(checkpoint, path, device="cpu"):
     return refiner.to(device).eval().requires_grad_(False)
 
 
-def publish(model_dir="outputs", output_dir="models", overwrite=False, without_refiner=False, eta=None, eta_below=None):
+def measured_background(dataset_dir, autoencoder_checkpoint, autoencoder_path):
+    """The fine stage's background level measured on ``dataset_dir``'s training grids and their reconstructions by
+    the autoencoder of ``autoencoder_checkpoint``, as the fine stage's training records it."""
+    from scripts.data.datasets import cloud_items, grid_geometry, list_volumes, load_dataset_info, volume_transforms
+    from scripts.networks.fine_stage import background_level
+
+    train = Path(dataset_dir) / "train"
+    info = load_dataset_info(train)
+    voxel_size = tuple(autoencoder_checkpoint["voxel_size"])
+    autoencoder = frozen_autoencoder(autoencoder_checkpoint, autoencoder_path, "cpu")
+    items = cloud_items(
+        list_volumes(train, "training folder"),
+        Path(dataset_dir) / "train_points.h5",
+        volume_transforms(voxel_size),
+        grid_geometry(info, voxel_size),
+        autoencoder,
+        batch_size=8,
+    )
+    level = background_level(items, info)
+    logger.info(f"background level {level:.3g}, measured on {len(items)} training grids of {dataset_dir}")
+    return level
+
+
+def publish(
+    model_dir="outputs",
+    output_dir="models",
+    overwrite=False,
+    without_refiner=False,
+    eta=None,
+    eta_below=None,
+    background_from=None,
+):
     """Write the checkpoints of ``model_dir`` (training layout) to ``output_dir`` in the shipped layout, as one set.
 
     The autoencoder and the diffusion model are needed (and must belong together); the fine stage is written when
@@ -162,7 +193,10 @@ def publish(model_dir="outputs", output_dir="models", overwrite=False, without_r
     (:class:`scripts.runtime.output_folders.StagedOutput`): a failure (a full disk) leaves the earlier set as it was, and a
     replaced set leaves none of its files behind. An earlier set is replaced only with ``overwrite``, and one with
     a fine stage only by a set with one or with ``without_refiner``. ``eta``, ``eta_below``: the sampling defaults
-    recorded with stage 2 (its checkpoint's ``sampling``; rectified flow only). Returns the files written.
+    recorded with stage 2 (its checkpoint's ``sampling``; rectified flow only). ``background_from``: a converted
+    data folder whose training grids measure the fine stage's background level again
+    (:func:`scripts.networks.fine_stage.background_level`, with this set's autoencoder), for a fine stage trained
+    before it was recorded. Returns the files written.
     """
     recorded = {
         k: v for k, v in check_values({"eta": eta, "eta_below": eta_below}, "inference").items() if v is not None
@@ -186,6 +220,9 @@ def publish(model_dir="outputs", output_dir="models", overwrite=False, without_r
         ckpts["diffusion"]["sampling"] = {**(ckpts["diffusion"].get("sampling") or {}), **recorded}
     if paths["refiner"].is_file() and not without_refiner:
         ckpts["refiner"] = load_refiner_checkpoint(paths["refiner"])
+        if background_from is not None:
+            level = measured_background(background_from, ckpts["autoencoder"], paths["autoencoder"])
+            ckpts["refiner"]["sampling"] = {**ckpts["refiner"]["sampling"], "background": level}
     staged = StagedOutput(out, "published weights", [SHIPPED_INFO, *SHIPPED_FILES.values()], overwrite)
     earlier = staged.check()
     stale = out / SHIPPED_FILES["refiner"]

@@ -11,7 +11,7 @@ from monai.networks.schedulers import RFlowScheduler
 from scripts.data.geometry import GridGeometry
 from scripts.data.nifti import save_nifti
 from scripts.data.pointclouds import CSV_POINT_BYTES, H5_POINT_BYTES, PointCloudsH5Writer, write_points_csv
-from scripts.data.voxelize import EXPORT_THRESHOLD, grid_to_points
+from scripts.data.voxelize import EXPORT_THRESHOLD, as_training_grid, grid_to_points
 from scripts.evaluation.projections import projections
 from scripts.evaluation.rendering import render_points
 from scripts.networks.build import downsampling
@@ -21,6 +21,7 @@ from scripts.networks.fine_stage import (
     check_spacing,
     refine_grid,
     refine_slab,
+    sampling_background,
     sampling_settings,
 )
 from scripts.networks.precision import autocast_dtype
@@ -58,6 +59,10 @@ GROUPS = {  # the Sampler's settings by group, with their defaults
 
 class Sampler:
     """Writes ``num_samples`` generated grids and point clouds under ``output_dir``.
+
+    Decoded grids are first put on the training grids' scale (:func:`scripts.data.voxelize.as_training_grid`: a
+    maximum of 1, and with the fine stage the background level it recorded), so their points are counted and
+    placed as the training clouds' were.
 
     Files: ``nifti/sample_0000.nii.gz`` (training box in the affine), ``pointcloud/sample_0000.csv`` (x, y, z in
     nm under ThunderSTORM headers), optionally ``pointcloud/samples.h5``, and ``preview.png``. Each sample is
@@ -137,7 +142,7 @@ class Sampler:
         self.staged = StagedOutput(self.output_dir, "samples", SAMPLE_FILES, overwrite)
         self.staged.check()
         ckpt = diffusion_checkpoint
-        info = ckpt["dataset_info"]
+        self.info = info = ckpt["dataset_info"]
         self.geometry = GridGeometry.from_dict(info["geometry"])
         self.points_per_mass = (info.get("points_per_mass") or {}).get("mean")
         if num_points is None and self.points_per_mass is None and method in BY_MASS:
@@ -165,6 +170,9 @@ class Sampler:
         self._check_disk(ckpt)
         points = f"the fine stage, {self.flow_steps} flow steps" if refiner is not None else f"{method} in voxels"
         points += f", from voxels above {threshold:g}"
+        self.background = sampling_background(refiner_checkpoint) if method == "refine" else 0.0
+        if self.background:
+            points += f", background level {self.background:.2g}"
         recorded = ", as recorded with the weights" if eta is None and ckpt.get("sampling") else ""
         noise = ""
         if isinstance(self.scheduler, StochasticRFlowScheduler):
@@ -319,6 +327,7 @@ class Sampler:
             )
             grids = batch[:, 0].clamp_(0, 1).numpy()
             for i, grid in enumerate(grids, start=start):
+                grid = as_training_grid(grid, self.info, self.background)
                 points = self._write(folder, i, grid)
                 if h5 is not None:
                     h5.append(points, i)
