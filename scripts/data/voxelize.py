@@ -161,7 +161,7 @@ def as_training_grid(grid, dataset_info, background=0.0):
       of grid mass were counted on that scale. So the grid is divided by its maximum.
     - **Restore the background.** Every voxel is raised to at least ``background``. The decoder draws a grid's
       faint voxels as 0, and with them the sparse background localizations would be missing from the points. The
-      fine stage records the level that gives the training grids' reconstructions back their mass
+      fine stage records the level: the training clouds' density in the voxels their reconstructions draw as 0
       (:func:`scripts.networks.fine_stage.background_level`).
     """
     out = np.asarray(grid, np.float32)

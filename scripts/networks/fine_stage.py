@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 from scripts.data.geometry import GridGeometry
-from scripts.data.voxelize import as_training_grid, gaussian_kernel, point_count
+from scripts.data.voxelize import gaussian_kernel, point_count
 from scripts.runtime.errors import UserError
 from scripts.runtime.resources import check_memory, physical_memory_bytes, round_down
 from torch import nn
@@ -348,41 +348,28 @@ def sampling_settings(refiner_checkpoint, flow_steps=None, threshold=None):
     return (flow_steps or recorded["flow_steps"], recorded.get("threshold", 0.0) if threshold is None else threshold)
 
 
-BACKGROUND_SAMPLE = 1 << 22  # reconstructed voxel values kept to solve for the background level
+def background_level(items, dataset_info):
+    """The level :func:`~scripts.data.voxelize.as_training_grid` raises decoded grids to: the density of the training
+    clouds' localizations in the voxels their reconstructions draw as 0, in grid units (``points_per_mass``).
 
-
-def background_level(items, dataset_info, seed=0):
-    """The level :func:`~scripts.data.voxelize.as_training_grid` raises decoded grids to: the one at which the
-    training grids' reconstructions (the items' ``recon``), rescaled as decoded grids are, hold on average as much
-    mass as the grids themselves (the items' ``image``); 0 when they already do, or without reconstructions.
-
-    The decoder draws faint voxels as 0, and their mass with them; this gives it back spread evenly over the
-    faintest voxels, as a uniform background of localizations is. Solved on at most :data:`BACKGROUND_SAMPLE`
-    voxel values drawn from the reconstructions, so any number of grids costs the same.
+    The decoder draws a grid's faint voxels as 0, and what those voxels held is the sparse background (and the
+    farthest flanks of the structure); raised to this level, they anchor as many points per µm³ as the training
+    clouds have there. ``items``: the fine stage's training items (:func:`scripts.data.datasets.cloud_items`: the
+    grid's ``points`` in voxel coordinates and its reconstruction ``recon``). 0 without reconstructions or without
+    the training data's points per unit of grid mass.
     """
-    pairs = [(it["image"], it["recon"]) for it in items if "recon" in it]
-    if not pairs:
+    points_per_mass = (dataset_info.get("points_per_mass") or {}).get("mean")
+    with_recon = [it for it in items if "recon" in it]
+    if not with_recon or not points_per_mass:
         return 0.0
-    rng = np.random.default_rng(seed)
-    per_grid = max(1, BACKGROUND_SAMPLE // len(pairs))
-    deficit, values = 0.0, []
-    for image, recon in pairs:
-        real = np.asarray(image, np.float64)
-        decoded = as_training_grid(np.asarray(recon), dataset_info).astype(np.float64).ravel()
-        deficit += (real.sum() - decoded.sum()) / decoded.size
-        values.append(rng.choice(decoded, min(per_grid, decoded.size), replace=False))
-    deficit /= len(pairs)  # the mass per voxel the rescaled reconstructions miss
-    if deficit <= 0:
-        return 0.0
-    v = np.sort(np.concatenate(values))
-    below = np.cumsum(v)
-    # raising every voxel to v[k] adds (k + 1) * v[k] - below[k] over the sample: find the first that adds enough
-    added = (np.arange(1, len(v) + 1) * v - below) / len(v)
-    k = int(np.searchsorted(added, deficit))
-    if k >= len(v):
-        return float(v[-1])
-    # between v[k - 1] and v[k], exactly k voxels lie below the level
-    return float((deficit * len(v) + (below[k - 1] if k else 0.0)) / max(k, 1))
+    geometry = GridGeometry.from_dict(dataset_info["geometry"])
+    points, volume_um3 = 0, 0.0
+    for item in with_recon:
+        empty = np.asarray(item["recon"])[0] <= 0
+        voxel = np.floor(np.asarray(item["points"])).astype(np.int64).clip(0, np.array(empty.shape) - 1)
+        points += int(empty[tuple(voxel.T)].sum())
+        volume_um3 += int(empty.sum()) * float(np.prod(geometry.with_shape(empty.shape).spacing_nm / 1000.0))
+    return float(points / (volume_um3 * points_per_mass)) if volume_um3 else 0.0
 
 
 def sampling_background(refiner_checkpoint):
