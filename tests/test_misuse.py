@@ -792,6 +792,11 @@ CASES = [
         setup=_shipped_demo_set,
     ),
     Case(
+        "publish a background level without a fine stage",
+        [*PUBLISH, "--model_dir", "{ws}/outputs", "--output_dir", "{ws}/pub", "--background_from", "{ws}/data"],
+        r"--background_from: the background level is recorded with the fine stage, and this set publishes none",
+    ),
+    Case(
         "publish without_refiner is not a boolean",
         [*PUBLISH, "--model_dir", "{ws}/outputs", "--output_dir", "{ws}/pub", "--without_refiner", "perhaps"],
         r"--without_refiner: expected true or false",

@@ -223,6 +223,11 @@ def publish(
         if background_from is not None:
             level = measured_background(background_from, ckpts["autoencoder"], paths["autoencoder"])
             ckpts["refiner"]["sampling"] = {**ckpts["refiner"]["sampling"], "background": level}
+    if background_from is not None and "refiner" not in ckpts:
+        raise UserError(
+            f"--background_from: the background level is recorded with the fine stage, and this set publishes none "
+            f"({paths['refiner']}: no such checkpoint, or --without_refiner)"
+        )
     staged = StagedOutput(out, "published weights", [SHIPPED_INFO, *SHIPPED_FILES.values()], overwrite)
     earlier = staged.check()
     stale = out / SHIPPED_FILES["refiner"]
