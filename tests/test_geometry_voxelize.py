@@ -146,6 +146,7 @@ def test_as_training_grid_rescales_to_the_maximum_and_raises_the_background():
     decoded = np.array([0.0, 0.0005, 0.2, 0.8], np.float32)
     info = {"normalization": {"rule": "max"}}
     np.testing.assert_allclose(as_training_grid(decoded, info, 0.001), [0.001, 0.001, 0.25, 1.0])
+    np.testing.assert_array_equal(decoded, np.array([0.0, 0.0005, 0.2, 0.8], np.float32))  # the caller's grid as it was
     np.testing.assert_allclose(as_training_grid(decoded, info), [0.0, 0.000625, 0.25, 1.0])  # no level
     # grids of another normalization keep the decoded scale
     np.testing.assert_allclose(as_training_grid(decoded, {"normalization": {"rule": "percentile"}}), decoded)

@@ -164,11 +164,13 @@ def as_training_grid(grid, dataset_info, background=0.0):
       fine stage records the level: the training clouds' density in the voxels their reconstructions draw as 0
       (:func:`scripts.networks.fine_stage.background_level`).
     """
-    out = np.asarray(grid, np.float32)
+    out = np.array(grid, np.float32)  # one copy, changed in place: the caller's grid stays as it was
     peak = float(out.max()) if out.size else 0.0
     if (dataset_info.get("normalization") or {}).get("rule") == "max" and peak > 0:
-        out = out / np.float32(peak)
-    return np.maximum(out, np.float32(background)) if background else out
+        out /= np.float32(peak)
+    if background:
+        np.maximum(out, np.float32(background), out=out)
+    return out
 
 
 def dataset_percentile(samples, q):
