@@ -220,9 +220,6 @@ def publish(
         ckpts["diffusion"]["sampling"] = {**(ckpts["diffusion"].get("sampling") or {}), **recorded}
     if paths["refiner"].is_file() and not without_refiner:
         ckpts["refiner"] = load_refiner_checkpoint(paths["refiner"])
-        if background_from is not None:
-            level = measured_background(background_from, ckpts["autoencoder"], paths["autoencoder"])
-            ckpts["refiner"]["sampling"] = {**ckpts["refiner"]["sampling"], "background": level}
     if background_from is not None and "refiner" not in ckpts:
         raise UserError(
             f"--background_from: the background level is recorded with the fine stage, and this set publishes none "
@@ -240,6 +237,9 @@ def publish(
             )
         if stale.name not in earlier:
             raise UserError(f"{stale}: was not published with the set in {out}, so publishing keeps it; move it away")
+    if background_from is not None:  # minutes of reconstructions: only once the output folder is known to be usable
+        level = measured_background(background_from, ckpts["autoencoder"], paths["autoencoder"])
+        ckpts["refiner"]["sampling"] = {**ckpts["refiner"]["sampling"], "background": level}
     try:
         with staged as staging:
             info = {}
